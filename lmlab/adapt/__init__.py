@@ -1,0 +1,1 @@
+"""Adaptation (Zhao et al. §5): instruction tuning."""

@@ -1,0 +1,178 @@
+"""The `lmlab` command. Exit codes (DESIGN.md): 0 ok, 2 bad usage or input, 1 unexpected."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmlab.console import console, log, set_quiet
+from lmlab.errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lmlab: raw text → tokenizer → pre-trained → instruction-tuned → "
+                  "evaluated model, on your laptop.")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")]
+
+
+@app.command()
+def run(
+    recipe: Annotated[str, typer.Argument(help="Built-in recipe name or a YAML file.")] = "tiny",
+    name: Annotated[str | None, typer.Option(help="Run name (default: the recipe's).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe key, e.g. --set pretrain.lr=3e-4 (repeatable).")] = None,
+    force: Annotated[str | None, typer.Option(help="Redo this stage and the ones after it.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
+    quiet: Quiet = False,
+) -> None:
+    """Run the whole pipeline: data → tokenizer → pretrain → sft → eval → report."""
+    from lmlab.run.recipe import load_recipe
+    from lmlab.run.runner import run_recipe
+
+    set_quiet(quiet)
+    r = load_recipe(recipe, set_ or [])
+    run_dir = run_recipe(r, runs_dir, name, force)
+    print(f"report: {run_dir / 'report.html'}  (markdown: {run_dir / 'report.md'})")
+
+
+@app.command()
+def recipes(
+    show: Annotated[str | None, typer.Argument(help="Print this recipe, fully resolved.")] = None,
+) -> None:
+    """List the built-in recipes, or print one with every default filled in."""
+    from lmlab.run.recipe import builtin_recipes, dump_recipe, load_recipe
+
+    if show is None:
+        print("\n".join(builtin_recipes()))
+    else:
+        print(dump_recipe(load_recipe(show)), end="")
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
+              stop_ids: list[int]):
+    from lmlab.infer.generate import GenerationConfig
+
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens <= 0:
+        raise UsageError("sampling: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, "
+                         "max-new-tokens > 0")
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed, stop_ids=stop_ids)
+
+
+Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest (0 = off).")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Generation length limit.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
+    max_new_tokens: MaxNew = 100, seed: Seed = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
+) -> None:
+    """Continue a prompt, streaming tokens as they are made."""
+    from lmlab import load_model, load_tokenizer
+    from lmlab.infer.generate import TextStreamer, stream
+    from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.tokenizer import END, EOS, format_chat, special_id
+
+    ckpt = resolve_checkpoint(model)
+    m, tok = load_model(ckpt), load_tokenizer(ckpt)
+    cfg = _sampling(temperature, top_p, top_k, max_new_tokens, seed,
+                    [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else []))
+    text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
+    streamer = TextStreamer(tok)
+    sys.stdout.write(prompt if not chat else "")
+    for t in stream(m, tok.encode(text).ids, cfg):
+        sys.stdout.write(streamer.push(t))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
+    temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
+    max_new_tokens: MaxNew = 100, seed: Seed = None,
+) -> None:
+    """Talk to a model, several turns, through its chat template. /reset clears, /exit quits."""
+    from lmlab import load_model, load_tokenizer
+    from lmlab.infer.generate import TextStreamer, stream
+    from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.tokenizer import END, EOS, format_chat, special_id
+
+    ckpt = resolve_checkpoint(model)
+    m, tok = load_model(ckpt), load_tokenizer(ckpt)
+    cfg = _sampling(temperature, top_p, top_k, max_new_tokens, seed,
+                    [special_id(tok, EOS), special_id(tok, END)])
+    log(f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /exit")
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        streamer = TextStreamer(tok)
+        sys.stdout.write("model> ")
+        ids = tok.encode(format_chat(history)).ids
+        for t in stream(m, ids, cfg):
+            sys.stdout.write(streamer.push(t))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": tok.decode(streamer.ids)})
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Render report.md and report.html for a run from the files it holds."""
+    from lmlab.run.report import write_report
+
+    if not (run_dir / "manifest.json").is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no manifest.json)")
+    for p in write_report(run_dir):
+        print(p)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UsageError as e:
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's own usage errors carry exit code 2
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

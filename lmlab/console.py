@@ -1,0 +1,91 @@
+"""Console output and progress: one place decides what is shown, so `--quiet` works everywhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+_state = {"quiet": False}
+console = Console(stderr=True, highlight=False)
+
+
+def set_quiet(quiet: bool) -> None:
+    _state["quiet"] = quiet
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def log(msg: str) -> None:
+    """A status line on stderr (stdout is kept for results such as generated text)."""
+    if not _state["quiet"]:
+        console.print(msg)
+
+
+def warn(msg: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {msg}")
+
+
+@contextmanager
+def progress(description: str, total: float | None, unit: str = "") -> Iterator[ProgressBar]:
+    """A progress bar (or, when output is not a terminal, a line every ~10 s)."""
+    bar = ProgressBar(description, total, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class ProgressBar:
+    def __init__(self, description: str, total: float | None, unit: str) -> None:
+        self.description = description
+        self.total = total
+        self.done = 0.0
+        self._status = ""
+        self._interactive = console.is_terminal and not _state["quiet"]
+        self._last_line = time.monotonic()
+        self._start = time.monotonic()
+        self._progress: Progress | None = None
+        if self._interactive:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn() if unit == "" else TextColumn(f"{{task.completed:.0f}} {unit}"),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(description, total=total, status="")
+
+    def update(self, advance: float = 0.0, completed: float | None = None, status: str = "") -> None:
+        self.done = completed if completed is not None else self.done + advance
+        if status:
+            self._status = status
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done, status=self._status)
+        elif not _state["quiet"] and time.monotonic() - self._last_line > 10:
+            self._last_line = time.monotonic()
+            frac = f" {100 * self.done / self.total:.0f}%" if self.total else ""
+            print(f"  {self.description}{frac} {self._status}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

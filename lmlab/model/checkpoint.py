@@ -1,0 +1,114 @@
+"""Checkpoint directories: `config.json` + `model.safetensors` + `tokenizer.json` (DESIGN.md).
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so
+a crash never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmlab.errors import CheckpointError, UsageError
+from lmlab.model.config import ModelConfig
+from lmlab.model.transformer import Transformer
+from lmlab.utils import write_json
+
+FORMAT = "lmlab-checkpoint/1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def save_checkpoint(
+    model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+    extra: dict | None = None, write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the model (and the tokenizer beside it) atomically to `out_dir`."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)  # one tensor, stored once
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        write_json(tmp / "config.json", {"format": FORMAT, "model": model.cfg.to_dict(),
+                                         **(extra or {})})
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        if write_extra is not None:
+            write_extra(tmp)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or a run dir's newest model (SFT if present, else base)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such checkpoint or run directory")
+    if (p / "config.json").is_file():
+        return p
+    for cand in (p / "sft" / "model", p / "pretrain" / "model"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise UsageError(f"{p}: not a checkpoint (no config.json) nor a run with a trained model")
+
+
+def read_config(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: invalid JSON ({e})") from None
+
+
+def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """Load an lmlab checkpoint, a run directory, or a Hugging Face model directory."""
+    ckpt = resolve_checkpoint(path)
+    cfg_json = read_config(ckpt)
+    if cfg_json.get("format") != FORMAT:
+        return _load_hf(ckpt, device)
+    cfg = ModelConfig.from_dict(cfg_json["model"])
+    model = Transformer(cfg)
+    weights = ckpt / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: cannot read weights ({e})") from None
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{weights}: weights do not match config.json ({first})") from None
+    return model.to(device).eval()
+
+
+def _load_hf(ckpt: Path, device: str) -> torch.nn.Module:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UsageError(
+            f"{ckpt}: a Hugging Face model directory; install transformers to load it"
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), local_files_only=True)
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Recipes, run directories and manifests: the whole pipeline from one command."""

@@ -1,0 +1,194 @@
+"""Recipes: one YAML file configures every stage; validated before anything runs.
+
+A recipe may name a `base` (a built-in recipe or another file) and override only what
+differs; `--set key.path=value` overrides apply last. Any unknown key, wrong type or
+impossible value is reported as one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmlab.adapt.sft import SFTConfig
+from lmlab.config import STRICT, NonNegInt, PosInt
+from lmlab.data.pipeline import DataConfig
+from lmlab.errors import UsageError
+from lmlab.model.config import ModelConfig
+from lmlab.train.loop import TrainConfig
+
+
+@dataclass
+class TokenizerConfig:
+    __pydantic_config__ = STRICT
+
+    vocab_size: PosInt = 4096
+    min_frequency: PosInt = 2
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise UsageError(
+                f"vocab_size={self.vocab_size} is too small; byte-level BPE needs "
+                "at least 300 (256 bytes + special tokens + merges)"
+            )
+
+
+@dataclass
+class EvalConfig:
+    __pydantic_config__ = STRICT
+
+    val_tokens: PosInt = 100_000  # tokens of the validation split scored for loss/ppl/bpb
+    questions: PosInt = 100  # held-out questions asked of the base and the SFT model
+    shots: NonNegInt = 3  # few-shot examples in the base model's prompt
+    max_new_tokens: PosInt = 48
+
+
+@dataclass
+class SFTStage(SFTConfig):
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=3e-4, warmup_steps=20, max_minutes=2.0, eval_every=50, checkpoint_every=50))
+
+
+class Recipe(BaseModel):
+    """The whole pipeline's configuration (see docs/recipes.md for every key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "tiny"
+    seed: int = 1337
+    threads: PosInt | None = None  # torch CPU threads; None = all cores
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(max_minutes=8.0))
+    sft: SFTStage = Field(default_factory=SFTStage)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("lmlab.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(ref: str) -> tuple[dict, str]:
+    """Raw mapping of a built-in recipe name or a YAML path, with `base` merged in."""
+    path = Path(ref)
+    if ref in builtin_recipes():
+        text = resources.files("lmlab.recipes").joinpath(f"{ref}.yaml").read_text()
+        where = f"recipe {ref}"
+    elif path.is_file():
+        text = path.read_text(encoding="utf-8")
+        where = str(path)
+    else:
+        raise UsageError(
+            f"recipe {ref!r}: no such file or built-in recipe (built-in: {', '.join(builtin_recipes())})"
+        )
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{where}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is not None:
+        base_raw, _ = _read_yaml(str(base))
+        raw = deep_merge(base_raw, raw)
+    return raw, where
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UsageError(f"--set {item!r}: expected key.path=value, e.g. pretrain.lr=3e-4")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def load_recipe(ref: str = "tiny", overrides: list[str] | None = None) -> Recipe:
+    raw, where = _read_yaml(ref)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if not isinstance(nxt, dict):
+                nxt = node[k] = {}
+            node = nxt
+        node[keys[-1]] = value
+    if overrides:
+        where += " with --set overrides"
+    if "vocab_size" in (raw.get("model") or {}):
+        raise UsageError(f"{where}: model.vocab_size is set by the tokenizer; "
+                         "set tokenizer.vocab_size instead")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(f"{where}: {describe_error(e)}") from None
+
+
+def describe_error(e: ValidationError) -> str:
+    """One line for the first problem: the key path, what was given and what is allowed."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"] if not str(x).startswith("function-")]
+    key = ".".join(loc)
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        allowed = allowed_keys(Recipe, loc[:-1])
+        return f"unknown key {key!r} (allowed: {', '.join(allowed)})"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) or err["type"] == "value_error" else f" (got {given!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def allowed_keys(cls: Any, path: list[str]) -> list[str]:
+    """The keys a recipe accepts at `path`, read off the config classes themselves."""
+    for part in path:
+        hints = _hints(cls)
+        if part not in hints:
+            return []
+        cls = _unwrap(hints[part])
+    return sorted(_hints(cls))
+
+
+def _hints(cls: Any) -> dict[str, Any]:
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return {k: f.annotation for k, f in cls.model_fields.items()}
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {}
+
+
+def _unwrap(t: Any) -> Any:
+    for arg in typing.get_args(t) or ():
+        if dataclasses.is_dataclass(arg) or (isinstance(arg, type) and issubclass(arg, BaseModel)):
+            return arg
+    return t
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)

@@ -1,0 +1,119 @@
+"""Run a recipe stage by stage under `runs/<name>/`, reusing what is already done.
+
+Each stage's cache key hashes its resolved config and the hashes of its inputs (the
+outputs of the stages before it). A stage is skipped when its completion marker
+(`<stage>/.done.json`) holds the same key; `--force STAGE` redoes it and every stage
+after it. A stage interrupted before its marker is written runs again, and the
+training stages resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lmlab.console import log
+from lmlab.errors import UsageError
+from lmlab.run.recipe import Recipe
+from lmlab.utils import git_commit, hash_obj, hash_tree, read_json, versions, write_json
+
+STAGES = ["data", "tokenizer", "pretrain", "sft", "eval", "report"]
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    dir: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+
+def _stage_config(recipe: Recipe, stage: str) -> dict:
+    r = recipe.resolved()
+    return {
+        "data": {"data": r["data"]},
+        "tokenizer": {"tokenizer": r["tokenizer"]},
+        "pretrain": {"model": r["model"], "pretrain": r["pretrain"], "seed": r["seed"]},
+        "sft": {"sft": r["sft"], "seed": r["seed"]},
+        "eval": {"eval": r["eval"], "seed": r["seed"]},
+        "report": {},
+    }[stage]
+
+
+def _inputs(stage: str) -> list[str]:
+    return {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"],
+            "sft": ["data", "tokenizer", "pretrain"], "eval": ["data", "tokenizer", "pretrain", "sft"],
+            "report": ["data", "tokenizer", "pretrain", "sft", "eval"]}[stage]
+
+
+def run_recipe(recipe: Recipe, runs_dir: str | Path = "runs", name: str | None = None,
+               force: str | None = None) -> Path:
+    """Run every stage; returns the run directory."""
+    from lmlab.run import stages
+
+    if force is not None and force not in STAGES:
+        raise UsageError(f"--force {force!r}: not a stage (stages: {', '.join(STAGES)})")
+    run = Run(recipe, Path(runs_dir) / (name or recipe.name))
+    run.dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
+    manifest_path = run.dir / "manifest.json"
+    manifest = {
+        "name": run.dir.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.resolved(),
+        "seed": recipe.seed,
+        "versions": versions(),
+        "git_commit": git_commit(Path(__file__).parent),
+        "stages": {},
+    }
+    if manifest_path.is_file():  # keep the original creation time across re-runs
+        manifest["created"] = read_json(manifest_path).get("created", manifest["created"])
+    forced = STAGES[STAGES.index(force):] if force else []
+    outputs: dict[str, dict[str, str]] = {}
+    log(f"run [bold]{run.dir}[/bold]")
+    for stage in STAGES:
+        fn: Callable[[Run], dict] = getattr(stages, f"stage_{stage}")
+        sdir = run.stage_dir(stage)
+        inputs = {s: hash_obj(outputs[s]) for s in _inputs(stage)}
+        key = hash_obj({"stage": stage, "config": _stage_config(recipe, stage), "inputs": inputs,
+                        "format": 1})
+        marker = sdir / ".done.json"
+        done = read_json(marker) if marker.is_file() else None
+        if stage not in forced and done and done.get("key") == key:
+            outputs[stage] = done["outputs"]
+            manifest["stages"][stage] = {**done["record"], "status": "cached"}
+            log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
+            write_json(manifest_path, manifest)
+            continue
+        if stage in forced and sdir.exists():
+            shutil.rmtree(sdir)
+        marker.unlink(missing_ok=True)
+        sdir.mkdir(parents=True, exist_ok=True)
+        log(f"[bold cyan]{stage}[/bold cyan] …")
+        t0 = time.monotonic()
+        manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
+        write_json(manifest_path, manifest)
+        try:
+            summary = fn(run) or {}
+        except KeyboardInterrupt:
+            manifest["stages"][stage]["status"] = "interrupted"
+            write_json(manifest_path, manifest)
+            raise
+        seconds = time.monotonic() - t0
+        outputs[stage] = hash_tree(sdir)
+        record = {"key": key, "seconds": round(seconds, 2), "inputs": inputs,
+                  "outputs": outputs[stage], "summary": summary,
+                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest["stages"][stage] = {**record, "status": "done"}
+        write_json(marker, {"key": key, "outputs": outputs[stage], "record": record})
+        write_json(manifest_path, manifest)
+        log(f"{stage}: done in {seconds:.1f}s")
+    return run.dir
