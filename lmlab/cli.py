@@ -11,9 +11,13 @@ import typer
 from lmlab.console import console, log, set_quiet
 from lmlab.errors import UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="lmlab: raw text → tokenizer → pre-trained → instruction-tuned → "
-                  "evaluated model, on your laptop.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="lmlab: raw text → tokenizer → pre-trained → instruction-tuned → "
+    "evaluated model, on your laptop.",
+)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")]
 
@@ -22,9 +26,15 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and resu
 def run(
     recipe: Annotated[str, typer.Argument(help="Built-in recipe name or a YAML file.")] = "tiny",
     name: Annotated[str | None, typer.Option(help="Run name (default: the recipe's).")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a recipe key, e.g. --set pretrain.lr=3e-4 (repeatable).")] = None,
-    force: Annotated[str | None, typer.Option(help="Redo this stage and the ones after it.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a recipe key, e.g. --set pretrain.lr=3e-4 (repeatable)."
+        ),
+    ] = None,
+    force: Annotated[
+        str | None, typer.Option(help="Redo this stage and the ones after it.")
+    ] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
     quiet: Quiet = False,
 ) -> None:
@@ -51,15 +61,28 @@ def recipes(
         print(dump_recipe(load_recipe(show)), end="")
 
 
-def _sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
-              stop_ids: list[int]):
+def _sampling(
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    seed: int | None,
+    stop_ids: list[int],
+):
     from lmlab.infer.generate import GenerationConfig
 
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens <= 0:
-        raise UsageError("sampling: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, "
-                         "max-new-tokens > 0")
-    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            top_k=top_k, seed=seed, stop_ids=stop_ids)
+        raise UsageError(
+            "sampling: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, max-new-tokens > 0"
+        )
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop_ids=stop_ids,
+    )
 
 
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
@@ -73,8 +96,11 @@ Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
 def generate(
     model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
-    max_new_tokens: MaxNew = 100, seed: Seed = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: MaxNew = 100,
+    seed: Seed = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
 ) -> None:
     """Continue a prompt, streaming tokens as they are made."""
@@ -85,8 +111,14 @@ def generate(
 
     ckpt = resolve_checkpoint(model)
     m, tok = load_model(ckpt), load_tokenizer(ckpt)
-    cfg = _sampling(temperature, top_p, top_k, max_new_tokens, seed,
-                    [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else []))
+    cfg = _sampling(
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        seed,
+        [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else []),
+    )
     text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
     streamer = TextStreamer(tok)
     sys.stdout.write(prompt if not chat else "")
@@ -99,8 +131,11 @@ def generate(
 @app.command()
 def chat(
     model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
-    temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
-    max_new_tokens: MaxNew = 100, seed: Seed = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: MaxNew = 100,
+    seed: Seed = None,
 ) -> None:
     """Talk to a model, several turns, through its chat template. /reset clears, /exit quits."""
     from lmlab import load_model, load_tokenizer
@@ -110,8 +145,14 @@ def chat(
 
     ckpt = resolve_checkpoint(model)
     m, tok = load_model(ckpt), load_tokenizer(ckpt)
-    cfg = _sampling(temperature, top_p, top_k, max_new_tokens, seed,
-                    [special_id(tok, EOS), special_id(tok, END)])
+    cfg = _sampling(
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        seed,
+        [special_id(tok, EOS), special_id(tok, END)],
+    )
     log(f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /exit")
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -154,7 +195,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns 130 when the command was interrupted
+        if rc == 130:
+            console.print("interrupted; run the same command again to resume")
+        if isinstance(rc, int):
+            sys.exit(rc)
     except UsageError as e:
         console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         sys.exit(2)
@@ -163,13 +208,13 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click's own usage errors carry exit code 2
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # the CLI framework's own usage errors (missing argument, bad option) know their exit
+        # code (2) and how to show themselves; typer may vendor click, so match by behaviour
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
 

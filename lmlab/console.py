@@ -63,7 +63,9 @@ class ProgressBar:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn() if unit == "" else TextColumn(f"{{task.completed:.0f}} {unit}"),
+                MofNCompleteColumn()
+                if unit == ""
+                else TextColumn(f"{{task.completed:.0f}} {unit}"),
                 TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
@@ -74,7 +76,9 @@ class ProgressBar:
             self._progress.start()
             self._task = self._progress.add_task(description, total=total, status="")
 
-    def update(self, advance: float = 0.0, completed: float | None = None, status: str = "") -> None:
+    def update(
+        self, advance: float = 0.0, completed: float | None = None, status: str = ""
+    ) -> None:
         self.done = completed if completed is not None else self.done + advance
         if status:
             self._status = status

@@ -30,8 +30,12 @@ from lmlab.train.loop import Batch, TrainConfig, train
 from lmlab.utils import write_jsonl
 
 MAIN_TEMPLATE = "What does `{name}` do?"
-TEMPLATES = [MAIN_TEMPLATE, "Explain what `{name}` does.", "What is `{name}` for?",
-             "Describe `{name}` in one sentence."]
+TEMPLATES = [
+    MAIN_TEMPLATE,
+    "Explain what `{name}` does.",
+    "What is `{name}` for?",
+    "Describe `{name}` in one sentence.",
+]
 _ABBREVIATIONS = {"eg", "ie", "etc", "vs", "cf", "approx", "resp"}
 _SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]`'\"])[.!?](?=\s|$)")
 
@@ -108,8 +112,11 @@ def build_pairs(doc_files: list[Path], cfg: SFTConfig, out_dir: Path) -> dict[st
                     train_rows.append({**pair, "question": template.format(name=pair["name"])})
     n_train = write_jsonl(out_dir / "train.jsonl", train_rows)
     n_held = write_jsonl(out_dir / "heldout.jsonl", held_rows)
-    return {"train_pairs": n_train, "heldout_pairs": n_held,
-            "heldout_modules": len({r["module"] for r in held_rows})}
+    return {
+        "train_pairs": n_train,
+        "heldout_pairs": n_held,
+        "heldout_modules": len({r["module"] for r in held_rows}),
+    }
 
 
 def encode_example(tok: Tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
@@ -137,8 +144,14 @@ def _read_pairs(path: Path) -> list[dict]:
 
 
 def sft(
-    base_dir: Path, tokenizer_dir: Path, pairs_dir: Path, cfg: TrainConfig, epochs: int,
-    out_dir: Path, seed: int, key: str,
+    base_dir: Path,
+    tokenizer_dir: Path,
+    pairs_dir: Path,
+    cfg: TrainConfig,
+    epochs: int,
+    out_dir: Path,
+    seed: int,
+    key: str,
 ) -> dict:
     """Fine-tune the base checkpoint on `pairs_dir/train.jsonl`.
 
@@ -148,11 +161,14 @@ def sft(
     tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     rows = _read_pairs(pairs_dir / "train.jsonl")
     if not rows:
-        raise UsageError(f"sft: {pairs_dir / 'train.jsonl'} has no question/answer pairs "
-                         "(corpus too small?)")
+        raise UsageError(
+            f"sft: {pairs_dir / 'train.jsonl'} has no question/answer pairs (corpus too small?)"
+        )
     examples = [encode_example(tok, r["question"], r["answer"]) for r in rows]
-    held = [encode_example(tok, r["question"], r["answer"])
-            for r in _read_pairs(pairs_dir / "heldout.jsonl")]
+    held = [
+        encode_example(tok, r["question"], r["answer"])
+        for r in _read_pairs(pairs_dir / "heldout.jsonl")
+    ]
     pad = special_id(tok, PAD)
     model = load_model(base_dir)
     n = len(examples)

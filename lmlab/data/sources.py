@@ -89,7 +89,9 @@ def read_path(path: str | Path, text_field: str = "text") -> Iterator[Document]:
         elif f.suffix in {".txt", ".md", ".py", ".rst", ".text", ""}:
             text = _read_text(f)
             if text is not None:
-                yield Document(id=f"file:{f}", text=text, metadata={"source": "file", "path": str(f)})
+                yield Document(
+                    id=f"file:{f}", text=text, metadata={"source": "file", "path": str(f)}
+                )
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:

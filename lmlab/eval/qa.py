@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from lmlab.console import progress
 from lmlab.eval.metrics import clean_generation, exact_match, mean_stderr, rouge_l
-from lmlab.infer.generate import GenerationConfig, generate
+from lmlab.infer.generate import GenerationConfig, stream
 from lmlab.tokenizer import END, EOS, format_chat, special_id
 
 
@@ -17,20 +17,33 @@ def few_shot_prompt(question: str, shots: list[dict]) -> str:
     return f"{demos}Question: {question}\nAnswer:"
 
 
-def answer(model, tok: Tokenizer, prompt: str, max_new_tokens: int, stop: list[int]) -> str:
-    ids = tok.encode(prompt).ids
-    out = generate(model, ids, GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stop))
-    text = tok.decode(out, skip_special_tokens=True)
+def answer(
+    model, tok: Tokenizer, prompt: str, max_new_tokens: int, stop: list[int], first_line: bool
+) -> str:
+    """Greedy answer. With `first_line`, generation ends at the first newline that follows
+    some text, and the answer is that first non-empty line (a base model often opens
+    with a line break before it answers)."""
+    ids: list[int] = []
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stop)
+    for t in stream(model, tok.encode(prompt).ids, cfg):
+        ids.append(t)
+        if first_line and "\n" in tok.decode(ids, skip_special_tokens=True).lstrip():
+            break
+    text = tok.decode(ids, skip_special_tokens=True).strip()
     return clean_generation(text.split("\n")[0])
 
 
-def evaluate_qa(model, tok: Tokenizer, items: list[dict], mode: str, shots: list[dict],
-                max_new_tokens: int, label: str) -> dict:
+def evaluate_qa(
+    model,
+    tok: Tokenizer,
+    items: list[dict],
+    mode: str,
+    shots: list[dict],
+    max_new_tokens: int,
+    label: str,
+) -> dict:
     """mode "few-shot" (base) or "chat" (SFT); returns metrics with standard errors and items."""
     stop = [special_id(tok, EOS), special_id(tok, END)]
-    nl = tok.encode("\n").ids
-    if mode == "few-shot" and len(nl) == 1:
-        stop.append(nl[0])
     rows = []
     with progress(f"qa {label}", total=len(items)) as bar:
         for item in items:
@@ -38,16 +51,29 @@ def evaluate_qa(model, tok: Tokenizer, items: list[dict], mode: str, shots: list
                 prompt = format_chat([{"role": "user", "content": item["question"]}])
             else:
                 prompt = few_shot_prompt(item["question"], shots)
-            pred = answer(model, tok, prompt, max_new_tokens, stop)
-            rows.append({"name": item["name"], "question": item["question"],
-                         "reference": item["answer"], "prediction": pred,
-                         "exact_match": exact_match(pred, item["answer"]),
-                         "rouge_l": rouge_l(pred, item["answer"])})
+            pred = answer(model, tok, prompt, max_new_tokens, stop, first_line=mode != "chat")
+            rows.append(
+                {
+                    "name": item["name"],
+                    "question": item["question"],
+                    "reference": item["answer"],
+                    "prediction": pred,
+                    "exact_match": exact_match(pred, item["answer"]),
+                    "rouge_l": rouge_l(pred, item["answer"]),
+                }
+            )
             bar.update(advance=1)
     em = mean_stderr([r["exact_match"] for r in rows])
     rl = mean_stderr([r["rouge_l"] for r in rows])
-    return {"mode": mode, "n": len(rows), "exact_match": em[0], "exact_match_se": em[1],
-            "rouge_l": rl[0], "rouge_l_se": rl[1], "items": rows}
+    return {
+        "mode": mode,
+        "n": len(rows),
+        "exact_match": em[0],
+        "exact_match_se": em[1],
+        "rouge_l": rl[0],
+        "rouge_l_se": rl[1],
+        "items": rows,
+    }
 
 
 def pick_items(rows: list[dict], n: int, seed: int) -> list[dict]:

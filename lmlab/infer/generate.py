@@ -42,7 +42,7 @@ def stream(model: Transformer, prompt_ids: list[int], cfg: GenerationConfig) -> 
     """Yield generated token ids one at a time (stops at a stop id, which is not yielded)."""
     max_len = model.cfg.max_seq_len
     budget = min(cfg.max_new_tokens, max_len - 1)
-    ids = prompt_ids[-(max_len - budget):] if len(prompt_ids) > max_len - budget else prompt_ids
+    ids = prompt_ids[-(max_len - budget) :] if len(prompt_ids) > max_len - budget else prompt_ids
     if not ids:
         raise ValueError("generate: empty prompt")
     param = next(model.parameters())
@@ -50,6 +50,8 @@ def stream(model: Transformer, prompt_ids: list[int], cfg: GenerationConfig) -> 
     gen = torch.Generator(device=param.device)
     if cfg.seed is not None:
         gen.manual_seed(cfg.seed)
+    else:  # a fresh Generator always starts from the same fixed seed: draw a random one
+        gen.seed()
     x = torch.tensor([ids], device=param.device)
     for _ in range(budget):
         logits = model(x, cache)[:, -1, :].float()
@@ -65,7 +67,9 @@ def stream(model: Transformer, prompt_ids: list[int], cfg: GenerationConfig) -> 
 
 
 def generate(
-    model: Transformer, prompt_ids: list[int], cfg: GenerationConfig,
+    model: Transformer,
+    prompt_ids: list[int],
+    cfg: GenerationConfig,
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     out = []

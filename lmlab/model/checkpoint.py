@@ -27,8 +27,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def save_checkpoint(
-    model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-    extra: dict | None = None, write_extra: Callable[[Path], None] | None = None,
+    model: Transformer,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    extra: dict | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the model (and the tokenizer beside it) atomically to `out_dir`."""
     out = Path(out_dir)
@@ -39,8 +42,9 @@ def save_checkpoint(
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight", None)  # one tensor, stored once
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        write_json(tmp / "config.json", {"format": FORMAT, "model": model.cfg.to_dict(),
-                                         **(extra or {})})
+        write_json(
+            tmp / "config.json", {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
+        )
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name

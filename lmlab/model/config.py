@@ -39,15 +39,13 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
-            raise UsageError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
-            )
+            raise UsageError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
-            raise UsageError(f"head dimension d_model/n_heads={self.head_dim} must be even for RoPE")
-        if self.n_heads % self.n_kv_heads:
             raise UsageError(
-                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+                f"head dimension d_model/n_heads={self.head_dim} must be even for RoPE"
             )
+        if self.n_heads % self.n_kv_heads:
+            raise UsageError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +76,9 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise UsageError(f"model config: unknown keys {sorted(unknown)}; allowed {sorted(known)}")
+            raise UsageError(
+                f"model config: unknown keys {sorted(unknown)}; allowed {sorted(known)}"
+            )
         return cls(**d)
 
 

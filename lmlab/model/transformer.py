@@ -57,8 +57,10 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=None):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or torch.float32
-        return cls(torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(shape, device=device, dtype=dtype))
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
 
 
 class Attention(nn.Module):
@@ -93,8 +95,9 @@ class Attention(nn.Module):
             rep = cfg.n_heads // cfg.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           is_causal=is_causal and mask is None)
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal and mask is None
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -52,8 +52,11 @@ class EvalConfig:
 
 @dataclass
 class SFTStage(SFTConfig):
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=3e-4, warmup_steps=20, max_minutes=2.0, eval_every=50, checkpoint_every=50))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            lr=3e-4, warmup_steps=20, max_minutes=2.0, eval_every=50, checkpoint_every=50
+        )
+    )
 
 
 class Recipe(BaseModel):
@@ -76,8 +79,9 @@ class Recipe(BaseModel):
 
 
 def builtin_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("lmlab.recipes").iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("lmlab.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _read_yaml(ref: str) -> tuple[dict, str]:
@@ -111,7 +115,9 @@ def _read_yaml(ref: str) -> tuple[dict, str]:
 def deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -140,8 +146,9 @@ def load_recipe(ref: str = "tiny", overrides: list[str] | None = None) -> Recipe
     if overrides:
         where += " with --set overrides"
     if "vocab_size" in (raw.get("model") or {}):
-        raise UsageError(f"{where}: model.vocab_size is set by the tokenizer; "
-                         "set tokenizer.vocab_size instead")
+        raise UsageError(
+            f"{where}: model.vocab_size is set by the tokenizer; set tokenizer.vocab_size instead"
+        )
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -158,7 +165,7 @@ def describe_error(e: ValidationError) -> str:
         return f"unknown key {key!r} (allowed: {', '.join(allowed)})"
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     given = err.get("input")
     shown = "" if isinstance(given, dict) or err["type"] == "value_error" else f" (got {given!r})"
     return f"{key}: {msg}{shown}"
@@ -191,4 +198,7 @@ def _unwrap(t: Any) -> Any:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.resolved(), sort_keys=False)
+    """The resolved recipe as YAML that `lmlab run FILE` accepts back."""
+    resolved = recipe.resolved()
+    resolved["model"].pop("vocab_size")  # set by the tokenizer stage, not by the recipe
+    return yaml.safe_dump(resolved, sort_keys=False)

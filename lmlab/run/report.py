@@ -29,8 +29,10 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
     if not pre and not sft:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, rows, x_key, title in ((axes[0], pre, "tokens", "pre-training"),
-                                   (axes[1], sft, "step", "instruction tuning (SFT)")):
+    for ax, rows, x_key, title in (
+        (axes[0], pre, "tokens", "pre-training"),
+        (axes[1], sft, "step", "instruction tuning (SFT)"),
+    ):
         tr = [(r[x_key], r["loss"]) for r in rows if "loss" in r]
         va = [(r[x_key], r["val_loss"]) for r in rows if "val_loss" in r]
         if tr:
@@ -65,65 +67,113 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
     sections: list[tuple[str, list[list[str]] | str]] = []
     recipe = manifest.get("recipe", {})
     v = manifest.get("versions", {})
-    sections.append(("Run", [["key", "value"], ["name", manifest.get("name", run_dir.name)],
-                             ["created", manifest.get("created", "")],
-                             ["seed", str(manifest.get("seed", ""))],
-                             ["lmlab / torch / python",
-                              f"{v.get('lmlab')} / {v.get('torch')} / {v.get('python')}"],
-                             ["git commit", str(manifest.get("git_commit"))]]))
+    sections.append(
+        (
+            "Run",
+            [
+                ["key", "value"],
+                ["name", manifest.get("name", run_dir.name)],
+                ["created", manifest.get("created", "")],
+                ["seed", str(manifest.get("seed", ""))],
+                [
+                    "lmlab / torch / python",
+                    f"{v.get('lmlab')} / {v.get('torch')} / {v.get('python')}",
+                ],
+                ["git commit", str(manifest.get("git_commit"))],
+            ],
+        )
+    )
     stats_path = run_dir / "data" / "stats.json"
     if stats_path.is_file():
         st = read_json(stats_path)
-        rows = [["step", "documents"], ["read", str(st["read"]["documents"])],
-                ["empty after normalisation", str(st["normalize"]["empty"])]]
+        rows = [
+            ["step", "documents"],
+            ["read", str(st["read"]["documents"])],
+            ["empty after normalisation", str(st["normalize"]["empty"])],
+        ]
         rows += [[f"removed: {k}", str(n)] for k, n in sorted(st["quality"].items())]
-        rows += [["removed: exact duplicate", str(st["dedup_exact"]["duplicates"])],
-                 ["kept: train", str(st["kept"]["train"]["documents"])],
-                 ["kept: validation", str(st["kept"]["val"]["documents"])]]
+        rows += [
+            ["removed: exact duplicate", str(st["dedup_exact"]["duplicates"])],
+            ["kept: train", str(st["kept"]["train"]["documents"])],
+            ["kept: validation", str(st["kept"]["val"]["documents"])],
+        ]
         sections.append(("Data", rows))
     stages = manifest.get("stages", {})
     if stages:
         rows = [["stage", "status", "seconds"]]
-        rows += [[s, r.get("status", ""), _fmt(r.get("seconds", 0.0), 1)] for s, r in stages.items()]
+        rows += [
+            [s, r.get("status", ""), _fmt(r.get("seconds", 0.0), 1)] for s, r in stages.items()
+        ]
         sections.append(("Stage timings", rows))
     summ = stages.get("pretrain", {}).get("summary", {})
     if summ:
         m = recipe.get("model", {})
-        sections.append(("Pre-training", [
-            ["", "value"], ["parameters", f"{summ.get('parameters', 0):,}"],
-            ["layers × width × heads", f"{m.get('n_layers')} × {m.get('d_model')} × {m.get('n_heads')}"],
-            ["steps", str(summ.get("steps"))], ["tokens", f"{summ.get('tokens', 0):,}"],
-            ["tokens/s", _fmt(summ.get("tokens_per_s"), 0)],
-            ["final validation loss", _fmt(summ.get("final_val_loss"))]]))
+        sections.append(
+            (
+                "Pre-training",
+                [
+                    ["", "value"],
+                    ["parameters", f"{summ.get('parameters', 0):,}"],
+                    [
+                        "layers × width × heads",
+                        f"{m.get('n_layers')} × {m.get('d_model')} × {m.get('n_heads')}",
+                    ],
+                    ["steps", str(summ.get("steps"))],
+                    ["tokens", f"{summ.get('tokens', 0):,}"],
+                    ["tokens/s", _fmt(summ.get("tokens_per_s"), 0)],
+                    ["final validation loss", _fmt(summ.get("final_val_loss"))],
+                ],
+            )
+        )
     res_path = run_dir / "eval" / "results.json"
     if res_path.is_file():
         res = read_json(res_path)
         rows = [["model", "val loss (nats/token)", "perplexity", "bits per byte", "tokens"]]
         for name, d in res["lm"].items():
-            rows.append([name, _fmt(d["loss"]), _fmt(d["perplexity"], 2),
-                         _fmt(d["bits_per_byte"]), f"{d['tokens']:,}"])
+            rows.append(
+                [
+                    name,
+                    _fmt(d["loss"]),
+                    _fmt(d["perplexity"], 2),
+                    _fmt(d["bits_per_byte"]),
+                    f"{d['tokens']:,}",
+                ]
+            )
         sections.append(("Language modelling on the validation split", rows))
         qa = res.get("qa", {})
         if "base" in qa:
             rows = [["model", "prompting", "n", "exact match", "ROUGE-L"]]
             for name in ("base", "sft"):
                 d = qa[name]
-                prompting = f"{len(qa.get('shots', []))}-shot" if name == "base" else "chat template"
-                rows.append([name, prompting, str(d["n"]), _pm(d, "exact_match"), _pm(d, "rouge_l")])
+                prompting = (
+                    f"{len(qa.get('shots', []))}-shot" if name == "base" else "chat template"
+                )
+                rows.append(
+                    [name, prompting, str(d["n"]), _pm(d, "exact_match"), _pm(d, "rouge_l")]
+                )
             sections.append(("Held-out questions (modules never seen in SFT)", rows))
             dr = qa["sft_minus_base_rouge_l"]
-            verdict = ("The SFT model beats the base model on ROUGE-L by more than two standard "
-                       "errors." if dr["mean"] > 2 * dr["se"] else
-                       "The SFT model does not beat the base model on ROUGE-L by more than two "
-                       "standard errors.")
-            sections.append(("Verdict", f"Paired difference (SFT − base) in ROUGE-L: "
-                             f"{dr['mean']:+.3f} ± {dr['se']:.3f} (standard error over the same "
-                             f"items). {verdict}"))
+            verdict = (
+                "The SFT model beats the base model on ROUGE-L by more than two standard errors."
+                if dr["mean"] > 2 * dr["se"]
+                else "The SFT model does not beat the base model on ROUGE-L by more than two "
+                "standard errors."
+            )
+            sections.append(
+                (
+                    "Verdict",
+                    f"Paired difference (SFT − base) in ROUGE-L: "
+                    f"{dr['mean']:+.3f} ± {dr['se']:.3f} (standard error over the same "
+                    f"items). {verdict}",
+                )
+            )
     samples = _read_jsonl(run_dir / "eval" / "samples.jsonl")[:8]
     if samples:
         rows = [["question", "reference", "base (few-shot)", "SFT"]]
-        rows += [[s["question"], s["reference"], s["base_prediction"], s["sft_prediction"]]
-                 for s in samples]
+        rows += [
+            [s["question"], s["reference"], s["base_prediction"], s["sft_prediction"]]
+            for s in samples
+        ]
         sections.append(("Sample answers", rows))
     return sections
 
@@ -131,6 +181,7 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
 def _md_table(rows: list[list[str]]) -> str:
     def cell(x: str) -> str:
         return x.replace("|", "\\|").replace("\n", " ")
+
     head, *body = rows
     lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
@@ -161,7 +212,9 @@ def write_report(run_dir: str | Path) -> list[Path]:
     if has_plot:
         md += ["## Loss curves", "", "![loss curves](report/loss.png)", ""]
         b64 = base64.b64encode(png.read_bytes()).decode()
-        body.append(f'<h2>Loss curves</h2><img alt="loss curves" src="data:image/png;base64,{b64}">')
+        body.append(
+            f'<h2>Loss curves</h2><img alt="loss curves" src="data:image/png;base64,{b64}">'
+        )
     for heading, content in sections:
         md += [f"## {heading}", ""]
         body.append(f"<h2>{html.escape(heading)}</h2>")
@@ -173,7 +226,11 @@ def write_report(run_dir: str | Path) -> list[Path]:
             body.append(_html_table(content))
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     write_text(md_path, "\n".join(md))
-    write_text(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>"
-               f"{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-               + "\n".join(body) + "</body></html>\n")
+    write_text(
+        html_path,
+        f"<!doctype html><html><head><meta charset='utf-8'><title>"
+        f"{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n",
+    )
     return [md_path, html_path]

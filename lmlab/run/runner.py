@@ -49,13 +49,19 @@ def _stage_config(recipe: Recipe, stage: str) -> dict:
 
 
 def _inputs(stage: str) -> list[str]:
-    return {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"],
-            "sft": ["data", "tokenizer", "pretrain"], "eval": ["data", "tokenizer", "pretrain", "sft"],
-            "report": ["data", "tokenizer", "pretrain", "sft", "eval"]}[stage]
+    return {
+        "data": [],
+        "tokenizer": ["data"],
+        "pretrain": ["tokenizer"],
+        "sft": ["data", "tokenizer", "pretrain"],
+        "eval": ["data", "tokenizer", "pretrain", "sft"],
+        "report": ["data", "tokenizer", "pretrain", "sft", "eval"],
+    }[stage]
 
 
-def run_recipe(recipe: Recipe, runs_dir: str | Path = "runs", name: str | None = None,
-               force: str | None = None) -> Path:
+def run_recipe(
+    recipe: Recipe, runs_dir: str | Path = "runs", name: str | None = None, force: str | None = None
+) -> Path:
     """Run every stage; returns the run directory."""
     from lmlab.run import stages
 
@@ -76,15 +82,16 @@ def run_recipe(recipe: Recipe, runs_dir: str | Path = "runs", name: str | None =
     }
     if manifest_path.is_file():  # keep the original creation time across re-runs
         manifest["created"] = read_json(manifest_path).get("created", manifest["created"])
-    forced = STAGES[STAGES.index(force):] if force else []
+    forced = STAGES[STAGES.index(force) :] if force else []
     outputs: dict[str, dict[str, str]] = {}
     log(f"run [bold]{run.dir}[/bold]")
     for stage in STAGES:
         fn: Callable[[Run], dict] = getattr(stages, f"stage_{stage}")
         sdir = run.stage_dir(stage)
         inputs = {s: hash_obj(outputs[s]) for s in _inputs(stage)}
-        key = hash_obj({"stage": stage, "config": _stage_config(recipe, stage), "inputs": inputs,
-                        "format": 1})
+        key = hash_obj(
+            {"stage": stage, "config": _stage_config(recipe, stage), "inputs": inputs, "format": 1}
+        )
         marker = sdir / ".done.json"
         done = read_json(marker) if marker.is_file() else None
         if stage not in forced and done and done.get("key") == key:
@@ -109,9 +116,14 @@ def run_recipe(recipe: Recipe, runs_dir: str | Path = "runs", name: str | None =
             raise
         seconds = time.monotonic() - t0
         outputs[stage] = hash_tree(sdir)
-        record = {"key": key, "seconds": round(seconds, 2), "inputs": inputs,
-                  "outputs": outputs[stage], "summary": summary,
-                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = {
+            "key": key,
+            "seconds": round(seconds, 2),
+            "inputs": inputs,
+            "outputs": outputs[stage],
+            "summary": summary,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         manifest["stages"][stage] = {**record, "status": "done"}
         write_json(marker, {"key": key, "outputs": outputs[stage], "record": record})
         write_json(manifest_path, manifest)

@@ -39,9 +39,11 @@ def stage_tokenizer(run: Run) -> dict:
     save_tokenizer(tok, out)
     splits = {s: write_split(tok, docs / f"{s}.jsonl", out / "tokens", s) for s in ("train", "val")}
     write_manifest(out / "tokens", tok, splits)
-    return {"vocab_size": tok.get_vocab_size(),
-            "tokens": {s: v["tokens"] for s, v in splits.items()},
-            "bytes_per_token": round(splits["train"]["bytes"] / max(splits["train"]["tokens"], 1), 3)}
+    return {
+        "vocab_size": tok.get_vocab_size(),
+        "tokens": {s: v["tokens"] for s, v in splits.items()},
+        "bytes_per_token": round(splits["train"]["bytes"] / max(splits["train"]["tokens"], 1), 3),
+    }
 
 
 def _model_config(run: Run) -> ModelConfig:
@@ -54,12 +56,26 @@ def _model_config(run: Run) -> ModelConfig:
 def stage_pretrain(run: Run) -> dict:
     mcfg = _model_config(run)
     cfg = run.recipe.pretrain
-    log(f"pretrain: {mcfg.num_params():,} parameters, {mcfg.n_layers} layers × {mcfg.d_model}, "
-        f"precision {resolve_precision(cfg.precision)}")
-    key = hash_obj({"model": mcfg.to_dict(), "train": run.recipe.resolved()["pretrain"],
-                    "seed": run.recipe.seed})
-    summary = pretrain(mcfg, cfg, run.stage_dir("tokenizer") / "tokens",
-                       run.stage_dir("tokenizer"), run.stage_dir("pretrain"), run.recipe.seed, key)
+    log(
+        f"pretrain: {mcfg.num_params():,} parameters, {mcfg.n_layers} layers × {mcfg.d_model}, "
+        f"precision {resolve_precision(cfg.precision)}"
+    )
+    key = hash_obj(
+        {
+            "model": mcfg.to_dict(),
+            "train": run.recipe.resolved()["pretrain"],
+            "seed": run.recipe.seed,
+        }
+    )
+    summary = pretrain(
+        mcfg,
+        cfg,
+        run.stage_dir("tokenizer") / "tokens",
+        run.stage_dir("tokenizer"),
+        run.stage_dir("pretrain"),
+        run.recipe.seed,
+        key,
+    )
     summary["parameters"] = mcfg.num_params()
     return {k: v for k, v in summary.items() if k != "config"}
 
@@ -69,11 +85,21 @@ def stage_sft(run: Run) -> dict:
     out = run.stage_dir("sft")
     # Pairs come from the training split only: the knowledge the base model has seen.
     sizes = build_pairs([run.stage_dir("data") / "documents" / "train.jsonl"], cfg, out / "pairs")
-    log(f"sft: {sizes['train_pairs']} training pairs; {sizes['heldout_pairs']} held-out pairs "
-        f"from {sizes['heldout_modules']} held-out modules")
+    log(
+        f"sft: {sizes['train_pairs']} training pairs; {sizes['heldout_pairs']} held-out pairs "
+        f"from {sizes['heldout_modules']} held-out modules"
+    )
     key = hash_obj({"sft": run.recipe.resolved()["sft"], "seed": run.recipe.seed})
-    summary = sft(run.stage_dir("pretrain") / "model", run.stage_dir("tokenizer"), out / "pairs",
-                  cfg.train, cfg.epochs, out, run.recipe.seed, key)
+    summary = sft(
+        run.stage_dir("pretrain") / "model",
+        run.stage_dir("tokenizer"),
+        out / "pairs",
+        cfg.train,
+        cfg.epochs,
+        out,
+        run.recipe.seed,
+        key,
+    )
     return {**sizes, **{k: v for k, v in summary.items() if k != "config"}}
 
 
@@ -85,44 +111,78 @@ def stage_eval(run: Run) -> dict:
     cfg = run.recipe.eval
     tok = Tokenizer.from_file(str(run.stage_dir("tokenizer") / "tokenizer.json"))
     val = open_split(run.stage_dir("tokenizer") / "tokens", "val")
-    models = {"base": load_model(run.stage_dir("pretrain") / "model"),
-              "sft": load_model(run.stage_dir("sft") / "model")}
+    models = {
+        "base": load_model(run.stage_dir("pretrain") / "model"),
+        "sft": load_model(run.stage_dir("sft") / "model"),
+    }
     seq_len = run.recipe.pretrain.seq_len
-    lm = {name: lm_metrics(m, val, tok, seq_len, cfg.val_tokens) for name, m in models.items()}
+    lm = {
+        name: lm_metrics(m, val, tok, seq_len, cfg.val_tokens, label=name)
+        for name, m in models.items()
+    }
     pairs_dir = run.stage_dir("sft") / "pairs"
     with open(pairs_dir / "heldout.jsonl", encoding="utf-8") as f:
         held = [json.loads(ln) for ln in f if ln.strip()]
     with open(pairs_dir / "train.jsonl", encoding="utf-8") as f:
         train_pairs = [json.loads(ln) for ln in f if ln.strip()]
     items = pick_items(held, cfg.questions, run.recipe.seed)
-    shots = pick_items([p for p in train_pairs if p["question"].startswith("What does")],
-                       cfg.shots, run.recipe.seed + 1)
+    shots = pick_items(
+        [p for p in train_pairs if p["question"].startswith("What does")],
+        cfg.shots,
+        run.recipe.seed + 1,
+    )
     results = {"config": run.recipe.resolved(), "seed": run.recipe.seed, "lm": lm, "qa": {}}
     if items:
-        qa = {"base": evaluate_qa(models["base"], tok, items, "few-shot", shots,
-                                  cfg.max_new_tokens, "base (few-shot)"),
-              "sft": evaluate_qa(models["sft"], tok, items, "chat", shots, cfg.max_new_tokens,
-                                 "sft (chat)")}
+        qa = {
+            "base": evaluate_qa(
+                models["base"], tok, items, "few-shot", shots, cfg.max_new_tokens, "base (few-shot)"
+            ),
+            "sft": evaluate_qa(
+                models["sft"], tok, items, "chat", shots, cfg.max_new_tokens, "sft (chat)"
+            ),
+        }
         for metric in ("exact_match", "rouge_l"):
             a = [r[metric] for r in qa["base"]["items"]]
             b = [r[metric] for r in qa["sft"]["items"]]
             diff, se = paired_difference(a, b)
             qa[f"sft_minus_base_{metric}"] = {"mean": diff, "se": se}
         out = run.stage_dir("eval")
-        write_jsonl(out / "samples.jsonl", [
-            {**b, "base_prediction": b["prediction"], "sft_prediction": s["prediction"],
-             "base_rouge_l": b["rouge_l"], "sft_rouge_l": s["rouge_l"]}
-            for b, s in zip(qa["base"]["items"], qa["sft"]["items"], strict=True)])
-        results["qa"] = {k: ({kk: vv for kk, vv in v.items() if kk != "items"}
-                             if isinstance(v, dict) and "items" in v else v) for k, v in qa.items()}
+        write_jsonl(
+            out / "samples.jsonl",
+            [
+                {
+                    **b,
+                    "base_prediction": b["prediction"],
+                    "sft_prediction": s["prediction"],
+                    "base_rouge_l": b["rouge_l"],
+                    "sft_rouge_l": s["rouge_l"],
+                }
+                for b, s in zip(qa["base"]["items"], qa["sft"]["items"], strict=True)
+            ],
+        )
+        results["qa"] = {
+            k: (
+                {kk: vv for kk, vv in v.items() if kk != "items"}
+                if isinstance(v, dict) and "items" in v
+                else v
+            )
+            for k, v in qa.items()
+        }
         results["qa"]["shots"] = shots
     else:
         log("eval: no held-out questions (corpus too small or held_out_fraction 0)")
     write_json(run.stage_dir("eval") / "results.json", results)
-    return {"lm": {k: {m: round(v[m], 4) for m in ("loss", "perplexity", "bits_per_byte")}
-                   for k, v in lm.items()},
-            "qa": {k: {m: round(v[m], 4) for m in ("exact_match", "rouge_l")}
-                   for k, v in results["qa"].items() if k in ("base", "sft")}}
+    return {
+        "lm": {
+            k: {m: round(v[m], 4) for m in ("loss", "perplexity", "bits_per_byte")}
+            for k, v in lm.items()
+        },
+        "qa": {
+            k: {m: round(v[m], 4) for m in ("exact_match", "rouge_l")}
+            for k, v in results["qa"].items()
+            if k in ("base", "sft")
+        },
+    }
 
 
 def stage_report(run: Run) -> dict:

@@ -70,16 +70,22 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> None:
 def find_tokenizer_file(path: str | Path) -> Path:
     """`tokenizer.json` in a checkpoint, tokenizer or run directory (SFT model first)."""
     p = Path(path)
-    candidates = [p] if p.is_file() else [
-        p / "tokenizer.json",
-        p / "sft" / "model" / "tokenizer.json",
-        p / "pretrain" / "model" / "tokenizer.json",
-        p / "tokenizer" / "tokenizer.json",
-    ]
+    candidates = (
+        [p]
+        if p.is_file()
+        else [
+            p / "tokenizer.json",
+            p / "sft" / "model" / "tokenizer.json",
+            p / "pretrain" / "model" / "tokenizer.json",
+            p / "tokenizer" / "tokenizer.json",
+        ]
+    )
     for c in candidates:
         if c.is_file():
             return c
-    raise CheckpointError(f"{p}: no tokenizer.json found (looked in {', '.join(map(str, candidates))})")
+    raise CheckpointError(
+        f"{p}: no tokenizer.json found (looked in {', '.join(map(str, candidates))})"
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -86,9 +86,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
     )
 
 
@@ -151,11 +154,13 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     opt = make_optimizer(model, cfg)
     step, tokens, elapsed_before = 0, 0, 0.0
+    warmup_progress: float | None = None
     last = out / "last"
     if (last / "trainer_state.json").is_file():
         state = read_json(last / "trainer_state.json")
         if state.get("key") == key:
             step, tokens, elapsed_before = _restore(model, opt, last, state)
+            warmup_progress = state.get("warmup_progress")
             log(f"{name}: resuming from step {step} ({tokens:,} tokens) in {last}")
         else:
             log(f"{name}: ignoring {last} (it was trained with another config)")
@@ -171,8 +176,13 @@ def train(
         return max(fr)
 
     def checkpoint() -> None:
-        st = {"key": key, "step": step, "tokens": tokens,
-              "elapsed_s": elapsed_before + (time.monotonic() - t0)}
+        st = {
+            "key": key,
+            "step": step,
+            "tokens": tokens,
+            "warmup_progress": warmup_progress,
+            "elapsed_s": elapsed_before + (time.monotonic() - t0),
+        }
         save_checkpoint(model, last, tokenizer_dir, write_extra=lambda d: _write_state(d, opt, st))
 
     old_handler = signal.getsignal(signal.SIGTERM)
@@ -186,15 +196,24 @@ def train(
     t_log, tok_log = t0, tokens
     val_loss = None
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    total = limit if limit else None
+    tps = 0.0
     try:
-        with progress(name, total=total) as bar:
+        # the bar counts percent of the budget: steps, tokens or minutes, whichever ends first
+        with progress(name, total=100, unit="%") as bar:
             while True:
                 elapsed = elapsed_before + (time.monotonic() - t0)
                 if progress_of(step, elapsed) >= 1.0:
                     break
-                lr = lr_at(step, progress_of(step, elapsed), cfg.lr, cfg.warmup_steps,
-                           cfg.min_lr_ratio)
+                if step >= cfg.warmup_steps and warmup_progress is None:
+                    warmup_progress = progress_of(step, elapsed)  # the cosine starts here
+                lr = lr_at(
+                    step,
+                    progress_of(step, elapsed),
+                    cfg.lr,
+                    cfg.warmup_steps,
+                    cfg.min_lr_ratio,
+                    warmup_progress or 0.0,
+                )
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss_sum = 0.0
@@ -207,8 +226,9 @@ def train(
                     loss_sum += loss.item()
                     tokens += x.numel()
                 if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                     cfg.grad_clip))
+                    grad_norm = float(
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    )
                 else:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))
                 opt.step()
@@ -224,22 +244,30 @@ def train(
                 if step % cfg.log_every == 0 or step == 1:
                     tps = (tokens - tok_log) / max(now - t_log, 1e-9)
                     t_log, tok_log = now, tokens
-                    row = {"step": step, "tokens": tokens, "loss": round(train_loss, 5),
-                           "lr": lr, "grad_norm": round(grad_norm, 5),
-                           "tokens_per_s": round(tps, 1),
-                           "elapsed_s": round(elapsed_before + now - t0, 2)}
+                    row = {
+                        "step": step,
+                        "tokens": tokens,
+                        "loss": round(train_loss, 5),
+                        "lr": lr,
+                        "grad_norm": round(grad_norm, 5),
+                        "tokens_per_s": round(tps, 1),
+                        "elapsed_s": round(elapsed_before + now - t0, 2),
+                    }
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                 if step % cfg.eval_every == 0 and val_batches:
                     val_loss = evaluate_loss(model, val_batches, cfg.precision)
-                    metrics.write(json.dumps({"step": step, "tokens": tokens,
-                                              "val_loss": round(val_loss, 5)}) + "\n")
+                    metrics.write(
+                        json.dumps({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)})
+                        + "\n"
+                    )
                     metrics.flush()
                 if step % cfg.checkpoint_every == 0:
                     checkpoint()
+                done = progress_of(step, elapsed_before + time.monotonic() - t0)
                 bar.update(
-                    completed=step if total else 0,
-                    status=f"step {step} loss {train_loss:.3f} lr {lr:.2e}"
+                    completed=min(100.0, 100 * done),
+                    status=f"step {step} loss {train_loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
                     + (f" val {val_loss:.3f}" if val_loss is not None else ""),
                 )
     except (KeyboardInterrupt, _Stop):
@@ -254,20 +282,27 @@ def train(
     if val_batches:
         val_loss = evaluate_loss(model, val_batches, cfg.precision)
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)})
-                    + "\n")
+            f.write(
+                json.dumps({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)}) + "\n"
+            )
     elapsed = elapsed_before + time.monotonic() - t0
-    summary = {"steps": step, "tokens": tokens, "seconds": round(elapsed, 2),
-               "final_val_loss": val_loss, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-               "config": asdict(cfg)}
+    summary = {
+        "steps": step,
+        "tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "final_val_loss": val_loss,
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+        "config": asdict(cfg),
+    }
     save_checkpoint(model, out / "model", tokenizer_dir, extra={"training": summary})
     write_json(out / "summary.json", summary)
     return summary
 
 
 def _write_state(d: Path, opt: torch.optim.Optimizer, state: dict) -> None:
-    torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()},
-               d / "trainer_state.pt")
+    torch.save(
+        {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, d / "trainer_state.pt"
+    )
     write_json(d / "trainer_state.json", state)
 
 
@@ -287,6 +322,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from, so the log has no repeats."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-            and json.loads(ln).get("step", 0) <= step]
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
     path.write_text("".join(ln + "\n" for ln in keep))

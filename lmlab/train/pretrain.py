@@ -47,8 +47,13 @@ def val_windows(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int) ->
 
 
 def pretrain(
-    model_cfg: ModelConfig, cfg: TrainConfig, shard_dir: str | Path, tokenizer_dir: str | Path,
-    out_dir: str | Path, seed: int, key: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    shard_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    key: str,
 ) -> dict:
     if cfg.seq_len > model_cfg.max_seq_len:
         raise UsageError(
@@ -62,5 +67,10 @@ def pretrain(
     return train(
         model,
         lambda i: window_batch(train_tokens, cfg.batch_size, cfg.seq_len, seed, i),
-        vals, cfg, out_dir, tokenizer_dir, key, name="pretrain",
+        vals,
+        cfg,
+        out_dir,
+        tokenizer_dir,
+        key,
+        name="pretrain",
     )
