@@ -22,30 +22,62 @@ app = typer.Typer(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")]
 
 
-@app.command()
-def run(
-    recipe: Annotated[str, typer.Argument(help="Built-in recipe name or a YAML file.")] = "tiny",
-    name: Annotated[str | None, typer.Option(help="Run name (default: the recipe's).")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="Override a recipe key, e.g. --set pretrain.lr=3e-4 (repeatable)."
-        ),
-    ] = None,
-    force: Annotated[
-        str | None, typer.Option(help="Redo this stage and the ones after it.")
-    ] = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
-    quiet: Quiet = False,
-) -> None:
-    """Run the whole pipeline: data → tokenizer → pretrain → sft → eval → report."""
+RecipeArg = Annotated[str, typer.Argument(help="Built-in recipe name or a YAML file.")]
+NameOpt = Annotated[str | None, typer.Option(help="Run name (default: the recipe's).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key, e.g. --set pretrain.lr=3e-4 (repeatable)."),
+]
+ForceOpt = Annotated[str | None, typer.Option(help="Redo this stage and the ones after it.")]
+RunsDirOpt = Annotated[Path, typer.Option(help="Where run directories go.")]
+
+
+def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str) -> Path:
     from lmlab.run.recipe import load_recipe
     from lmlab.run.runner import run_recipe
 
     set_quiet(quiet)
     r = load_recipe(recipe, set_ or [])
-    run_dir = run_recipe(r, runs_dir, name, force)
-    print(f"report: {run_dir / 'report.html'}  (markdown: {run_dir / 'report.md'})")
+    return run_recipe(r, runs_dir, name, force, until=until)
+
+
+def _stage_command(command_name: str, until: str, doc: str) -> None:
+    """Register `lmlab COMMAND [RECIPE]`: the pipeline up to and including `until`."""
+
+    def command(
+        recipe: RecipeArg = "tiny",
+        name: NameOpt = None,
+        set_: SetOpt = None,
+        force: ForceOpt = None,
+        runs_dir: RunsDirOpt = Path("runs"),
+        quiet: Quiet = False,
+    ) -> None:
+        run_dir = _run(recipe, name, set_, force, runs_dir, quiet, until)
+        if until == "report":
+            print(f"report: {run_dir / 'report.html'}  (markdown: {run_dir / 'report.md'})")
+        else:
+            print(run_dir / until)
+
+    command.__doc__ = doc
+    app.command(name=command_name)(command)
+
+
+_stage_command(
+    "run",
+    "report",
+    "Run the whole pipeline: data → tokenizer → pretrain → sft → "
+    "eval → report. Finished stages are reused; an interrupted run resumes.",
+)
+for _stage, _what in [
+    ("data", "Read, normalise, filter, de-duplicate and split the recipe's corpus."),
+    ("tokenizer", "Train the byte-level BPE tokenizer and write the token shards."),
+    ("pretrain", "Pre-train the model (resumes from its last checkpoint)."),
+    ("sft", "Instruction-tune the pre-trained model on corpus question/answer pairs."),
+    ("eval", "Evaluate the base and SFT models."),
+]:
+    _stage_command(
+        _stage, _stage, f"{_what} Runs (or reuses) the stages before it, as `lmlab run` does."
+    )
 
 
 @app.command()
@@ -92,6 +124,39 @@ MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Generation length
 Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
 
 
+def _load_for_generation(
+    path: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    seed: int | None,
+    stop_at_end_of_turn: bool,
+):
+    """Model, tokenizer and validated sampling settings for `generate` and `chat`."""
+    from lmlab import load_model, load_tokenizer
+    from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.tokenizer import END, EOS, special_id
+
+    ckpt = resolve_checkpoint(path)
+    m, tok = load_model(ckpt), load_tokenizer(ckpt)
+    stops = [special_id(tok, EOS)] + ([special_id(tok, END)] if stop_at_end_of_turn else [])
+    cfg = _sampling(temperature, top_p, top_k, max_new_tokens, seed, stops)
+    return m, tok, cfg, ckpt
+
+
+def _stream_reply(model, tok, prompt_ids: list[int], cfg) -> list[int]:
+    """Generate, writing text to stdout as it comes; returns the generated ids."""
+    from lmlab.infer.generate import TextStreamer, stream
+
+    streamer = TextStreamer(tok)
+    for t in stream(model, prompt_ids, cfg):
+        sys.stdout.write(streamer.push(t))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return streamer.ids
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
@@ -104,28 +169,14 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
 ) -> None:
     """Continue a prompt, streaming tokens as they are made."""
-    from lmlab import load_model, load_tokenizer
-    from lmlab.infer.generate import TextStreamer, stream
-    from lmlab.model.checkpoint import resolve_checkpoint
-    from lmlab.tokenizer import END, EOS, format_chat, special_id
+    from lmlab.tokenizer import format_chat
 
-    ckpt = resolve_checkpoint(model)
-    m, tok = load_model(ckpt), load_tokenizer(ckpt)
-    cfg = _sampling(
-        temperature,
-        top_p,
-        top_k,
-        max_new_tokens,
-        seed,
-        [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else []),
+    m, tok, cfg, _ = _load_for_generation(
+        model, temperature, top_p, top_k, max_new_tokens, seed, stop_at_end_of_turn=chat
     )
     text = format_chat([{"role": "user", "content": prompt}]) if chat else prompt
-    streamer = TextStreamer(tok)
     sys.stdout.write(prompt if not chat else "")
-    for t in stream(m, tok.encode(text).ids, cfg):
-        sys.stdout.write(streamer.push(t))
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    _stream_reply(m, tok, tok.encode(text).ids, cfg)
 
 
 @app.command()
@@ -138,20 +189,10 @@ def chat(
     seed: Seed = None,
 ) -> None:
     """Talk to a model, several turns, through its chat template. /reset clears, /exit quits."""
-    from lmlab import load_model, load_tokenizer
-    from lmlab.infer.generate import TextStreamer, stream
-    from lmlab.model.checkpoint import resolve_checkpoint
-    from lmlab.tokenizer import END, EOS, format_chat, special_id
+    from lmlab.tokenizer import format_chat
 
-    ckpt = resolve_checkpoint(model)
-    m, tok = load_model(ckpt), load_tokenizer(ckpt)
-    cfg = _sampling(
-        temperature,
-        top_p,
-        top_k,
-        max_new_tokens,
-        seed,
-        [special_id(tok, EOS), special_id(tok, END)],
+    m, tok, cfg, ckpt = _load_for_generation(
+        model, temperature, top_p, top_k, max_new_tokens, seed, stop_at_end_of_turn=True
     )
     log(f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /exit")
     history: list[dict[str, str]] = []
@@ -172,14 +213,9 @@ def chat(
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        streamer = TextStreamer(tok)
         sys.stdout.write("model> ")
-        ids = tok.encode(format_chat(history)).ids
-        for t in stream(m, ids, cfg):
-            sys.stdout.write(streamer.push(t))
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": tok.decode(streamer.ids)})
+        reply = _stream_reply(m, tok, tok.encode(format_chat(history)).ids, cfg)
+        history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 @app.command()

@@ -86,8 +86,14 @@ class ProgressBar:
             self._progress.update(self._task, completed=self.done, status=self._status)
         elif not _state["quiet"] and time.monotonic() - self._last_line > 10:
             self._last_line = time.monotonic()
-            frac = f" {100 * self.done / self.total:.0f}%" if self.total else ""
-            print(f"  {self.description}{frac} {self._status}", file=sys.stderr, flush=True)
+            frac = eta = ""
+            if self.total:
+                share = self.done / self.total
+                frac = f" {100 * share:.0f}%"
+                if share > 0:
+                    left = (time.monotonic() - self._start) * (1 - share) / share
+                    eta = f" ETA {int(left // 60)}:{int(left % 60):02d}"
+            print(f"  {self.description}{frac} {self._status}{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -73,3 +73,16 @@ def test_recipes_lists_and_shows(tmp_path):
     assert "tiny" in p.stdout.split() and "smoke" in p.stdout.split()
     p = lmlab_cmd("recipes", "smoke", cwd=tmp_path, check=True)
     assert "max_steps: 30" in p.stdout and "weight_decay: 0.1" in p.stdout
+
+
+def test_stage_verbs_run_up_to_their_stage_and_share_the_cache(tmp_path):
+    import json
+
+    p = lmlab_cmd("tokenizer", "smoke", "--quiet", cwd=tmp_path, check=True)
+    run = tmp_path / "runs/smoke"
+    assert p.stdout.strip() == str(run.relative_to(tmp_path) / "tokenizer")
+    m = json.loads((run / "manifest.json").read_text())
+    assert list(m["stages"]) == ["data", "tokenizer"] and not (run / "pretrain").exists()
+    lmlab_cmd("pretrain", "smoke", "--quiet", cwd=tmp_path, check=True)
+    m = json.loads((run / "manifest.json").read_text())
+    assert [m["stages"][s]["status"] for s in m["stages"]] == ["cached", "cached", "done"]

@@ -181,3 +181,19 @@ def test_interrupted_training_resumes_to_identical_result(tmp_path):
     assert sha256_file(tmp_path / "runs/broken/pretrain/model/model.safetensors") == sha256_file(
         tmp_path / "runs/reference/pretrain/model/model.safetensors"
     )
+
+
+def test_held_out_modules_never_appear_in_sft_data(smoke_run):
+    def rows(name):
+        text = (smoke_run / f"sft/pairs/{name}.jsonl").read_text()
+        return [json.loads(x) for x in text.splitlines()]
+
+    train, held = rows("train"), rows("heldout")
+    assert train and held
+    train_mods = {r["module"] for r in train}
+    assert not train_mods & {r["module"] for r in held}
+    asked = {
+        json.loads(x)["name"] for x in (smoke_run / "eval/samples.jsonl").read_text().splitlines()
+    }
+    assert asked <= {r["name"] for r in held}
+    assert all(r["question"].startswith("What does `") for r in held)

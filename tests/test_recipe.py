@@ -89,3 +89,10 @@ def test_dumped_recipe_loads_back(tmp_path):
     f = tmp_path / "dump.yaml"
     f.write_text(dump_recipe(load_recipe("smoke")))
     assert load_recipe(str(f)) == load_recipe("smoke")
+
+
+def test_missing_data_path_is_rejected_before_running(tmp_path):
+    with pytest.raises(UsageError, match="data: paths: .*nope.jsonl does not exist"):
+        load_recipe("smoke", [f"data.paths=[{tmp_path / 'nope.jsonl'}]"])
+    with pytest.raises(UsageError, match="paths is empty"):
+        load_recipe("smoke", ["data.source=paths"])

@@ -21,6 +21,7 @@ from lmlab.console import log, progress
 from lmlab.data.document import Document
 from lmlab.data.filters import QualityConfig, normalize, quality_reason
 from lmlab.data.sources import read_path, read_stdlib
+from lmlab.errors import UsageError
 from lmlab.utils import atomic_path, write_json
 
 
@@ -37,6 +38,13 @@ class DataConfig:
     include_topics: bool = True
     max_docs: PosInt | None = None
     val_fraction: Fraction = 0.05
+
+    def __post_init__(self) -> None:
+        if self.source == "paths" and not self.paths:
+            raise UsageError("source is 'paths' but paths is empty")
+        for p in self.paths:
+            if not Path(p).exists():
+                raise UsageError(f"paths: {p} does not exist")
     quality: QualityConfig = field(default_factory=QualityConfig)
 
 

@@ -94,9 +94,8 @@ def _read_yaml(ref: str) -> tuple[dict, str]:
         text = path.read_text(encoding="utf-8")
         where = str(path)
     else:
-        raise UsageError(
-            f"recipe {ref!r}: no such file or built-in recipe (built-in: {', '.join(builtin_recipes())})"
-        )
+        known = ", ".join(builtin_recipes())
+        raise UsageError(f"recipe {ref!r}: no such file or built-in recipe (built-in: {known})")
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -23,6 +23,7 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     pre = _read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
     sft = _read_jsonl(run_dir / "sft" / "metrics.jsonl")
@@ -39,6 +40,8 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
             ax.plot(*zip(*tr, strict=True), label="train", lw=1.2)
         if va:
             ax.plot(*zip(*va, strict=True), "o-", label="validation", lw=1.5, ms=3)
+        if x_key == "tokens":  # 1.2M, not 1200000 (long tick labels overlap)
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_title(title)
         ax.set_xlabel(x_key)
         ax.set_ylabel("cross-entropy (nats/token)")
@@ -102,7 +105,9 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
     if stages:
         rows = [["stage", "status", "seconds"]]
         rows += [
-            [s, r.get("status", ""), _fmt(r.get("seconds", 0.0), 1)] for s, r in stages.items()
+            [s, r.get("status", ""), _fmt(r.get("seconds", 0.0), 1)]
+            for s, r in stages.items()
+            if r.get("status") != "running"  # the report stage itself, while it renders
         ]
         sections.append(("Stage timings", rows))
     summ = stages.get("pretrain", {}).get("summary", {})

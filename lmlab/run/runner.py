@@ -60,11 +60,17 @@ def _inputs(stage: str) -> list[str]:
 
 
 def run_recipe(
-    recipe: Recipe, runs_dir: str | Path = "runs", name: str | None = None, force: str | None = None
+    recipe: Recipe,
+    runs_dir: str | Path = "runs",
+    name: str | None = None,
+    force: str | None = None,
+    until: str = "report",
 ) -> Path:
-    """Run every stage; returns the run directory."""
+    """Run the stages up to and including `until`; returns the run directory."""
     from lmlab.run import stages
 
+    if until not in STAGES:
+        raise UsageError(f"unknown stage {until!r} (stages: {', '.join(STAGES)})")
     if force is not None and force not in STAGES:
         raise UsageError(f"--force {force!r}: not a stage (stages: {', '.join(STAGES)})")
     run = Run(recipe, Path(runs_dir) / (name or recipe.name))
@@ -85,7 +91,7 @@ def run_recipe(
     forced = STAGES[STAGES.index(force) :] if force else []
     outputs: dict[str, dict[str, str]] = {}
     log(f"run [bold]{run.dir}[/bold]")
-    for stage in STAGES:
+    for stage in STAGES[: STAGES.index(until) + 1]:
         fn: Callable[[Run], dict] = getattr(stages, f"stage_{stage}")
         sdir = run.stage_dir(stage)
         inputs = {s: hash_obj(outputs[s]) for s in _inputs(stage)}

@@ -195,11 +195,13 @@ def train(
     t0 = time.monotonic()
     t_log, tok_log = t0, tokens
     val_loss = None
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
     tps = 0.0
     try:
         # the bar counts percent of the budget: steps, tokens or minutes, whichever ends first
-        with progress(name, total=100, unit="%") as bar:
+        with (
+            open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics,
+            progress(name, total=100, unit="%") as bar,
+        ):
             while True:
                 elapsed = elapsed_before + (time.monotonic() - t0)
                 if progress_of(step, elapsed) >= 1.0:
@@ -271,14 +273,11 @@ def train(
                     + (f" val {val_loss:.3f}" if val_loss is not None else ""),
                 )
     except (KeyboardInterrupt, _Stop):
-        metrics.close()
         checkpoint()
         log(f"{name}: interrupted at step {step}; checkpoint saved in {last}. Rerun to resume.")
         raise KeyboardInterrupt from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)
-        if not metrics.closed:
-            metrics.close()
     if val_batches:
         val_loss = evaluate_loss(model, val_batches, cfg.precision)
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
