@@ -197,3 +197,30 @@ def test_held_out_modules_never_appear_in_sft_data(smoke_run):
     }
     assert asked <= {r["name"] for r in held}
     assert all(r["question"].startswith("What does `") for r in held)
+
+
+def test_partial_training_is_not_resumed_after_an_upstream_change(tmp_path):
+    args = [
+        "pretrain",
+        "smoke",
+        "--set",
+        "pretrain.max_steps=300",
+        "--set",
+        "pretrain.checkpoint_every=20",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_step(tmp_path / "runs/smoke/pretrain/last/trainer_state.json", 40, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    # different data, same vocabulary size and training config: the partial run is stale
+    p = lmlab_cmd(*args, "--set", "data.val_fraction=0.2", cwd=tmp_path, check=True)
+    assert "resuming from step" not in p.stderr
+    rows = [
+        json.loads(r)
+        for r in (tmp_path / "runs/smoke/pretrain/metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows[0]["step"] == 1
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps))  # one line per logged step, no leftovers

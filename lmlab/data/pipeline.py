@@ -45,6 +45,7 @@ class DataConfig:
         for p in self.paths:
             if not Path(p).exists():
                 raise UsageError(f"paths: {p} does not exist")
+
     quality: QualityConfig = field(default_factory=QualityConfig)
 
 

@@ -106,10 +106,15 @@ def run_recipe(
             log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
             write_json(manifest_path, manifest)
             continue
-        if stage in forced and sdir.exists():
+        # Partial work (a training checkpoint) is resumed only by an attempt with the same
+        # key: anything left by a forced stage or by different config/inputs is cleared.
+        started = sdir / ".started.json"
+        stale = started.is_file() and read_json(started).get("key") != key
+        if sdir.exists() and (stage in forced or stale or (done and not started.is_file())):
             shutil.rmtree(sdir)
         marker.unlink(missing_ok=True)
         sdir.mkdir(parents=True, exist_ok=True)
+        write_json(started, {"key": key})
         log(f"[bold cyan]{stage}[/bold cyan] …")
         t0 = time.monotonic()
         manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
