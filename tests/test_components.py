@@ -155,3 +155,43 @@ def test_model_config_validation():
     c = ModelConfig(vocab_size=1000)
     assert c.padded_vocab_size == 1024
     assert sum(p.numel() for p in Transformer(c).parameters()) == c.num_params()
+
+
+def test_resume_survives_a_kill_between_checkpoint_renames(tmp_path, tok):
+    """save_checkpoint moves the old `last/` aside before renaming the new one in; a kill
+    between the two leaves only `.last.old`, which the next run must resume from."""
+    torch.manual_seed(0)
+    cfg_m = ModelConfig(
+        vocab_size=tok.get_vocab_size(), n_layers=1, d_model=32, n_heads=2, max_seq_len=32
+    )
+    seq = torch.tensor([tok.encode(TEXTS[0]).ids[:17]])
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok/tokenizer.json"))
+    cfg = TrainConfig(
+        batch_size=1,
+        seq_len=16,
+        warmup_steps=1,
+        max_steps=10,
+        eval_every=100,
+        log_every=1,
+        checkpoint_every=5,
+        precision="fp32",
+    )
+    out = tmp_path / "out"
+    train(
+        Transformer(cfg_m), lambda _: (seq[:, :-1], seq[:, 1:]), [], cfg, out, tmp_path / "tok", "k"
+    )
+    (out / "last").rename(out / ".last.old")
+    (out / "model").rename(out / "first_model")
+    cfg.max_steps = 12
+    asked = []
+
+    def batch(i):
+        asked.append(i)
+        return seq[:, :-1], seq[:, 1:]
+
+    summary = train(Transformer(cfg_m), batch, [], cfg, out, tmp_path / "tok", "k")
+    assert asked == [10, 11]  # resumed from the step-10 checkpoint, not from scratch
+    assert summary["steps"] == 12 and not (out / ".last.old").exists()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))

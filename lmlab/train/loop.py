@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -131,7 +133,7 @@ def evaluate_loss(model: Transformer, batches: list[Batch], precision: str) -> f
 
 
 class _Stop(Exception):
-    """Raised by the SIGTERM handler so a `kill` checkpoints like Ctrl-C does."""
+    """Raised at a step boundary after Ctrl-C or SIGTERM asked training to stop."""
 
 
 def train(
@@ -156,6 +158,9 @@ def train(
     step, tokens, elapsed_before = 0, 0, 0.0
     warmup_progress: float | None = None
     last = out / "last"
+    previous = out / ".last.old"  # a kill between save_checkpoint's two renames leaves this
+    if not last.exists() and (previous / "trainer_state.json").is_file():
+        os.replace(previous, last)
     if (last / "trainer_state.json").is_file():
         state = read_json(last / "trainer_state.json")
         if state.get("key") == key:
@@ -185,12 +190,19 @@ def train(
         }
         save_checkpoint(model, last, tokenizer_dir, write_extra=lambda d: _write_state(d, opt, st))
 
-    old_handler = signal.getsignal(signal.SIGTERM)
+    # Ctrl-C / SIGTERM only raise a flag; the loop stops at the next step boundary, so
+    # the checkpoint never holds a half-applied step. A second signal stops at once.
+    stop_requested = False
 
-    def on_term(signum, frame):
-        raise _Stop()
+    def on_signal(signum, frame):
+        nonlocal stop_requested
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested = True
 
-    signal.signal(signal.SIGTERM, on_term)
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled} if in_main else {}
     model.train()
     t0 = time.monotonic()
     t_log, tok_log = t0, tokens
@@ -266,18 +278,24 @@ def train(
                     metrics.flush()
                 if step % cfg.checkpoint_every == 0:
                     checkpoint()
+                if stop_requested:
+                    raise _Stop()
                 done = progress_of(step, elapsed_before + time.monotonic() - t0)
                 bar.update(
                     completed=min(100.0, 100 * done),
                     status=f"step {step} loss {train_loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
                     + (f" val {val_loss:.3f}" if val_loss is not None else ""),
                 )
-    except (KeyboardInterrupt, _Stop):
+    except _Stop:
         checkpoint()
         log(f"{name}: interrupted at step {step}; checkpoint saved in {last}. Rerun to resume.")
         raise KeyboardInterrupt from None
+    except KeyboardInterrupt:
+        log(f"{name}: stopped at once; rerun to resume from the last periodic checkpoint.")
+        raise
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     if val_batches:
         val_loss = evaluate_loss(model, val_batches, cfg.precision)
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
