@@ -116,19 +116,24 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lrs[100] == pytest.approx(0.1)
 
 
-def test_train_loop_fits_a_repeated_sequence(tmp_path, tok):
+def _tiny_setup(tmp_path, tok):
+    """A 1-layer model config, one 17-token sequence, and the tokenizer saved to disk."""
     torch.manual_seed(0)
     cfg_m = ModelConfig(
         vocab_size=tok.get_vocab_size(), n_layers=1, d_model=32, n_heads=2, max_seq_len=32
     )
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok/tokenizer.json"))
+    return cfg_m, torch.tensor([tok.encode(TEXTS[0]).ids[:17]])
+
+
+def test_train_loop_fits_a_repeated_sequence(tmp_path, tok):
+    cfg_m, seq = _tiny_setup(tmp_path, tok)
     model = Transformer(cfg_m)
-    seq = torch.tensor([tok.encode(TEXTS[0]).ids[:17]])
 
     def batch(_step):
         return seq[:, :-1], seq[:, 1:]
 
-    (tmp_path / "tok").mkdir()
-    tok.save(str(tmp_path / "tok/tokenizer.json"))
     cfg = TrainConfig(
         batch_size=1,
         seq_len=16,
@@ -160,13 +165,7 @@ def test_model_config_validation():
 def test_resume_survives_a_kill_between_checkpoint_renames(tmp_path, tok):
     """save_checkpoint moves the old `last/` aside before renaming the new one in; a kill
     between the two leaves only `.last.old`, which the next run must resume from."""
-    torch.manual_seed(0)
-    cfg_m = ModelConfig(
-        vocab_size=tok.get_vocab_size(), n_layers=1, d_model=32, n_heads=2, max_seq_len=32
-    )
-    seq = torch.tensor([tok.encode(TEXTS[0]).ids[:17]])
-    (tmp_path / "tok").mkdir()
-    tok.save(str(tmp_path / "tok/tokenizer.json"))
+    cfg_m, seq = _tiny_setup(tmp_path, tok)
     cfg = TrainConfig(
         batch_size=1,
         seq_len=16,
