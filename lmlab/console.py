@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,7 +37,8 @@ def log(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}")
+    # escaped: messages quote user data ("[x]" is not markup); soft_wrap keeps file:line whole
+    console.print(f"[yellow]warning:[/yellow] {escape(msg)}", soft_wrap=True)
 
 
 @contextmanager

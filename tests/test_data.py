@@ -1,7 +1,7 @@
 import json
 
-from lmlab.data.filters import QualityConfig, normalize, quality_reason
-from lmlab.data.pipeline import DataConfig, prepare, split_of
+from lmlab.data.filters import normalize
+from lmlab.data.pipeline import load_config, prepare, split_of
 from lmlab.data.sources import module_name, read_stdlib
 
 
@@ -13,17 +13,6 @@ def test_normalize_unifies_newlines_trailing_space_and_nfc():
     assert normalize("a  \r\nb\t\r\n\n\n\n\nc") == "a\nb\n\n\nc\n"
     assert normalize("cafe\u0301") == "caf\u00e9\n"
     assert normalize("  \n \n") == ""
-
-
-def test_quality_rules_each_fire_with_their_reason():
-    cfg = QualityConfig(min_words=10)
-    assert quality_reason(_words(50), cfg) is None
-    assert quality_reason("few words here", cfg) == "gopher_min_words"
-    assert quality_reason(" ".join(["x" * 30] * 20), cfg) == "gopher_mean_word_length"
-    assert quality_reason(" ".join(["# # word"] * 20), cfg) == "gopher_symbol_ratio"
-    assert quality_reason(" ".join(["12 34 56 ab"] * 10), cfg) == "gopher_alpha_words"
-    dup = "\n".join(["the same line is here"] * 10 + ["a different line of text"])
-    assert quality_reason(dup, cfg) == "gopher_duplicate_lines"
 
 
 def test_stdlib_corpus_has_modules_and_topics():
@@ -43,7 +32,7 @@ def test_split_is_deterministic_by_id():
     assert 300 < vals < 500
 
 
-def test_prepare_writes_documents_removed_and_stats(tmp_path):
+def test_prepare_writes_documents_removed_and_stats_and_counts_bad_lines(tmp_path):
     src = tmp_path / "in.jsonl"
     good = _words(80)
     rows = [
@@ -53,8 +42,14 @@ def test_prepare_writes_documents_removed_and_stats(tmp_path):
         {"id": "d", "text": _words(90, "beta")},
     ]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    cfg = DataConfig(
-        source="paths", paths=[str(src)], val_fraction=0.0, quality=QualityConfig(min_words=20)
+    cfg = load_config(
+        {
+            "sources": [{"name": "in", "paths": [str(src)]}],
+            "steps": [{"gopher_quality": {"min_doc_words": 20}}, "dedup_exact"],
+            "profile": "code",
+            "workers": 1,
+        },
+        "test",
     )
     stats = prepare(cfg, tmp_path / "out")
     kept = [
@@ -65,10 +60,10 @@ def test_prepare_writes_documents_removed_and_stats(tmp_path):
         json.loads(x) for x in (tmp_path / "out/removed/removed.jsonl").read_text().splitlines()
     ]
     assert {d["id"]: d["metadata"]["reason"] for d in removed} == {
-        "b": "dedup:exact",
-        "c": "quality:gopher_min_words",
+        "b": "dedup_exact:duplicate",
+        "c": "gopher_quality:min_words",
     }
-    assert stats["quality"] == {"gopher_min_words": 1}
-    assert stats["dedup_exact"]["duplicates"] == 1
+    assert stats["read"]["skipped"] == {"malformed_json": 1}
+    assert stats["read"]["examples"]["malformed_json"] == [f"{src}:5"]
     on_disk = json.loads((tmp_path / "out/stats.json").read_text())
     assert on_disk["kept"]["train"]["documents"] == 2

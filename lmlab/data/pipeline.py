@@ -1,59 +1,377 @@
-"""The data stage as one streaming pass: read → normalize → rules → exact dedup → split.
+"""The data pipeline of Zhao et al. Fig. 3, as three resumable phases over tasks.
 
-Output (DESIGN.md): `documents/train.jsonl` and `documents/val.jsonl` (`id`, `text`,
-`metadata`), every removed document in `removed/removed.jsonl` with `metadata.reason`,
-and `stats.json` with counts per step and rule.
+quality filtering → de-duplication → privacy reduction → tokenization. Inputs are split
+into tasks (one per input file); the executor runs tasks in parallel and a relaunch
+redoes only unfinished ones.
+
+1. **filter** (per task): read → normalize → the local steps before de-duplication;
+   survivors are written to the work folder together with compact de-duplication
+   signatures (exact hashes, span hashes, MinHash band keys, perplexity scores).
+2. **dedup** (once, global): decides from the signatures alone which documents are
+   duplicates, which spans repeat, and the perplexity percentile cut-off.
+3. **apply** (per task): applies those decisions, runs the local steps after
+   de-duplication (PII, decontamination), and splits train/val by a hash of the id.
+
+Then the outputs are merged in task order: `documents/{train,val}.jsonl`,
+`removed/removed.jsonl` (every drop with `metadata.reason` = `step:rule`), `stats.json`,
+the data card, and token shards when a tokenizer is given. Every intermediate file is
+written atomically and followed by a completion marker, so the output of a run that
+was killed and relaunched is byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from lmlab.config import STRICT, Fraction, PosInt
-from lmlab.console import log, progress
+import numpy as np
+from pydantic import TypeAdapter, ValidationError
+
+from lmlab.config import STRICT, Fraction, PosFloat, PosInt
+from lmlab.console import log
+from lmlab.data import dedup, perplexity
 from lmlab.data.document import Document
-from lmlab.data.filters import QualityConfig, normalize, quality_reason
-from lmlab.data.sources import read_path, read_stdlib
+from lmlab.data.executor import default_workers, is_done, mark_done, run_tasks
+from lmlab.data.filters import normalize
+from lmlab.data.sources import ReadStats, SourceConfig, list_tasks, read_task
+from lmlab.data.steps import REGISTRY, Step, StepStats, dump_steps, parse_steps
 from lmlab.errors import UsageError
-from lmlab.utils import atomic_path, write_json
+from lmlab.utils import atomic_path, hash_obj, read_json, write_json
+
+DEFAULT_STEPS: dict[str, list[Any]] = {
+    "web": [
+        "html_to_text",
+        "language",
+        "gopher_repetition",
+        "gopher_quality",
+        "c4",
+        "fineweb",
+        "blocklist",
+        "dedup_exact",
+        "minhash",
+        "pii",
+    ],
+    "code": ["gopher_repetition", "gopher_quality", "dedup_exact", "minhash", "pii"],
+}
 
 
 @dataclass
-class DataConfig:
-    """Where documents come from and which rules they must pass."""
+class NamedSource(SourceConfig):
+    """One input of a mixture: where to read, its name, and its sampling weight.
+
+    weight < 1 keeps that share of the source's documents (chosen by a hash of the id,
+    so the same ones every run); weight > 1 repeats the source in the token shards
+    (2.5 = every document twice, half of them a third time).
+    """
+
+    name: str = "input"
+    weight: PosFloat = 1.0
+
+
+@dataclass
+class PipelineConfig:
+    """Everything `lmlab data prepare` and the recipe's `data` stage accept."""
 
     __pydantic_config__ = STRICT
 
-    source: Literal["stdlib", "paths"] = "stdlib"  # "paths" reads only `paths`
-    paths: list[str] = field(default_factory=list)  # extra .jsonl/.txt files or directories
-    text_field: str = "text"
-    include_tests: bool = False
-    include_topics: bool = True
-    max_docs: PosInt | None = None
-    val_fraction: Fraction = 0.05
+    sources: list[NamedSource] = field(
+        default_factory=lambda: [NamedSource(name="stdlib", paths=["stdlib"], format="stdlib")]
+    )
+    profile: Literal["web", "code"] = "web"
+    steps: list[Any] | None = None  # None = the profile's default steps
+    val_fraction: Fraction = 0.0
+    schedule: list[str] | None = None  # curriculum: source names in the order training sees them
+    workers: PosInt | None = None
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    keep_work: bool = False
 
     def __post_init__(self) -> None:
-        if self.source == "paths" and not self.paths:
-            raise UsageError("source is 'paths' but paths is empty")
-        for p in self.paths:
-            if not Path(p).exists():
-                raise UsageError(f"paths: {p} does not exist")
+        names = [s.name for s in self.sources]
+        if not names:
+            raise UsageError("sources: give at least one source")
+        dup = [n for n, c in Counter(names).items() if c > 1]
+        if dup:
+            raise UsageError(f"sources: name {dup[0]!r} is used twice; give each source a name")
+        for n in self.schedule or []:
+            if n not in names:
+                raise UsageError(f"schedule: {n!r} is not a source name (sources: {names})")
 
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    def parsed_steps(self) -> list[Step]:
+        items = DEFAULT_STEPS[self.profile] if self.steps is None else self.steps
+        return parse_steps(items, self.profile)
 
 
-def read_source(cfg: DataConfig) -> Iterator[Document]:
-    if cfg.source == "stdlib":
-        yield from read_stdlib(cfg.include_tests, cfg.include_topics)
-    for p in cfg.paths:
-        yield from read_path(p, cfg.text_field)
+def load_config(data: dict, where: str) -> PipelineConfig:
+    """Validate a config mapping; errors become one line naming the key and `where`."""
+    try:
+        cfg = TypeAdapter(PipelineConfig).validate_python(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
+    try:
+        cfg.parsed_steps()
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    return cfg
+
+
+# --- the three phases ---------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What a worker needs for one task (picklable, so it can travel to Ray or a pool)."""
+
+    index: int
+    source: int
+    task: Any
+    config: PipelineConfig
+    work: Path
+    key: str
+    resources: dict
+
+
+def _sampled(doc_id: str, share: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < share
+
+
+def _run_local(
+    steps: list[tuple[Step, Any]], doc: Document, stats: list[StepStats]
+) -> Document | str:
+    for (step, apply), st in zip(steps, stats, strict=True):
+        t0 = time.perf_counter()
+        st.docs_in += 1
+        st.chars_in += len(doc.text)
+        res = apply(doc, st)
+        st.seconds += time.perf_counter() - t0
+        if isinstance(res, str):
+            st.dropped[res] += 1
+            return f"{step.name}:{res}"
+        doc = res
+        st.docs_out += 1
+        st.chars_out += len(doc.text)
+    return doc
+
+
+def _split_steps(steps: list[Step]) -> tuple[list[Step], list[Step], list[Step]]:
+    kinds = [REGISTRY[s.name].kind for s in steps]
+    if "global" not in kinds:
+        return steps, [], []
+    first = kinds.index("global")
+    last = len(kinds) - 1 - kinds[::-1].index("global")
+    return steps[:first], steps[first : last + 1], steps[last + 1 :]
+
+
+def _global_steps(steps: list[Step]) -> list[Step]:
+    """The global block, plus the perplexity step when it cuts at a corpus percentile."""
+    _, glob, _ = _split_steps(steps)
+    ppl = [s for s in steps if s.name == "perplexity" and s.config.keep_percentile is not None]
+    return glob + ppl
+
+
+def _make(steps: list[Step], resources: dict) -> list[tuple[Step, Any]]:
+    return [(s, REGISTRY[s.name].make(s.config, resources)) for s in steps]
+
+
+def _writer(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", encoding="utf-8")
+
+
+def _dump(f, doc: Document) -> None:
+    f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
+
+
+def _drop(doc: Document, reason: str) -> Document:
+    return Document(doc.id, doc.text, {**doc.metadata, "reason": reason})
+
+
+LENGTH_BINS = np.logspace(1, 8, 29)  # 10 chars … 100 MB, 4 bins per decade
+
+
+def _length_hist(lengths: list[int]) -> list[int]:
+    return np.histogram(np.asarray(lengths or [1]), bins=LENGTH_BINS)[0].tolist() if lengths else []
+
+
+def phase_filter(job: Job) -> dict:
+    """Phase 1 for one task: read, normalize, pre-dedup steps, signatures."""
+    if is_done(job.work, "filter", job.index, job.key):
+        return read_json(job.work / "filter" / f"{job.index:05d}.stats.json")
+    cfg = job.config
+    src = cfg.sources[job.source]
+    pre, glob, _ = _split_steps(cfg.parsed_steps())
+    local = _make(pre, job.resources)
+    step_stats = [StepStats(s.name) for s in pre]
+    norm = StepStats("normalize")
+    read = ReadStats()
+    sampled_out = 0
+    sig: dict[str, list] = {"ids": [], "exact": [], "bands": [], "span_hash": [], "span_doc": []}
+    sig["ppl"] = []
+    gnames = {s.name: s.config for s in glob}
+    lengths_in: list[int] = []
+    base = job.work / "filter" / f"{job.index:05d}"
+    with (
+        atomic_path(base.with_suffix(".jsonl")) as kept_tmp,
+        atomic_path(base.with_suffix(".removed.jsonl")) as rem_tmp,
+        _writer(kept_tmp) as kept_f,
+        _writer(rem_tmp) as rem_f,
+    ):
+        for doc in read_task(job.task, src, read):
+            doc.metadata["source"] = src.name
+            if src.weight < 1 and not _sampled(doc.id, src.weight):
+                sampled_out += 1
+                continue
+            lengths_in.append(len(doc.text))
+            t0 = time.perf_counter()
+            norm.docs_in += 1
+            norm.chars_in += len(doc.text)
+            doc.text = normalize(doc.text)
+            norm.seconds += time.perf_counter() - t0
+            if not doc.text:
+                norm.dropped["empty"] += 1
+                _dump(rem_f, _drop(doc, "normalize:empty"))
+                continue
+            norm.docs_out += 1
+            norm.chars_out += len(doc.text)
+            res = _run_local(local, doc, step_stats)
+            if isinstance(res, str):
+                _dump(rem_f, _drop(doc, res))
+                continue
+            local_i = len(sig["ids"])
+            sig["ids"].append(doc.id)
+            if "dedup_exact" in gnames:
+                sig["exact"].append(dedup.exact_hash(doc.text))
+            if "minhash" in gnames:
+                m = gnames["minhash"]
+                sig["bands"].append(dedup.band_keys(dedup.minhash_signature(doc.text, m), m))
+            if "dedup_spans" in gnames:
+                h = dedup.span_hashes(doc.text, gnames["dedup_spans"])
+                sig["span_hash"].append(h)
+                sig["span_doc"].append(np.full(len(h), local_i, dtype=np.int64))
+            sig["ppl"].append(doc.metadata.get("perplexity", np.nan))
+            _dump(kept_f, doc)
+    _save_signatures(base.with_suffix(".sig.npz"), sig, gnames)
+    stats = {
+        "task": job.index,
+        "source": src.name,
+        "input": str(job.task),
+        "read": read.to_dict(),
+        "sampled_out": sampled_out,
+        "kept": len(sig["ids"]),
+        "length_hist": _length_hist(lengths_in),
+        "steps": [norm.to_dict()] + [s.to_dict() for s in step_stats],
+    }
+    write_json(base.with_suffix(".stats.json"), stats)
+    mark_done(job.work, "filter", job.index, job.key)
+    return stats
+
+
+def _save_signatures(path: Path, sig: dict, gnames: dict) -> None:
+    n = len(sig["ids"])
+    arrays: dict[str, np.ndarray] = {
+        "ids": np.asarray(sig["ids"], dtype=object).astype(str) if n else np.zeros(0, "U1"),
+        "ppl": np.asarray(sig["ppl"], dtype=np.float64),
+        "exact": np.asarray(sig["exact"], dtype=np.uint64),
+    }
+    if "minhash" in gnames:
+        b = gnames["minhash"].bands
+        arrays["bands"] = (
+            np.stack(sig["bands"]).astype(np.uint64) if n else np.zeros((0, b), np.uint64)
+        )
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    arrays["span_hash"] = cat(sig["span_hash"], np.uint64)
+    arrays["span_doc"] = cat(sig["span_doc"], np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# Drop codes of the global phase, stored as one int8 per document.
+_CODES = {1: "dedup_exact:duplicate", 2: "minhash:near_duplicate", 3: "perplexity:above_percentile"}
+
+
+def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
+    """Phase 2: global decisions from the signatures of every task, written per task."""
+    out = work / "dedup"
+    if is_done(work, "dedup", 0, key):
+        return read_json(out / "stats.json")
+    t0 = time.perf_counter()
+    sigs = [dict(np.load(work / "filter" / f"{i:05d}.sig.npz")) for i in range(n_tasks)]
+    counts = [len(s["ppl"]) for s in sigs]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(offsets[-1])
+    code = np.zeros(n, dtype=np.int8)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    stats: dict[str, Any] = {"documents": n, "steps": []}
+    span_docs = np.zeros(0, dtype=np.int64)
+    span_hashes = np.zeros(0, dtype=np.uint64)
+    for step in steps:
+        alive = np.flatnonzero(code == 0)
+        st = StepStats(step.name, docs_in=len(alive))
+        t1 = time.perf_counter()
+        if step.name == "dedup_exact":
+            hashes = np.concatenate([s["exact"] for s in sigs])
+            drop, first = dedup.exact_duplicates(hashes[alive], alive)
+            code[drop] = 1
+            dup_of[drop] = first
+            st.dropped["duplicate"] = len(drop)
+        elif step.name == "minhash":
+            bands = np.concatenate([s["bands"] for s in sigs])
+            roots, info = dedup.near_duplicate_clusters(bands[alive], step.config)
+            is_member = roots != np.arange(len(alive))
+            members = alive[is_member]
+            code[members] = 2
+            dup_of[members] = alive[roots[is_member]]
+            st.dropped["near_duplicate"] = len(members)
+            stats["minhash"] = {"threshold": step.config.threshold, **info}
+        elif step.name == "dedup_spans":
+            hashes = np.concatenate([s["span_hash"] for s in sigs])
+            docs = np.concatenate([s["span_doc"] + offsets[i] for i, s in enumerate(sigs)])
+            keep = code[docs] == 0 if len(docs) else np.zeros(0, bool)
+            span_docs, span_hashes = dedup.repeated_spans(hashes[keep], docs[keep])
+            st.modified = len(np.unique(span_docs))
+            st.extra["spans_removed"] = len(span_docs)
+        elif step.name == "perplexity":  # the percentile cut-off needs every score
+            ppl = np.concatenate([s["ppl"] for s in sigs])
+            cutoff = float(perplexity.percentile_cutoff(ppl[alive], step.config.keep_percentile))
+            over = alive[ppl[alive] > cutoff]
+            code[over] = 3
+            st.dropped["above_percentile"] = len(over)
+            st.extra["cutoff"] = cutoff
+        st.docs_out = int((code == 0).sum())
+        st.seconds = time.perf_counter() - t1
+        stats["steps"].append(st.to_dict())
+    for i in range(n_tasks):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        target = dup_of[lo:hi]
+        names = np.full(hi - lo, "", dtype=object)
+        for j in np.unique(np.searchsorted(offsets, target[target >= 0], side="right") - 1):
+            sel = (target >= offsets[j]) & (target < offsets[j + 1])
+            names[sel] = sigs[j]["ids"][target[sel] - offsets[j]]
+        in_task = (span_docs >= lo) & (span_docs < hi)
+        with atomic_path(out / f"{i:05d}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                code=code[lo:hi],
+                dup_of=names.astype(str),
+                span_doc=span_docs[in_task] - lo,
+                span_hash=span_hashes[in_task],
+            )
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(out / "stats.json", stats)
+    mark_done(work, "dedup", 0, key)
+    return stats
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
@@ -62,77 +380,251 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Run the pipeline and write its outputs under `out_dir`; returns the stats dict."""
-    out = Path(out_dir)
-    start = time.monotonic()
-    stats: dict = {
-        "read": {"documents": 0, "chars": 0},
-        "normalize": {"empty": 0, "chars_removed": 0},
-        "quality": Counter(),
-        "dedup_exact": {"duplicates": 0},
-        "kept": {"train": {"documents": 0, "chars": 0}, "val": {"documents": 0, "chars": 0}},
-    }
-    seen: set[bytes] = set()
-    counts = {"train": 0, "val": 0, "removed": 0}
-    docs_dir = out / "documents"
+def phase_apply(job: Job) -> dict:
+    """Phase 3 for one task: apply global decisions, post-dedup steps, split."""
+    if is_done(job.work, "apply", job.index, job.key):
+        return read_json(job.work / "apply" / f"{job.index:05d}.stats.json")
+    cfg = job.config
+    _, glob, post = _split_steps(cfg.parsed_steps())
+    local = _make(post, job.resources)
+    step_stats = [StepStats(s.name) for s in post]
+    span_cfg = next((s.config for s in glob if s.name == "dedup_spans"), None)
+    dec = None
+    if _global_steps(cfg.parsed_steps()):
+        dec = dict(np.load(job.work / "dedup" / f"{job.index:05d}.npz"))
+    spans: dict[int, np.ndarray] = {}
+    if dec is not None:
+        for d in np.unique(dec["span_doc"]):
+            spans[int(d)] = dec["span_hash"][dec["span_doc"] == d]
+    src = job.work / "filter" / f"{job.index:05d}.jsonl"
+    base = job.work / "apply" / f"{job.index:05d}"
+    split_counts: Counter = Counter()
+    split_chars: Counter = Counter()
+    lengths: list[int] = []
+    ppl_values: list[float] = []
+    lang_scores: list[float] = []
+    dedup_extra = StepStats("dedup_apply")
     with (
-        atomic_path(docs_dir / "train.jsonl") as t_path,
-        atomic_path(docs_dir / "val.jsonl") as v_path,
-        atomic_path(out / "removed" / "removed.jsonl") as r_path,
-        open(t_path, "w", encoding="utf-8") as f_train,
-        open(v_path, "w", encoding="utf-8") as f_val,
-        open(r_path, "w", encoding="utf-8") as f_removed,
-        progress("data", total=None, unit="docs") as bar,
+        atomic_path(base.with_suffix(".train.jsonl")) as tr,
+        atomic_path(base.with_suffix(".val.jsonl")) as va,
+        atomic_path(base.with_suffix(".removed.jsonl")) as rm,
+        _writer(tr) as f_tr,
+        _writer(va) as f_va,
+        _writer(rm) as f_rm,
     ):
-        sinks = {"train": f_train, "val": f_val, "removed": f_removed}
+        sinks = {"train": f_tr, "val": f_va}
+        with open(src, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                doc = Document.from_json(json.loads(line))
+                if dec is not None and dec["code"][i]:
+                    d = _drop(doc, _CODES[int(dec["code"][i])])
+                    if dec["dup_of"][i]:
+                        d.metadata["duplicate_of"] = str(dec["dup_of"][i])
+                    _dump(f_rm, d)
+                    continue
+                if span_cfg is not None and i in spans:
+                    text = dedup.remove_spans(doc.text, span_cfg, spans[i])
+                    if not text.strip():
+                        _dump(f_rm, _drop(doc, "dedup_spans:empty"))
+                        dedup_extra.dropped["empty"] += 1
+                        continue
+                    dedup_extra.modified += 1
+                    dedup_extra.chars_in += len(doc.text)
+                    dedup_extra.chars_out += len(text)
+                    doc.text = text
+                res = _run_local(local, doc, step_stats)
+                if isinstance(res, str):
+                    _dump(f_rm, _drop(doc, res))
+                    continue
+                split = split_of(doc.id, cfg.val_fraction)
+                _dump(sinks[split], res)
+                split_counts[split] += 1
+                split_chars[split] += len(res.text)
+                lengths.append(len(res.text))
+                if "perplexity" in res.metadata:
+                    ppl_values.append(res.metadata["perplexity"])
+                if "language_score" in res.metadata:
+                    lang_scores.append(res.metadata["language_score"])
+    stats = {
+        "task": job.index,
+        "steps": [s.to_dict() for s in step_stats],
+        "span_removal": dedup_extra.to_dict(),
+        "kept": {s: {"documents": split_counts[s], "chars": split_chars[s]} for s in sinks},
+        "length_hist": _length_hist(lengths),
+        "perplexity": ppl_values,
+        "language_score": lang_scores,
+    }
+    write_json(base.with_suffix(".stats.json"), stats)
+    mark_done(job.work, "apply", job.index, job.key)
+    return stats
 
-        def emit(kind: str, doc: Document) -> None:
-            sinks[kind].write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
-            counts[kind] += 1
 
-        for doc in read_source(cfg):
-            if cfg.max_docs is not None and stats["read"]["documents"] >= cfg.max_docs:
-                break
-            stats["read"]["documents"] += 1
-            stats["read"]["chars"] += len(doc.text)
-            bar.update(advance=1, status=f"kept {counts['train'] + counts['val']}")
-            text = normalize(doc.text)
-            stats["normalize"]["chars_removed"] += len(doc.text) - len(text)
-            if not text:
-                stats["normalize"]["empty"] += 1
-                emit("removed", _removed(doc, "normalize:empty"))
-                continue
-            doc.text = text
-            reason = quality_reason(text, cfg.quality)
-            if reason:
-                stats["quality"][reason] += 1
-                emit("removed", _removed(doc, f"quality:{reason}"))
-                continue
-            digest = hashlib.sha1(text.encode()).digest()
-            if digest in seen:
-                stats["dedup_exact"]["duplicates"] += 1
-                emit("removed", _removed(doc, "dedup:exact"))
-                continue
-            seen.add(digest)
-            split = split_of(doc.id, cfg.val_fraction)
-            stats["kept"][split]["documents"] += 1
-            stats["kept"][split]["chars"] += len(text)
-            emit(split, doc)
-    stats["quality"] = dict(stats["quality"])
-    stats["config"] = asdict(cfg)
+def input_fingerprint(tasks: list[tuple[int, Any]]) -> list:
+    """Paths with size and mtime: a changed input invalidates finished tasks."""
+    out = []
+    for src, t in tasks:
+        p = Path(t.source_path)
+        st = p.stat() if p.exists() else None
+        out.append([src, str(t), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return out
+
+
+def prepare(
+    cfg: PipelineConfig,
+    out_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    card: bool = True,
+) -> dict:
+    """Run the whole pipeline into `out_dir`; returns the merged stats."""
+    from lmlab.data.card import write_card
+    from lmlab.data.mixture import write_token_shards
+
+    out = Path(out_dir)
+    work = out / "work"
+    start = time.monotonic()
+    steps = cfg.parsed_steps()
+    tasks = [(i, t) for i, s in enumerate(cfg.sources) for t in list_tasks(s)]
+    if not tasks:
+        raise UsageError("no input files found in the sources' paths")
+    resolved = dataclasses.asdict(cfg)
+    resolved["steps"] = dump_steps(steps)
+    key = hash_obj({"config": resolved, "inputs": input_fingerprint(tasks)})
+    if work.exists():
+        try:
+            old = read_json(work / "key.json")["key"]
+        except (OSError, ValueError, KeyError):
+            old = None
+        if old != key:
+            shutil.rmtree(work)  # a different pipeline or changed inputs: start over
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "config.json", dataclasses.asdict(cfg))
+    write_json(work / "key.json", {"key": key})
+    resources: dict = {}
+    for s in steps:
+        if REGISTRY[s.name].setup is not None:
+            resources.update(REGISTRY[s.name].setup(s.config, work))
+    workers = cfg.workers or default_workers()
+    jobs = [Job(i, si, t, cfg, work, key, resources) for i, (si, t) in enumerate(tasks)]
+    log(f"data: {len(tasks)} tasks from {len(cfg.sources)} source(s), {workers} worker(s)")
+    run = dict(workers=workers, executor=cfg.executor, ray_address=cfg.ray_address)
+    filt = run_tasks(phase_filter, jobs, desc="filter", **run)
+    glob = _global_steps(steps)
+    dstats = phase_dedup(work, len(jobs), glob, key) if glob else {"steps": []}
+    app = run_tasks(phase_apply, jobs, desc="dedup+privacy", **run)
+    stats = _merge(cfg, filt, dstats, app, steps)
+    _merge_files(work, out, len(jobs))
+    if tokenizer is not None:
+        stats["tokens"] = write_token_shards(out / "documents", tokenizer, out / "tokens", cfg)
     stats["seconds"] = round(time.monotonic() - start, 2)
+    stats["config"] = resolved
     write_json(out / "stats.json", stats)
-    kept = counts["train"] + counts["val"]
+    if card:
+        write_card(out, stats)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    k = stats["kept"]
     log(
-        f"data: read {stats['read']['documents']} documents, kept {kept} "
-        f"({counts['train']} train / {counts['val']} val), removed {counts['removed']}"
+        f"data: read {stats['read']['documents']} documents, kept "
+        f"{k['train']['documents'] + k['val']['documents']} ({k['train']['documents']} train / "
+        f"{k['val']['documents']} val), removed {stats['removed']}"
     )
     return stats
 
 
-def _removed(doc: Document, reason: str) -> Document:
-    return Document(doc.id, doc.text, {**doc.metadata, "reason": reason})
+def _merge(
+    cfg: PipelineConfig, filt: list[dict], dstats: dict, app: list[dict], steps: list[Step]
+) -> dict:
+    pre, glob, post = _split_steps(steps)
+    read = ReadStats()
+    per_step: dict[str, StepStats] = {}
+    sources: dict[str, Counter] = {s.name: Counter() for s in cfg.sources}
+    length_in = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
+    length_out = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
+    for f in filt:
+        read.merge(ReadStats.from_dict(f["read"]))
+        for sd in f["steps"]:
+            per_step.setdefault(sd["name"], StepStats(sd["name"])).merge(StepStats.from_dict(sd))
+        sources[f["source"]]["tasks"] += 1
+        sources[f["source"]]["read"] += f["read"]["documents"]
+        sources[f["source"]]["sampled_out"] += f["sampled_out"]
+        if f["length_hist"]:
+            length_in += np.asarray(f["length_hist"])
+    for sd in dstats.get("steps", []):
+        if sd["name"] in per_step:  # the perplexity percentile: a second cut of a local step
+            st = per_step[sd["name"]]
+            st.dropped.update(sd["dropped"])
+            st.extra.update(sd["extra"])
+            st.docs_out -= sum(sd["dropped"].values())
+        else:
+            per_step[sd["name"]] = StepStats.from_dict(sd)
+    kept = {"train": {"documents": 0, "chars": 0}, "val": {"documents": 0, "chars": 0}}
+    ppl: list[float] = []
+    lang_scores: list[float] = []
+    span = StepStats("dedup_spans")
+    for a, f in zip(app, filt, strict=True):
+        for sd in a["steps"]:
+            per_step.setdefault(sd["name"], StepStats(sd["name"])).merge(StepStats.from_dict(sd))
+        span.merge(StepStats.from_dict(a["span_removal"]))
+        for s in ("train", "val"):
+            kept[s]["documents"] += a["kept"][s]["documents"]
+            kept[s]["chars"] += a["kept"][s]["chars"]
+            sources[f["source"]][f"{s}_documents"] += a["kept"][s]["documents"]
+            sources[f["source"]][f"{s}_chars"] += a["kept"][s]["chars"]
+        if a["length_hist"]:
+            length_out += np.asarray(a["length_hist"])
+        ppl.extend(a["perplexity"])
+        lang_scores.extend(a["language_score"])
+    if "dedup_spans" in per_step:
+        st = per_step["dedup_spans"]
+        st.dropped.update(span.dropped)
+        st.chars_in, st.chars_out = span.chars_in, span.chars_out
+    order = ["normalize"] + [s.name for s in pre + glob + post]
+    step_list = [per_step[n].to_dict() for n in order if n in per_step]
+    removed = sum(sum(sd["dropped"].values()) for sd in step_list)
+    pii_counts = per_step["pii"].extra if "pii" in per_step else Counter()
+    return {
+        "read": read.to_dict(),
+        "sources": {k: dict(v) for k, v in sources.items()},
+        "steps": step_list,
+        "removed": removed,
+        "kept": kept,
+        "pii": dict(pii_counts),
+        "languages": dict(per_step["language"].extra) if "language" in per_step else {},
+        "minhash": dstats.get("minhash"),
+        "contamination": per_step["decontaminate"].findings if "decontaminate" in per_step else [],
+        "histograms": {
+            "length_bins": LENGTH_BINS.tolist(),
+            "length_in": length_in.tolist(),
+            "length_out": length_out.tolist(),
+            "perplexity": ppl,
+            "language_score": lang_scores,
+        },
+    }
+
+
+def _merge_files(work: Path, out: Path, n_tasks: int) -> None:
+    """Concatenate per-task outputs in task order (deterministic whatever finished first)."""
+    targets = {
+        out / "documents" / "train.jsonl": [
+            work / "apply" / f"{i:05d}.train.jsonl" for i in range(n_tasks)
+        ],
+        out / "documents" / "val.jsonl": [
+            work / "apply" / f"{i:05d}.val.jsonl" for i in range(n_tasks)
+        ],
+        out / "removed" / "removed.jsonl": [
+            p
+            for i in range(n_tasks)
+            for p in (
+                work / "filter" / f"{i:05d}.removed.jsonl",
+                work / "apply" / f"{i:05d}.removed.jsonl",
+            )
+        ],
+    }
+    for target, parts in targets.items():
+        with atomic_path(target) as tmp, open(tmp, "wb") as w:
+            for p in parts:
+                with open(p, "rb") as r:
+                    shutil.copyfileobj(r, w, 1 << 20)
 
 
 def iter_documents(path: str | Path) -> Iterator[Document]:
@@ -141,3 +633,72 @@ def iter_documents(path: str | Path) -> Iterator[Document]:
         for line in f:
             if line.strip():
                 yield Document.from_json(json.loads(line))
+
+
+def cli_config(
+    inputs: list[str],
+    config_file: str | Path | None,
+    decontaminate: list[str] | None = None,
+    contaminated: str = "flag",
+    overrides: dict[str, Any] | None = None,
+    source_overrides: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """The config of `lmlab data prepare`: the YAML file, then INPUTs and options on top."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    where = str(config_file) if config_file else "options"
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise UsageError(f"{config_file}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"{config_file}: not valid YAML ({e})".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{config_file}: expected a mapping of pipeline keys")
+    if inputs:
+        src = {"name": "input", "paths": list(inputs)}
+        src.update({k: v for k, v in (source_overrides or {}).items() if v is not None})
+        data["sources"] = list(data.get("sources") or []) + [src]
+    elif not data.get("sources"):
+        raise UsageError("give INPUT files or directories, or `sources:` in --config")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if decontaminate:
+        steps = list(data.get("steps") or DEFAULT_STEPS[data.get("profile", "web")])
+        step = {"decontaminate": {"paths": list(decontaminate), "action": contaminated}}
+        names = [s if isinstance(s, str) else next(iter(s)) for s in steps]
+        if "decontaminate" in names:
+            steps[names.index("decontaminate")] = step
+        else:
+            steps.append(step)
+        data["steps"] = steps
+    return load_config(data, where)
+
+
+def build_dedup_index(cfg: PipelineConfig, out: str | Path) -> int:
+    """Index a reference dataset (exact hashes + MinHash band keys) for `dedup_index` steps.
+
+    Documents are read and normalized exactly as `prepare` does, with the MinHash
+    settings of the config's `minhash` step (or the defaults), so later runs compare like
+    with like. Returns the number of documents indexed.
+    """
+    steps = {s.name: s.config for s in cfg.parsed_steps()}
+    mh = steps.get("minhash") or REGISTRY["minhash"].config()
+    exact: list[int] = []
+    bands: list[np.ndarray] = []
+    read = ReadStats()
+    for src in cfg.sources:
+        for task in list_tasks(src):
+            for doc in read_task(task, src, read):
+                text = normalize(doc.text)
+                if text:
+                    exact.append(dedup.exact_hash(text))
+                    bands.append(dedup.band_keys(dedup.minhash_signature(text, mh), mh))
+    dedup.build_index(
+        np.asarray(exact, dtype=np.uint64),
+        np.stack(bands) if bands else np.zeros((0, mh.bands), np.uint64),
+        mh,
+        out,
+    )
+    return len(exact)

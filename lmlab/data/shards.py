@@ -9,63 +9,20 @@ Training reads the `.bin` through `numpy.memmap`, so a corpus is never loaded wh
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmlab.console import progress
 from lmlab.errors import UsageError
 from lmlab.tokenizer import EOS, special_id
-from lmlab.utils import atomic_path, read_json, write_json
+from lmlab.utils import read_json, write_json
 
 
-def _batches(jsonl: Path, size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    with open(jsonl, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                batch.append(json.loads(line)["text"])
-                if len(batch) == size:
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
-
-
-def write_split(tok: Tokenizer, jsonl: str | Path, out_dir: str | Path, split: str) -> dict:
-    """Tokenize one JSONL split into `<split>.bin` + `<split>.idx.npy`; returns its summary."""
-    out = Path(out_dir)
-    vocab = tok.get_vocab_size()
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    eos = special_id(tok, EOS)
-    offsets = [0]
-    n_bytes = 0
-    with (
-        atomic_path(out / f"{split}.bin") as tmp,
-        open(tmp, "wb") as f,
-        progress(f"tokenize {split}", total=None, unit="docs") as bar,
-    ):
-        for batch in _batches(Path(jsonl), 256):
-            for enc, text in zip(tok.encode_batch(batch), batch, strict=True):
-                ids = np.asarray(enc.ids + [eos], dtype=dtype)
-                f.write(ids.tobytes())
-                offsets.append(offsets[-1] + len(ids))
-                n_bytes += len(text.encode("utf-8"))
-            bar.update(advance=len(batch), status=f"{offsets[-1]:,} tokens")
-    with atomic_path(out / f"{split}.idx.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.asarray(offsets, dtype=np.int64))
-    return {
-        "file": f"{split}.bin",
-        "index": f"{split}.idx.npy",
-        "tokens": offsets[-1],
-        "documents": len(offsets) - 1,
-        "bytes": n_bytes,
-    }
-
-
-def write_manifest(out_dir: str | Path, tok: Tokenizer, splits: dict[str, dict]) -> None:
+def write_manifest(
+    out_dir: str | Path, tok: Tokenizer, splits: dict[str, dict], curriculum: bool = False
+) -> None:
+    """`curriculum` tells training to follow the train split's `phases` in order."""
     vocab = tok.get_vocab_size()
     write_json(
         Path(out_dir) / "manifest.json",
@@ -74,6 +31,7 @@ def write_manifest(out_dir: str | Path, tok: Tokenizer, splits: dict[str, dict])
             "dtype": "uint16" if vocab <= 2**16 else "uint32",
             "vocab_size": vocab,
             "eos_id": special_id(tok, EOS),
+            "curriculum": curriculum,
             "splits": splits,
         },
     )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmlab.adapt.sft import SFTConfig
 from lmlab.config import STRICT, NonNegInt, PosInt
-from lmlab.data.pipeline import DataConfig
+from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.train.loop import TrainConfig
@@ -67,7 +67,9 @@ class Recipe(BaseModel):
     name: str = "tiny"
     seed: int = 1337
     threads: PosInt | None = None  # torch CPU threads; None = all cores
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: PipelineConfig = Field(
+        default_factory=lambda: PipelineConfig(profile="code", val_fraction=0.05)
+    )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(max_minutes=8.0))

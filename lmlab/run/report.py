@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 
-from lmlab.utils import read_json, write_text
+from lmlab.render import Section, write_pages
+from lmlab.utils import read_json
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -89,17 +88,22 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
     stats_path = run_dir / "data" / "stats.json"
     if stats_path.is_file():
         st = read_json(stats_path)
-        rows = [
-            ["step", "documents"],
-            ["read", str(st["read"]["documents"])],
-            ["empty after normalisation", str(st["normalize"]["empty"])],
-        ]
-        rows += [[f"removed: {k}", str(n)] for k, n in sorted(st["quality"].items())]
+        rows = [["step", "documents"], ["read", str(st["read"]["documents"])]]
+        sampled = sum(s.get("sampled_out", 0) for s in st.get("sources", {}).values())
+        if sampled:
+            rows.append(["not sampled (source weight < 1)", str(sampled)])
         rows += [
-            ["removed: exact duplicate", str(st["dedup_exact"]["duplicates"])],
+            [f"removed: {step['name']}:{rule}", str(n)]
+            for step in st["steps"]
+            for rule, n in step["dropped"].items()
+            if n
+        ]
+        rows += [[f"PII replaced: {k}", str(n)] for k, n in st.get("pii", {}).items()]
+        rows += [
             ["kept: train", str(st["kept"]["train"]["documents"])],
             ["kept: validation", str(st["kept"]["val"]["documents"])],
         ]
+        rows.append(["data card", "data/card.html"])
         sections.append(("Data", rows))
     stages = manifest.get("stages", {})
     if stages:
@@ -183,59 +187,10 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
     return sections
 
 
-def _md_table(rows: list[list[str]]) -> str:
-    def cell(x: str) -> str:
-        return x.replace("|", "\\|").replace("\n", " ")
-
-    head, *body = rows
-    lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
-    return "\n".join(lines)
-
-
-def _html_table(rows: list[list[str]]) -> str:
-    head, *body = rows
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;
-padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}"""
-
-
 def write_report(run_dir: str | Path) -> list[Path]:
     """Render `report.md` and `report.html` in the run directory; returns their paths."""
     run_dir = Path(run_dir)
     png = run_dir / "report" / "loss.png"
-    has_plot = plot_losses(run_dir, png)
-    sections = build_sections(run_dir)
+    plots: list[Section] = [("Loss curves", png)] if plot_losses(run_dir, png) else []
     title = f"lmlab run report: {run_dir.name}"
-    md = [f"# {title}", ""]
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    if has_plot:
-        md += ["## Loss curves", "", "![loss curves](report/loss.png)", ""]
-        b64 = base64.b64encode(png.read_bytes()).decode()
-        body.append(
-            f'<h2>Loss curves</h2><img alt="loss curves" src="data:image/png;base64,{b64}">'
-        )
-    for heading, content in sections:
-        md += [f"## {heading}", ""]
-        body.append(f"<h2>{html.escape(heading)}</h2>")
-        if isinstance(content, str):
-            md += [content, ""]
-            body.append(f"<p>{html.escape(content)}</p>")
-        else:
-            md += [_md_table(content), ""]
-            body.append(_html_table(content))
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    write_text(md_path, "\n".join(md))
-    write_text(
-        html_path,
-        f"<!doctype html><html><head><meta charset='utf-8'><title>"
-        f"{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n",
-    )
-    return [md_path, html_path]
+    return write_pages(run_dir, "report", title, plots + build_sections(run_dir))

@@ -9,8 +9,9 @@ from tokenizers import Tokenizer
 
 from lmlab.adapt.sft import build_pairs, sft
 from lmlab.console import log
+from lmlab.data.mixture import write_token_shards
 from lmlab.data.pipeline import prepare
-from lmlab.data.shards import open_split, write_manifest, write_split
+from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
 from lmlab.model.checkpoint import load_model
 from lmlab.model.config import ModelConfig
@@ -27,7 +28,8 @@ def stage_data(run: Run) -> dict:
         raise UsageError("data: no document survived the filters (see data/stats.json)")
     if stats["kept"]["val"]["documents"] == 0:
         raise UsageError("data: the validation split is empty; raise data.val_fraction or add data")
-    return {"kept": stats["kept"], "removed_by_rule": stats["quality"]}
+    removed = {f"{s['name']}:{k}": v for s in stats["steps"] for k, v in s["dropped"].items()}
+    return {"kept": stats["kept"], "removed_by_rule": removed, "pii": stats["pii"]}
 
 
 def stage_tokenizer(run: Run) -> dict:
@@ -37,8 +39,7 @@ def stage_tokenizer(run: Run) -> dict:
     log(f"tokenizer: training byte-level BPE, vocabulary {cfg.vocab_size}")
     tok = train_bpe(iter_texts(docs / "train.jsonl"), cfg.vocab_size, cfg.min_frequency)
     save_tokenizer(tok, out)
-    splits = {s: write_split(tok, docs / f"{s}.jsonl", out / "tokens", s) for s in ("train", "val")}
-    write_manifest(out / "tokens", tok, splits)
+    splits = write_token_shards(docs, tok, out / "tokens", run.recipe.data)
     return {
         "vocab_size": tok.get_vocab_size(),
         "tokens": {s: v["tokens"] for s, v in splits.items()},

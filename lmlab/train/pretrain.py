@@ -11,18 +11,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.data.mixture import phase_at
 from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
 from lmlab.train.loop import Batch, TrainConfig, train
+from lmlab.utils import read_json
 
 
-def window_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> Batch:
-    n = len(tokens) - seq_len - 1
+def window_batch(
+    tokens: np.ndarray,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+    span: tuple[int, int] | None = None,
+) -> Batch:
+    """`batch` random windows, from `span` (a curriculum phase's token range) when given."""
+    lo, hi = span if span is not None else (0, len(tokens))
+    if hi - lo < seq_len + 1:  # a phase too short for a window: widen it to the whole split
+        lo, hi = 0, len(tokens)
+    n = hi - lo - seq_len - 1
     if n <= 0:
         raise UsageError(f"pretrain: {len(tokens)} tokens cannot fill a window of {seq_len + 1}")
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, n, size=batch)
+    starts = lo + rng.integers(0, n, size=batch)
     arr = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     t = torch.from_numpy(arr)
     return t[:, :-1], t[:, 1:]
@@ -64,9 +77,17 @@ def pretrain(
     torch.manual_seed(seed)
     model = Transformer(model_cfg)
     vals = val_windows(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    manifest = read_json(Path(shard_dir) / "manifest.json")
+    per_batch = cfg.batch_size * cfg.seq_len
+
+    def get_batch(i: int) -> Batch:
+        phase = phase_at(manifest, i * per_batch)  # None unless the shards have a curriculum
+        span = (phase["start"], phase["end"]) if phase else None
+        return window_batch(train_tokens, cfg.batch_size, cfg.seq_len, seed, i, span)
+
     return train(
         model,
-        lambda i: window_batch(train_tokens, cfg.batch_size, cfg.seq_len, seed, i),
+        get_batch,
         vals,
         cfg,
         out_dir,
