@@ -14,6 +14,7 @@ from lmlab.data.mixture import phase_at
 from lmlab.data.pipeline import cli_config, load_config, prepare
 from lmlab.errors import UsageError
 from lmlab.tokenizer import save_tokenizer, train_bpe
+from tests.conftest import lmlab_cmd
 from tests.data_corpus import page, web_corpus, write_jsonl
 
 
@@ -276,3 +277,48 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, data, fragment):
     with pytest.raises(UsageError) as e:
         load_config(data, "cfg.yaml")
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_prepare_with_tokenizer_writes_shards_and_card(tmp_path):
+    corpus = web_corpus(tmp_path / "in", n=12)
+    tok = train_bpe((p for p in corpus["pages"]), 400, 2)
+    save_tokenizer(tok, tmp_path / "tok")
+    proc = lmlab_cmd(
+        "data", "prepare", *map(str, corpus["files"]), "--out", str(tmp_path / "out"),
+        "--tokenizer", str(tmp_path / "tok"), "--workers", "1", "--val-fraction", "0.2",
+        cwd=tmp_path, check=True,
+    )  # fmt: skip
+    assert "card.html" in proc.stdout
+    manifest = json.loads((tmp_path / "out" / "tokens" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["tokens"] > 0 and manifest["splits"]["val"]["documents"] > 0
+    assert (tmp_path / "out" / "card.md").read_text().count("Tokens per source") == 1
+
+
+@pytest.mark.parametrize(
+    "config, args, fragment",
+    [
+        ("steps: [gopher_qualty]\n", [], "unknown step 'gopher_qualty'"),
+        ("steps:\n  - c4: {min_words_per_line: -1}\n", [], "steps[0].c4.min_words_per_line"),
+        ("profile: poetry\n", [], "profile"),
+        ("steps: [\n", [], "not valid YAML"),
+        (None, ["does-not-exist.jsonl"], "does-not-exist.jsonl does not exist"),
+        (None, [], "give INPUT files"),
+    ],
+)
+def test_cli_bad_config_or_input_exits_2_with_one_line(tmp_path, config, args, fragment):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    cmd = ["data", "prepare", *(args or ([str(src)] if config else [])), "--out", "o"]
+    if config is not None:
+        (tmp_path / "p.yaml").write_text(config)
+        cmd += ["--config", "p.yaml"]
+    proc = lmlab_cmd(*cmd, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_cli_steps_lists_every_step_with_its_options():
+    out = lmlab_cmd("data", "steps", "--profile", "code", cwd=Path.cwd(), check=True).stdout
+    for name in ("gopher_quality", "minhash", "decontaminate", "pii", "code_quality"):
+        assert f"{name}:" in out
+    assert "  bands: 20" in out and "  label_only: True" in out  # the code profile's values

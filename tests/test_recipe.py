@@ -14,9 +14,9 @@ def test_builtin_recipes_validate():
 
 def test_set_overrides_apply_and_nest():
     r = load_recipe(
-        "smoke", ["pretrain.lr=0.01", "sft.train.batch_size=4", "data.include_tests=true"]
+        "smoke", ["pretrain.lr=0.01", "sft.train.batch_size=4", "data.val_fraction=0.2"]
     )
-    assert r.pretrain.lr == 0.01 and r.sft.train.batch_size == 4 and r.data.include_tests is True
+    assert r.pretrain.lr == 0.01 and r.sft.train.batch_size == 4 and r.data.val_fraction == 0.2
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,8 @@ def test_dumped_recipe_loads_back(tmp_path):
 
 
 def test_missing_data_path_is_rejected_before_running(tmp_path):
-    with pytest.raises(UsageError, match="data: paths: .*nope.jsonl does not exist"):
-        load_recipe("smoke", [f"data.paths=[{tmp_path / 'nope.jsonl'}]"])
+    nope = tmp_path / "nope.jsonl"
+    with pytest.raises(UsageError, match=r"data.sources.0: paths: .*nope.jsonl does not exist"):
+        load_recipe("smoke", [f"data.sources=[{{name: x, paths: [{nope}]}}]"])
     with pytest.raises(UsageError, match="paths is empty"):
-        load_recipe("smoke", ["data.source=paths"])
+        load_recipe("smoke", ["data.sources=[{name: x, paths: []}]"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,12 +40,11 @@ def normalize(text: str) -> str:
 # --- words ---------------------------------------------------------------------------
 
 _TOKEN = re.compile(
-    r"(?:https?://|www\.)[^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}]"  # a URL is one word
-    r"|\d+(?:,\d+)+(?:\.\d+)?"  # 1,000,000.5
-    r"|\w+(?:\.\w+)*"  # words, 3.14, os.path
+    r"\w+(?:\.\w+|(?<=\d),\d+)*"  # words, os.path, 3.14, 1,000,000
+    r"(?:://[^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}])?"  # a URL is one word
+    r"|[^\w\s\-~.|'\u2019]"  # most marks are a word of their own
     r"|(?<=\w)['\u2019]\w+"  # the 't of don't, the 's of it's
-    r"|-{2,}|~{2,}|\.{2,}|\|{2,}"  # runs spaCy keeps whole: -- ~~ ... ||
-    r"|[^\w\s]"  # any other mark is a word of its own
+    r"|-+|~+|\.+|\|+|['\u2019]"  # runs spaCy keeps whole: -- ~~ ... ||
 )
 _cache: tuple[str, list[str]] = ("", [])
 
@@ -541,49 +539,3 @@ PROFILES: dict[str, dict[str, dict]] = {
         "blocklist": {"lists": ["offensive_en"]},
     },
 }
-
-
-# --- the previous single rule set (kept until callers move to the rules above) -------
-
-
-@dataclass
-class QualityConfig:
-    __pydantic_config__ = STRICT
-
-    min_words: PosInt = 50
-    max_words: PosInt = 100_000
-    min_mean_word_length: NonNegFloat = 2.0
-    max_mean_word_length: NonNegFloat = 12.0
-    max_symbol_ratio: NonNegFloat = 0.5
-    min_alpha_word_fraction: Fraction = 0.5
-    max_duplicate_line_fraction: Fraction = 0.6
-    max_bullet_line_fraction: Fraction = 0.9
-
-
-def quality_reason(text: str, cfg: QualityConfig) -> str | None:
-    """First Gopher-style rule the text fails, or None when it passes them all."""
-    words = _WORD.findall(text)
-    n = len(words)
-    if n < cfg.min_words:
-        return "gopher_min_words"
-    if n > cfg.max_words:
-        return "gopher_max_words"
-    mean_len = sum(len(w) for w in words) / n
-    if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
-        return "gopher_mean_word_length"
-    symbols = text.count("#") + text.count("...") + text.count("\u2026")
-    if symbols / n > cfg.max_symbol_ratio:
-        return "gopher_symbol_ratio"
-    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
-    if alpha / n < cfg.min_alpha_word_fraction:
-        return "gopher_alpha_words"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if lines:
-        counts = Counter(lines)
-        dup = sum(c for c in counts.values() if c > 1)
-        if dup / len(lines) > cfg.max_duplicate_line_fraction:
-            return "gopher_duplicate_lines"
-        bullets = sum(1 for ln in lines if ln[0] in "-*\u2022")
-        if bullets / len(lines) > cfg.max_bullet_line_fraction:
-            return "gopher_bullet_lines"
-    return None

@@ -59,7 +59,14 @@ DEFAULT_STEPS: dict[str, list[Any]] = {
         "minhash",
         "pii",
     ],
-    "code": ["gopher_repetition", "gopher_quality", "dedup_exact", "minhash", "pii"],
+    "code": [
+        "code_quality",
+        "gopher_repetition",
+        "gopher_quality",
+        "dedup_exact",
+        "minhash",
+        "pii",
+    ],
 }
 
 
@@ -74,6 +81,12 @@ class NamedSource(SourceConfig):
 
     name: str = "input"
     weight: PosFloat = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for p in self.paths:  # checked on load, so a typo fails before any work starts
+            if p != "stdlib" and not p.startswith("hf:") and not Path(p).exists():
+                raise UsageError(f"paths: {p} does not exist")
 
 
 @dataclass
@@ -219,6 +232,7 @@ def phase_filter(job: Job) -> dict:
     sampled_out = 0
     sig: dict[str, list] = {"ids": [], "exact": [], "bands": [], "span_hash": [], "span_doc": []}
     sig["ppl"] = []
+    sig["chars"] = []
     gnames = {s.name: s.config for s in glob}
     lengths_in: list[int] = []
     base = job.work / "filter" / f"{job.index:05d}"
@@ -255,12 +269,16 @@ def phase_filter(job: Job) -> dict:
                 sig["exact"].append(dedup.exact_hash(doc.text))
             if "minhash" in gnames:
                 m = gnames["minhash"]
-                sig["bands"].append(dedup.band_keys(dedup.minhash_signature(doc.text, m), m))
+                signature = dedup.minhash_signature(doc.text, m)
+                sig["bands"].append(dedup.band_keys(signature, m))
+                if m.verify:  # candidate pairs are checked on the full signatures
+                    sig.setdefault("minsig", []).append(signature)
             if "dedup_spans" in gnames:
                 h = dedup.span_hashes(doc.text, gnames["dedup_spans"])
                 sig["span_hash"].append(h)
                 sig["span_doc"].append(np.full(len(h), local_i, dtype=np.int64))
             sig["ppl"].append(doc.metadata.get("perplexity", np.nan))
+            sig["chars"].append(len(doc.text))
             _dump(kept_f, doc)
     _save_signatures(base.with_suffix(".sig.npz"), sig, gnames)
     stats = {
@@ -283,13 +301,18 @@ def _save_signatures(path: Path, sig: dict, gnames: dict) -> None:
     arrays: dict[str, np.ndarray] = {
         "ids": np.asarray(sig["ids"], dtype=object).astype(str) if n else np.zeros(0, "U1"),
         "ppl": np.asarray(sig["ppl"], dtype=np.float64),
+        "chars": np.asarray(sig["chars"], dtype=np.int64),
         "exact": np.asarray(sig["exact"], dtype=np.uint64),
     }
     if "minhash" in gnames:
-        b = gnames["minhash"].bands
+        m = gnames["minhash"]
         arrays["bands"] = (
-            np.stack(sig["bands"]).astype(np.uint64) if n else np.zeros((0, b), np.uint64)
+            np.stack(sig["bands"]).astype(np.uint64) if n else np.zeros((0, m.bands), np.uint64)
         )
+        if m.verify:
+            arrays["minsig"] = (
+                np.stack(sig["minsig"]) if n else np.zeros((0, m.num_perm), np.uint32)
+            )
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     arrays["span_hash"] = cat(sig["span_hash"], np.uint64)
     arrays["span_doc"] = cat(sig["span_doc"], np.int64)
@@ -316,9 +339,10 @@ def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
     stats: dict[str, Any] = {"documents": n, "steps": []}
     span_docs = np.zeros(0, dtype=np.int64)
     span_hashes = np.zeros(0, dtype=np.uint64)
+    chars = np.concatenate([s["chars"] for s in sigs]) if sigs else np.zeros(0, np.int64)
     for step in steps:
         alive = np.flatnonzero(code == 0)
-        st = StepStats(step.name, docs_in=len(alive))
+        st = StepStats(step.name, docs_in=len(alive), chars_in=int(chars[alive].sum()))
         t1 = time.perf_counter()
         if step.name == "dedup_exact":
             hashes = np.concatenate([s["exact"] for s in sigs])
@@ -328,7 +352,10 @@ def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
             st.dropped["duplicate"] = len(drop)
         elif step.name == "minhash":
             bands = np.concatenate([s["bands"] for s in sigs])
-            roots, info = dedup.near_duplicate_clusters(bands[alive], step.config)
+            full = np.concatenate([s["minsig"] for s in sigs]) if step.config.verify else None
+            roots, info = dedup.near_duplicate_clusters(
+                bands[alive], step.config, signatures=None if full is None else full[alive]
+            )
             is_member = roots != np.arange(len(alive))
             members = alive[is_member]
             code[members] = 2
@@ -350,6 +377,7 @@ def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
             st.dropped["above_percentile"] = len(over)
             st.extra["cutoff"] = cutoff
         st.docs_out = int((code == 0).sum())
+        st.chars_out = int(chars[code == 0].sum())
         st.seconds = time.perf_counter() - t1
         stats["steps"].append(st.to_dict())
     for i in range(n_tasks):
@@ -576,8 +604,9 @@ def _merge(
         lang_scores.extend(a["language_score"])
     if "dedup_spans" in per_step:
         st = per_step["dedup_spans"]
-        st.dropped.update(span.dropped)
-        st.chars_in, st.chars_out = span.chars_in, span.chars_out
+        st.dropped.update(span.dropped)  # documents left empty by span removal
+        st.docs_out -= sum(span.dropped.values())
+        st.chars_out -= span.chars_in - span.chars_out
     order = ["normalize"] + [s.name for s in pre + glob + post]
     step_list = [per_step[n].to_dict() for n in order if n in per_step]
     removed = sum(sum(sd["dropped"].values()) for sd in step_list)
