@@ -23,7 +23,7 @@ def test_every_stage_writes_its_files(smoke_run):
     src = stats["sources"]["stdlib"]
     sampled = src["read"] - src["sampled_out"]  # smoke keeps a fixed 5% of the modules
     assert 0.02 * src["read"] < sampled < 0.1 * src["read"]
-    assert [s["name"] for s in stats["steps"]][:2] == ["normalize", "gopher_repetition"]
+    assert [s["name"] for s in stats["steps"]][:2] == ["normalize", "code_quality"]
     assert (smoke_run / "data/card.html").is_file()
     assert (smoke_run / "tokenizer/tokenizer.json").is_file()
     shards = json.loads((smoke_run / "tokenizer/tokens/manifest.json").read_text())
