@@ -41,8 +41,8 @@ def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str
     return run_recipe(r, runs_dir, name, force, until=until)
 
 
-def _stage_command(command_name: str, until: str, doc: str) -> None:
-    """Register `lmlab COMMAND [RECIPE]`: the pipeline up to and including `until`."""
+def _stage_command(command_name: str, until: str, doc: str, group: typer.Typer = app) -> None:
+    """Register `lmlab [GROUP] COMMAND [RECIPE]`: the pipeline up to and including `until`."""
 
     def command(
         recipe: RecipeArg = "tiny",
@@ -59,7 +59,7 @@ def _stage_command(command_name: str, until: str, doc: str) -> None:
             print(run_dir / until)
 
     command.__doc__ = doc
-    app.command(name=command_name)(command)
+    group.command(name=command_name)(command)
 
 
 _stage_command(
@@ -86,17 +86,7 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
-@data_app.command("run")
-def data_run(
-    recipe: RecipeArg = "tiny",
-    name: NameOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = None,
-    runs_dir: RunsDirOpt = Path("runs"),
-    quiet: Quiet = False,
-) -> None:
-    """The recipe's data stage (what `lmlab run` does first)."""
-    print(_run(recipe, name, set_, force, runs_dir, quiet, "data") / "data")
+_stage_command("run", "data", "The recipe's data stage (what `lmlab run` does first).", data_app)
 
 
 Inputs = Annotated[

@@ -52,7 +52,7 @@ _BATCH_ROWS = 1024  # Parquet / HF rows per batch: bounded memory, few Python-le
 _SCALARS = (str, int, float, bool, type(None))
 # A JSON \uXXXX escape of a surrogate: only lines that have one can hold a lone surrogate,
 # which is a valid Python str but cannot be written as UTF-8 later.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _WARN_PER_FILE = 5  # warnings per reason and file before "... and N more"
 _WARN_PER_PROCESS = 100  # warnings per reason in one process, over all files
 
@@ -412,6 +412,19 @@ def _lines(
         raw = readline(cap)
 
 
+def _decoded(
+    fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats, at: list[Any]
+) -> Iterator[tuple[int, str]]:
+    """`(line number, text)` of each line that is not too long and is valid UTF-8."""
+    for lineno, raw in _lines(fh, path, cfg, stats, at):
+        if raw is None:
+            continue
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _bad_utf8(stats, path, lineno, e, "line")
+
+
 def _too_long(raw: bytes, fh: BinaryIO, cap: int, limit: int) -> bool:
     if len(raw) == cap and not raw.endswith(b"\n"):
         while raw and not raw.endswith(b"\n"):  # drain the rest of the line
@@ -528,14 +541,7 @@ def _read_jsonl(
     with _open(path) as fh:
         if _is_binary(fh, path, stats):
             return
-        for lineno, raw in _lines(fh, path, cfg, stats, at):
-            if raw is None:
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad_utf8(stats, path, lineno, e, "line")
-                continue
+        for lineno, line in _decoded(fh, path, cfg, stats, at):
             try:
                 row = loads(line)
             except (ValueError, RecursionError) as e:
@@ -550,7 +556,7 @@ def _read_jsonl(
                 detail = f"a JSON {type(row).__name__} where an object was expected"
                 stats.skip("malformed_json", path, where, detail)
                 continue
-            if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and not _utf8_clean(row):
+            if "\\u" in line and _SURROGATE_ESCAPE.search(line) and not _utf8_clean(row):
                 stats.skip("invalid_utf8", path, where, "a lone surrogate escape (\\ud8xx)")
                 continue
             text = row.pop(tf, _MISSING)
@@ -610,14 +616,7 @@ def _csv_docs(
     rec_at = {"start": 0, "new": True, "quotes": 0, "in_skipped_field": False}
 
     def decoded() -> Iterator[str]:
-        for lineno, raw in _lines(fh, path, cfg, stats, at):
-            if raw is None:
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad_utf8(stats, path, lineno, e, "line")
-                continue
+        for lineno, line in _decoded(fh, path, cfg, stats, at):
             if rec_at["in_skipped_field"]:  # part of a record already counted
                 rec_at["in_skipped_field"] = line.count('"') % 2 == 0
                 continue
