@@ -167,6 +167,8 @@ def test_span_dedup_and_perplexity_percentile(tmp_path):
     ppl = next(s for s in stats["steps"] if s["name"] == "perplexity")
     assert ppl["dropped"]["above_percentile"] == 12 - len(kept)
     assert all(r["metadata"]["perplexity"] <= ppl["extra"]["cutoff"] for r in kept)
+    assert sum(stats["histograms"]["perplexity"]) == len(kept)  # the card's quality histogram
+    assert (tmp_path / "out" / "card" / "perplexity.png").is_file()
 
 
 def test_decontamination_flags_and_reports(tmp_path):

@@ -48,11 +48,11 @@ def _plots(stats: dict, out: Path) -> list[Section]:
     out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
     h = stats["histograms"]
-    bins = np.asarray(h["length_bins"])
-    if sum(h["length_in"]):
+    bins = {k: np.asarray(v) for k, v in h["bins"].items()}
+    if sum(h["length:in"]):
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        ax.stairs(h["length_in"], bins, label="read", fill=True, alpha=0.4)
-        ax.stairs(h["length_out"], bins, label="kept", linewidth=2)
+        ax.stairs(h["length:in"], bins["length"], label="read", fill=True, alpha=0.4)
+        ax.stairs(h["length:out"], bins["length"], label="kept", linewidth=2)
         ax.set_xscale("log")
         ax.set_xlabel("document length (characters)")
         ax.set_ylabel("documents")
@@ -72,27 +72,20 @@ def _plots(stats: dict, out: Path) -> list[Section]:
         plt.close(fig)
         sections.append(("Removed per step", out / "removed.png"))
     for key, label, log in (
-        ("perplexity", "perplexity under the reference model (kept documents)", True),
-        ("language_score", "language-ID confidence (kept documents)", False),
+        ("perplexity", "Perplexity under the reference model (kept documents)", True),
+        ("language_score", "Language-ID confidence (kept documents)", False),
     ):
-        vals = np.asarray(h.get(key) or [], dtype=float)
-        vals = vals[np.isfinite(vals)]
-        if len(vals) > 1:
+        if sum(h.get(key) or []):
             fig, ax = plt.subplots(figsize=(7, 3))
-            edges = (
-                np.logspace(np.log10(max(vals.min(), 1e-3)), np.log10(vals.max() + 1e-9), 40)
-                if log
-                else 40
-            )
-            ax.hist(vals, bins=edges, color="#48a")
+            ax.stairs(h[key], bins[key], fill=True, color="#48a")
             if log:
                 ax.set_xscale("log")
-            ax.set_xlabel(label)
+            ax.set_xlabel(label.lower())
             ax.set_ylabel("documents")
             fig.tight_layout()
             fig.savefig(out / f"{key}.png", dpi=110)
             plt.close(fig)
-            sections.append((label.split(" (")[0].capitalize(), out / f"{key}.png"))
+            sections.append((label, out / f"{key}.png"))
     langs = Counter(stats.get("languages") or {})
     if langs:
         top = langs.most_common(12)

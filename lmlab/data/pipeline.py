@@ -211,11 +211,21 @@ def _drop(doc: Document, reason: str) -> Document:
     return Document(doc.id, doc.text, {**doc.metadata, "reason": reason})
 
 
-LENGTH_BINS = np.logspace(1, 8, 29)  # 10 chars … 100 MB, 4 bins per decade
+# Fixed bin edges, so per-task histograms add up and stats stay small whatever the size.
+HIST_BINS = {
+    "length": np.logspace(1, 8, 29),  # characters: 10 … 100 M, 4 bins per decade
+    "perplexity": np.logspace(0, 6, 49),  # 1 … 1e6, 8 bins per decade
+    "language_score": np.linspace(0, 1, 21),
+}
 
 
-def _length_hist(lengths: list[int]) -> list[int]:
-    return np.histogram(np.asarray(lengths or [1]), bins=LENGTH_BINS)[0].tolist() if lengths else []
+HIST_KEYS = ("length:in", "length:out", "perplexity", "language_score")
+
+
+def _hist(values: list[float], kind: str) -> list[int]:
+    edges = HIST_BINS[kind]
+    clipped = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
+    return np.histogram(clipped, bins=edges)[0].tolist()
 
 
 def phase_filter(job: Job) -> dict:
@@ -288,7 +298,7 @@ def phase_filter(job: Job) -> dict:
         "read": read.to_dict(),
         "sampled_out": sampled_out,
         "kept": len(sig["ids"]),
-        "length_hist": _length_hist(lengths_in),
+        "length_hist": _hist(lengths_in, "length"),
         "steps": [norm.to_dict()] + [s.to_dict() for s in step_stats],
     }
     write_json(base.with_suffix(".stats.json"), stats)
@@ -478,9 +488,9 @@ def phase_apply(job: Job) -> dict:
         "steps": [s.to_dict() for s in step_stats],
         "span_removal": dedup_extra.to_dict(),
         "kept": {s: {"documents": split_counts[s], "chars": split_chars[s]} for s in sinks},
-        "length_hist": _length_hist(lengths),
-        "perplexity": ppl_values,
-        "language_score": lang_scores,
+        "length_hist": _hist(lengths, "length"),
+        "perplexity_hist": _hist(ppl_values, "perplexity"),
+        "language_score_hist": _hist(lang_scores, "language_score"),
     }
     write_json(base.with_suffix(".stats.json"), stats)
     mark_done(job.work, "apply", job.index, job.key)
@@ -566,8 +576,7 @@ def _merge(
     read = ReadStats()
     per_step: dict[str, StepStats] = {}
     sources: dict[str, Counter] = {s.name: Counter() for s in cfg.sources}
-    length_in = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
-    length_out = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
+    hist = {k: np.zeros(len(HIST_BINS[k.split(":")[0]]) - 1, dtype=np.int64) for k in HIST_KEYS}
     for f in filt:
         read.merge(ReadStats.from_dict(f["read"]))
         for sd in f["steps"]:
@@ -575,8 +584,7 @@ def _merge(
         sources[f["source"]]["tasks"] += 1
         sources[f["source"]]["read"] += f["read"]["documents"]
         sources[f["source"]]["sampled_out"] += f["sampled_out"]
-        if f["length_hist"]:
-            length_in += np.asarray(f["length_hist"])
+        hist["length:in"] += f["length_hist"]
     for sd in dstats.get("steps", []):
         if sd["name"] in per_step:  # the perplexity percentile: a second cut of a local step
             st = per_step[sd["name"]]
@@ -586,8 +594,6 @@ def _merge(
         else:
             per_step[sd["name"]] = StepStats.from_dict(sd)
     kept = {"train": {"documents": 0, "chars": 0}, "val": {"documents": 0, "chars": 0}}
-    ppl: list[float] = []
-    lang_scores: list[float] = []
     span = StepStats("dedup_spans")
     for a, f in zip(app, filt, strict=True):
         for sd in a["steps"]:
@@ -598,10 +604,9 @@ def _merge(
             kept[s]["chars"] += a["kept"][s]["chars"]
             sources[f["source"]][f"{s}_documents"] += a["kept"][s]["documents"]
             sources[f["source"]][f"{s}_chars"] += a["kept"][s]["chars"]
-        if a["length_hist"]:
-            length_out += np.asarray(a["length_hist"])
-        ppl.extend(a["perplexity"])
-        lang_scores.extend(a["language_score"])
+        hist["length:out"] += a["length_hist"]
+        hist["perplexity"] += a["perplexity_hist"]
+        hist["language_score"] += a["language_score_hist"]
     if "dedup_spans" in per_step:
         st = per_step["dedup_spans"]
         st.dropped.update(span.dropped)  # documents left empty by span removal
@@ -622,11 +627,8 @@ def _merge(
         "minhash": dstats.get("minhash"),
         "contamination": per_step["decontaminate"].findings if "decontaminate" in per_step else [],
         "histograms": {
-            "length_bins": LENGTH_BINS.tolist(),
-            "length_in": length_in.tolist(),
-            "length_out": length_out.tolist(),
-            "perplexity": ppl,
-            "language_score": lang_scores,
+            "bins": {k: v.tolist() for k, v in HIST_BINS.items()},
+            **{k: v.tolist() for k, v in hist.items()},
         },
     }
 
