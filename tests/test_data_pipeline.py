@@ -334,3 +334,43 @@ def test_pretrain_windows_stay_inside_the_curriculum_phase():
     assert int(x.min()) >= 500 and int(y.max()) < 700
     whole, _ = window_batch(tokens, 64, 16, seed=0, step=3)
     assert int(whole.min()) < 500  # without a phase, windows come from the whole split
+
+
+def test_sigkill_mid_run_then_relaunch_gives_identical_output(tmp_path):
+    """A real kill (SIGKILL of the CLI's process group), not an exception."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(11)
+    files = [
+        str(write_jsonl(tmp_path / "in" / f"p{i}.jsonl", [{"text": page(rng)} for _ in range(60)]))
+        for i in range(6)
+    ]
+    args = ["data", "prepare", *files, "--workers", "1", "--quiet"]
+    lmlab_cmd(*args, "--out", str(tmp_path / "ref"), cwd=tmp_path, check=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab.cli", *args, "--out", str(out)],
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    marker = out / "work" / "filter" / "00001.done.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "stats.json").exists()  # killed mid-run
+    finished = marker.stat().st_mtime_ns
+    lmlab_cmd(*args, "--out", str(out), "--config", str(_keep_work(tmp_path)), cwd=tmp_path)
+    assert _tree(out) == _tree(tmp_path / "ref")
+    assert marker.stat().st_mtime_ns == finished  # the finished task was not redone
+
+
+def _keep_work(tmp_path: Path) -> Path:
+    p = tmp_path / "keep.yaml"
+    p.write_text("keep_work: true\n")
+    return p

@@ -54,6 +54,11 @@ def _plots(stats: dict, out: Path) -> list[Section]:
         ax.stairs(h["length:in"], bins["length"], label="read", fill=True, alpha=0.4)
         ax.stairs(h["length:out"], bins["length"], label="kept", linewidth=2)
         ax.set_xscale("log")
+        nz = np.flatnonzero(np.asarray(h["length:in"]) + np.asarray(h["length:out"]))
+        ax.set_xlim(
+            bins["length"][max(nz[0] - 1, 0)],
+            bins["length"][min(nz[-1] + 2, len(bins["length"]) - 1)],
+        )
         ax.set_xlabel("document length (characters)")
         ax.set_ylabel("documents")
         ax.legend()

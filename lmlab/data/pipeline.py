@@ -526,7 +526,11 @@ def prepare(
         raise UsageError("no input files found in the sources' paths")
     resolved = dataclasses.asdict(cfg)
     resolved["steps"] = dump_steps(steps)
-    key = hash_obj({"config": resolved, "inputs": input_fingerprint(tasks)})
+    # Where and how it runs does not change the output, so it is not part of the key: a
+    # relaunch with more workers, or on Ray, resumes the same work.
+    how = {"workers", "executor", "ray_address", "keep_work"}
+    what = {k: v for k, v in resolved.items() if k not in how}
+    key = hash_obj({"config": what, "inputs": input_fingerprint(tasks)})
     if work.exists():
         try:
             old = read_json(work / "key.json")["key"]
