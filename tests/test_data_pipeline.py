@@ -34,7 +34,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 def web(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     corpus = web_corpus(root / "in")
-    cfg = cli_config([str(f) for f in corpus["files"]], None, overrides={"workers": 1})
+    cfg = cli_config(
+        [str(f) for f in corpus["files"]], None, overrides={"workers": 1, "task_mb": 0.001}
+    )
     stats = prepare(cfg, root / "out")
     return corpus, root / "out", stats
 
@@ -80,7 +82,7 @@ def test_stats_and_card(web):
 def test_resume_redoes_only_unfinished_tasks_and_output_is_identical(tmp_path, monkeypatch):
     corpus = web_corpus(tmp_path / "in")
     files = [str(f) for f in corpus["files"]]
-    cfg = cli_config(files, None, overrides={"workers": 1, "keep_work": True})
+    cfg = cli_config(files, None, overrides={"workers": 1, "keep_work": True, "task_mb": 0.001})
     prepare(cfg, tmp_path / "ref")
 
     real = pipeline.phase_apply
@@ -119,7 +121,7 @@ def test_resume_redoes_only_unfinished_tasks_and_output_is_identical(tmp_path, m
 def test_changed_config_discards_stale_work(tmp_path):
     corpus = web_corpus(tmp_path / "in", n=10)
     files = [str(f) for f in corpus["files"]]
-    cfg = cli_config(files, None, overrides={"workers": 1, "keep_work": True})
+    cfg = cli_config(files, None, overrides={"workers": 1, "keep_work": True, "task_mb": 0.001})
     prepare(cfg, tmp_path / "out")
     key1 = json.loads((tmp_path / "out" / "work" / "key.json").read_text())["key"]
     cfg2 = cli_config(files, None, overrides={"workers": 1, "keep_work": True, "profile": "code"})
@@ -131,8 +133,8 @@ def test_changed_config_discards_stale_work(tmp_path):
 def test_parallel_workers_give_the_same_output(tmp_path):
     corpus = web_corpus(tmp_path / "in", n=20)
     files = [str(f) for f in corpus["files"]]
-    prepare(cli_config(files, None, overrides={"workers": 1}), tmp_path / "one")
-    prepare(cli_config(files, None, overrides={"workers": 2}), tmp_path / "two")
+    prepare(cli_config(files, None, overrides={"workers": 1, "task_mb": 0.001}), tmp_path / "one")
+    prepare(cli_config(files, None, overrides={"workers": 2, "task_mb": 0.001}), tmp_path / "two")
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
 
 
@@ -140,8 +142,8 @@ def test_ray_executor_matches_local(tmp_path):
     pytest.importorskip("ray")
     corpus = web_corpus(tmp_path / "in", n=12)
     files = [str(f) for f in corpus["files"]]
-    prepare(cli_config(files, None, overrides={"workers": 1}), tmp_path / "local")
-    cfg = cli_config(files, None, overrides={"workers": 2, "executor": "ray"})
+    prepare(cli_config(files, None, overrides={"workers": 1, "task_mb": 0.001}), tmp_path / "local")
+    cfg = cli_config(files, None, overrides={"workers": 2, "executor": "ray", "task_mb": 0.001})
     prepare(cfg, tmp_path / "ray")
     assert _tree(tmp_path / "local") == _tree(tmp_path / "ray")
 
@@ -157,12 +159,18 @@ def test_span_dedup_and_perplexity_percentile(tmp_path):
         {"dedup_spans": {"unit": "line"}},
     ]
     cfg = load_config(
-        {"sources": [{"name": "x", "paths": [str(src)]}], "steps": steps, "workers": 1}, "test"
+        {
+            "sources": [{"name": "x", "paths": [str(src)]}],
+            "steps": steps,
+            "workers": 1,
+            "task_mb": 0.001,
+        },
+        "test",
     )
     stats = prepare(cfg, tmp_path / "out")
     kept = _rows(tmp_path / "out" / "documents" / "train.jsonl")
     with_footer = [r["id"] for r in kept if footer in r["text"]]
-    assert with_footer in ([], ["d0"])  # only the first occurrence keeps the repeated line
+    assert with_footer == [kept[0]["id"]]  # only the first kept document keeps the line
     assert 5 <= len(kept) <= 7  # half the documents are above the median perplexity
     ppl = next(s for s in stats["steps"] if s["name"] == "perplexity")
     assert ppl["dropped"]["above_percentile"] == 12 - len(kept)
@@ -181,7 +189,9 @@ def test_decontamination_flags_and_reports(tmp_path):
     docs[2]["text"] += "\n" + question.capitalize() + "? Nobody knew the answer then."
     src = write_jsonl(tmp_path / "train.jsonl", docs)
     ev = write_jsonl(tmp_path / "eval.jsonl", [{"id": "q-7", "question": question, "answer": "x"}])
-    cfg = cli_config([str(src)], None, [str(ev)], "drop", overrides={"workers": 1})
+    cfg = cli_config(
+        [str(src)], None, [str(ev)], "drop", overrides={"workers": 1, "task_mb": 0.001}
+    )
     stats = prepare(cfg, tmp_path / "out")
     removed = {
         r["id"]: r["metadata"]["reason"] for r in _rows(tmp_path / "out/removed/removed.jsonl")
@@ -269,7 +279,7 @@ def test_dedup_against_an_existing_dataset(tmp_path):
                     {"perplexity": {"reference": [__file__], "keep_percentile": 50}},
                 ]
             },
-            "must come before",
+            "must come right before",
         ),
         ({"workers": 0}, "workers"),
     ],
@@ -349,7 +359,9 @@ def test_sigkill_mid_run_then_relaunch_gives_identical_output(tmp_path):
         str(write_jsonl(tmp_path / "in" / f"p{i}.jsonl", [{"text": page(rng)} for _ in range(60)]))
         for i in range(6)
     ]
-    args = ["data", "prepare", *files, "--workers", "1", "--quiet"]
+    cfg_file = tmp_path / "tasks.yaml"
+    cfg_file.write_text("task_mb: 0.001\n")  # one task per file
+    args = ["data", "prepare", *files, "--workers", "1", "--quiet", "--config", str(cfg_file)]
     lmlab_cmd(*args, "--out", str(tmp_path / "ref"), cwd=tmp_path, check=True)
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -365,12 +377,21 @@ def test_sigkill_mid_run_then_relaunch_gives_identical_output(tmp_path):
     proc.wait()
     assert marker.exists() and not (out / "stats.json").exists()  # killed mid-run
     finished = marker.stat().st_mtime_ns
-    lmlab_cmd(*args, "--out", str(out), "--config", str(_keep_work(tmp_path)), cwd=tmp_path)
+    cfg_file.write_text("task_mb: 0.001\nkeep_work: true\n")  # keep_work is not in the key
+    lmlab_cmd(*args, "--out", str(out), cwd=tmp_path, check=True)
     assert _tree(out) == _tree(tmp_path / "ref")
     assert marker.stat().st_mtime_ns == finished  # the finished task was not redone
 
 
-def _keep_work(tmp_path: Path) -> Path:
-    p = tmp_path / "keep.yaml"
-    p.write_text("keep_work: true\n")
-    return p
+def test_small_files_are_packed_into_tasks_without_changing_the_output(tmp_path):
+    rng = random.Random(13)
+    files = [
+        str(write_jsonl(tmp_path / "in" / f"f{i:02d}.jsonl", [{"text": page(rng)}]))
+        for i in range(12)
+    ]
+    stats = prepare(cli_config(files, None, overrides={"workers": 1}), tmp_path / "packed")
+    assert sum(s["tasks"] for s in stats["sources"].values()) == 1
+    one_each = cli_config(files, None, overrides={"workers": 1, "task_mb": 0.001})
+    stats = prepare(one_each, tmp_path / "one_each")
+    assert sum(s["tasks"] for s in stats["sources"].values()) == 12
+    assert _tree(tmp_path / "packed") == _tree(tmp_path / "one_each")

@@ -21,8 +21,7 @@ EXAMPLE_CHARS = 240
 
 
 def _examples(removed: Path, per_reason: int) -> dict[str, list[tuple[str, str]]]:
-    """The first few removed documents of each reason (streams; stops when every reason
-    seen so far has enough, after at most 200k lines)."""
+    """The first few removed documents of each reason (streams the first 200k lines)."""
     out: dict[str, list[tuple[str, str]]] = {}
     if not removed.exists():
         return out
@@ -34,8 +33,9 @@ def _examples(removed: Path, per_reason: int) -> dict[str, list[tuple[str, str]]
             reason = d.get("metadata", {}).get("reason", "?")
             got = out.setdefault(reason, [])
             if len(got) < per_reason:
-                text = " ".join(d["text"][: EXAMPLE_CHARS * 2].split())[:EXAMPLE_CHARS]
-                got.append((d["id"], mask(text)))
+                # masked whole, then cut: PII cut in half at the edge would not be recognised
+                text = " ".join(mask(d["text"]).split())[:EXAMPLE_CHARS]
+                got.append((d["id"], text))
     return out
 
 

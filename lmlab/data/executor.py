@@ -65,9 +65,14 @@ def run_tasks(
                 results[i] = fn(t)
                 bar.update(advance=1)
             return results
-        # fork keeps start-up cheap on Linux; spawn where fork is unavailable.
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(min(workers, len(tasks))) as pool:
+        # Not plain fork: this process runs threads (the progress bar), and a fork copies
+        # their locks mid-use. A fork server starts once, imports the pipeline, then forks.
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload([fn.__module__])
+        else:
+            ctx = mp.get_context("spawn")
+        with ctx.Pool(min(workers, len(tasks))) as pool:
             for i, res in pool.imap_unordered(_indexed, [(fn, i, t) for i, t in enumerate(tasks)]):
                 results[i] = res
                 bar.update(advance=1)
@@ -92,7 +97,7 @@ def _run_ray(
         raise UsageError("executor 'ray' needs ray: pip install 'lmlab[ray]'") from None
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        kwargs: dict[str, Any] = {"include_dashboard": False}  # workers' warnings reach us
         if address:
             kwargs["address"] = address
         else:

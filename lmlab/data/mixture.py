@@ -66,18 +66,27 @@ def _tokenize_by_source(
         for batch in _docs(jsonl):
             encs = tok.encode_batch([d["text"] for d in batch])
             for d, enc in zip(batch, encs, strict=True):
-                src = str(d.get("metadata", {}).get("source", "input"))
+                src = str(d.get("metadata", {}).get("source_name", "input"))
                 if src not in files:
                     path = tmp_dir / f"{split}.{len(files)}.tmp"
                     files[src] = stack.enter_context(open(path, "wb"))
-                    runs[src] = {"file": str(path), "lengths": [], "extra": [], "bytes": 0}
+                    runs[src] = {
+                        "file": str(path),
+                        "lengths": [],
+                        "extra": [],
+                        "bytes": 0,
+                        "extra_bytes": 0,
+                    }
                 ids = np.asarray(enc.ids + [eos], dtype=dtype)
                 files[src].write(ids.tobytes())
                 r = runs[src]
                 r["lengths"].append(len(ids))
-                r["bytes"] += len(d["text"].encode("utf-8"))
+                n_bytes = len(d["text"].encode("utf-8"))
+                r["bytes"] += n_bytes
                 share = shares.get(src, 0.0)
-                r["extra"].append(share > 0 and _extra_share(str(d["id"]), share))
+                extra = share > 0 and _extra_share(str(d["id"]), share)
+                r["extra"].append(extra)
+                r["extra_bytes"] += n_bytes if extra else 0
             bar.update(advance=len(batch))
     return runs
 
@@ -119,6 +128,8 @@ def _assemble(
                 "documents": len(lengths),
                 "tokens": int(starts[-1]),
                 "bytes": r["bytes"],
+                "bytes_in_split": r["bytes"] * max(full, 1)
+                + (r["extra_bytes"] if len(extra) else 0),
                 "epochs": round((offsets[-1] - start) / max(int(starts[-1]), 1), 4),
                 "tokens_in_split": offsets[-1] - start,
             }
@@ -130,7 +141,7 @@ def _assemble(
         "index": f"{split}.idx.npy",
         "tokens": offsets[-1],
         "documents": len(offsets) - 1,
-        "bytes": sum(s["bytes"] for s in sources.values()),
+        "bytes": sum(s["bytes_in_split"] for s in sources.values()),  # as the tokens count
         "phases": phases,
         "sources": sources,
     }

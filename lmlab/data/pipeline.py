@@ -42,8 +42,9 @@ from lmlab.data.document import Document
 from lmlab.data.executor import default_workers, is_done, mark_done, run_tasks
 from lmlab.data.filters import normalize
 from lmlab.data.sources import ReadStats, SourceConfig, list_tasks, read_task
-from lmlab.data.steps import REGISTRY, Step, StepStats, dump_steps, parse_steps
+from lmlab.data.steps import MAX_FINDINGS, REGISTRY, Step, StepStats, dump_steps, parse_steps
 from lmlab.errors import UsageError
+from lmlab.tokenizer import load_tokenizer
 from lmlab.utils import atomic_path, hash_obj, read_json, write_json
 
 DEFAULT_STEPS: dict[str, list[Any]] = {
@@ -103,6 +104,7 @@ class PipelineConfig:
     val_fraction: Fraction = 0.0
     schedule: list[str] | None = None  # curriculum: source names in the order training sees them
     workers: PosInt | None = None
+    task_mb: PosFloat = 64.0  # small input files are packed into tasks of about this size
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     keep_work: bool = False
@@ -114,6 +116,8 @@ class PipelineConfig:
         dup = [n for n, c in Counter(names).items() if c > 1]
         if dup:
             raise UsageError(f"sources: name {dup[0]!r} is used twice; give each source a name")
+        if self.schedule and len(set(self.schedule)) < len(self.schedule):
+            raise UsageError(f"schedule: each source may appear once ({self.schedule})")
         for n in self.schedule or []:
             if n not in names:
                 raise UsageError(f"schedule: {n!r} is not a source name (sources: {names})")
@@ -148,7 +152,7 @@ class Job:
 
     index: int
     source: int
-    task: Any
+    task: list[Any]  # input files (sources.Task) read one after the other
     config: PipelineConfig
     work: Path
     key: str
@@ -178,20 +182,37 @@ def _run_local(
     return doc
 
 
+def _percentile(step: Step) -> bool:
+    """A perplexity step that cuts at a corpus percentile (decided in the global phase)."""
+    cfg = step.config
+    return step.name == "perplexity" and cfg.keep_percentile is not None and not cfg.label_only
+
+
 def _split_steps(steps: list[Step]) -> tuple[list[Step], list[Step], list[Step]]:
+    """(filter-phase steps, global steps, apply-phase steps).
+
+    A percentile perplexity step ends the filter phase (its scores are made there, its
+    cut-off decided globally), so the steps after it run only on documents it keeps.
+    """
     kinds = [REGISTRY[s.name].kind for s in steps]
+    cut = next((i + 1 for i, s in enumerate(steps) if _percentile(s)), None)
     if "global" not in kinds:
-        return steps, [], []
+        return (steps, [], []) if cut is None else (steps[:cut], [], steps[cut:])
     first = kinds.index("global")
     last = len(kinds) - 1 - kinds[::-1].index("global")
     return steps[:first], steps[first : last + 1], steps[last + 1 :]
 
 
 def _global_steps(steps: list[Step]) -> list[Step]:
-    """The global block, plus the perplexity step when it cuts at a corpus percentile."""
+    """What the global phase decides, in order: the percentile cut, then de-duplication.
+
+    Span de-duplication goes last: which document keeps a repeated span must be decided
+    among the documents that survive every other drop, or the span is lost everywhere.
+    """
     _, glob, _ = _split_steps(steps)
-    ppl = [s for s in steps if s.name == "perplexity" and s.config.keep_percentile is not None]
-    return glob + ppl
+    ppl = [s for s in steps if _percentile(s)]
+    spans = [s for s in glob if s.name == "dedup_spans"]
+    return ppl + [s for s in glob if s.name != "dedup_spans"] + spans
 
 
 def _make(steps: list[Step], resources: dict) -> list[tuple[Step, Any]]:
@@ -252,8 +273,8 @@ def phase_filter(job: Job) -> dict:
         _writer(kept_tmp) as kept_f,
         _writer(rem_tmp) as rem_f,
     ):
-        for doc in read_task(job.task, src, read):
-            doc.metadata["source"] = src.name
+        for doc in (d for t in job.task for d in read_task(t, src, read)):
+            doc.metadata["source_name"] = src.name  # the mixture's name; `source` is the input's
             if src.weight < 1 and not _sampled(doc.id, src.weight):
                 sampled_out += 1
                 continue
@@ -294,7 +315,7 @@ def phase_filter(job: Job) -> dict:
     stats = {
         "task": job.index,
         "source": src.name,
-        "input": str(job.task),
+        "input": [t.label for t in job.task],
         "read": read.to_dict(),
         "sampled_out": sampled_out,
         "kept": len(sig["ids"]),
@@ -306,28 +327,75 @@ def phase_filter(job: Job) -> dict:
     return stats
 
 
+def _pack_ids(ids: list[str]) -> dict[str, np.ndarray]:
+    """Ids as one UTF-8 blob plus offsets: a fixed-width array would pad every id to the
+    longest (one 2 kB URL would make each id cost 8 kB)."""
+    raw = [i.encode("utf-8") for i in ids]
+    ends = np.cumsum([len(r) for r in raw], dtype=np.int64) if raw else np.zeros(0, np.int64)
+    return {"id_blob": np.frombuffer(b"".join(raw), dtype=np.uint8), "id_ends": ends}
+
+
+def _id_at(sig: dict, i: int) -> str:
+    start = int(sig["id_ends"][i - 1]) if i else 0
+    return sig["id_blob"][start : int(sig["id_ends"][i])].tobytes().decode("utf-8")
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
 def _save_signatures(path: Path, sig: dict, gnames: dict) -> None:
     n = len(sig["ids"])
     arrays: dict[str, np.ndarray] = {
-        "ids": np.asarray(sig["ids"], dtype=object).astype(str) if n else np.zeros(0, "U1"),
+        **_pack_ids(sig["ids"]),
         "ppl": np.asarray(sig["ppl"], dtype=np.float64),
         "chars": np.asarray(sig["chars"], dtype=np.int64),
         "exact": np.asarray(sig["exact"], dtype=np.uint64),
     }
-    if "minhash" in gnames:
+    if "minhash" in gnames:  # own .npy files, memory-mapped by the global phase
         m = gnames["minhash"]
-        arrays["bands"] = (
-            np.stack(sig["bands"]).astype(np.uint64) if n else np.zeros((0, m.bands), np.uint64)
-        )
+        bands = np.stack(sig["bands"]) if n else np.zeros((0, m.bands), np.uint64)
+        _save_npy(path.with_name(path.name.replace(".sig.npz", ".bands.npy")), bands.T.copy())
         if m.verify:
-            arrays["minsig"] = (
-                np.stack(sig["minsig"]) if n else np.zeros((0, m.num_perm), np.uint32)
-            )
+            minsig = np.stack(sig["minsig"]) if n else np.zeros((0, m.num_perm), np.uint32)
+            _save_npy(path.with_name(path.name.replace(".sig.npz", ".minsig.npy")), minsig)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     arrays["span_hash"] = cat(sig["span_hash"], np.uint64)
     arrays["span_doc"] = cat(sig["span_doc"], np.int64)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def _near_duplicates(
+    work: Path, n_tasks: int, n: int, alive: np.ndarray, cfg: Any
+) -> tuple[np.ndarray, dict]:
+    """MinHash clusters over every document, one band column in memory at a time.
+
+    Band keys and signatures stay on disk (memory-mapped); documents already dropped get
+    key 0, which never matches, so they remain singletons.
+    """
+    filt = work / "filter"
+    bands = [np.load(filt / f"{i:05d}.bands.npy", mmap_mode="r") for i in range(n_tasks)]
+
+    def columns():
+        for j in range(cfg.bands):
+            col = np.concatenate([b[j] for b in bands]) if n else np.zeros(0, np.uint64)
+            col[~alive] = 0
+            yield col
+
+    sigs = None
+    (work / "dedup").mkdir(parents=True, exist_ok=True)
+    if cfg.verify:  # one on-disk matrix, so pairs are checked without loading it whole
+        sigs = np.lib.format.open_memmap(
+            work / "dedup" / "minsig.npy", mode="w+", dtype=np.uint32, shape=(n, cfg.num_perm)
+        )
+        at = 0
+        for i in range(n_tasks):
+            part = np.load(filt / f"{i:05d}.minsig.npy", mmap_mode="r")
+            sigs[at : at + len(part)] = part
+            at += len(part)
+    return dedup.near_duplicate_clusters(columns(), cfg, signatures=sigs, n_docs=n)
 
 
 # Drop codes of the global phase, stored as one int8 per document.
@@ -341,7 +409,7 @@ def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
         return read_json(out / "stats.json")
     t0 = time.perf_counter()
     sigs = [dict(np.load(work / "filter" / f"{i:05d}.sig.npz")) for i in range(n_tasks)]
-    counts = [len(s["ppl"]) for s in sigs]
+    counts = [len(s["chars"]) for s in sigs]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = int(offsets[-1])
     code = np.zeros(n, dtype=np.int8)
@@ -361,15 +429,10 @@ def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
             dup_of[drop] = first
             st.dropped["duplicate"] = len(drop)
         elif step.name == "minhash":
-            bands = np.concatenate([s["bands"] for s in sigs])
-            full = np.concatenate([s["minsig"] for s in sigs]) if step.config.verify else None
-            roots, info = dedup.near_duplicate_clusters(
-                bands[alive], step.config, signatures=None if full is None else full[alive]
-            )
-            is_member = roots != np.arange(len(alive))
-            members = alive[is_member]
+            roots, info = _near_duplicates(work, n_tasks, n, code == 0, step.config)
+            members = np.flatnonzero(roots != np.arange(n))  # dropped documents stay alone
             code[members] = 2
-            dup_of[members] = alive[roots[is_member]]
+            dup_of[members] = roots[members]
             st.dropped["near_duplicate"] = len(members)
             stats["minhash"] = {"threshold": step.config.threshold, **info}
         elif step.name == "dedup_spans":
@@ -394,10 +457,11 @@ def phase_dedup(work: Path, n_tasks: int, steps: list[Step], key: str) -> dict:
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         target = dup_of[lo:hi]
         names = np.full(hi - lo, "", dtype=object)
-        for j in np.unique(np.searchsorted(offsets, target[target >= 0], side="right") - 1):
-            sel = (target >= offsets[j]) & (target < offsets[j + 1])
-            names[sel] = sigs[j]["ids"][target[sel] - offsets[j]]
-        in_task = (span_docs >= lo) & (span_docs < hi)
+        for k in np.flatnonzero(target >= 0):
+            j = int(np.searchsorted(offsets, target[k], side="right") - 1)
+            names[k] = _id_at(sigs[j], int(target[k] - offsets[j]))
+        a_, b_ = np.searchsorted(span_docs, [lo, hi])  # span_docs is sorted
+        in_task = slice(int(a_), int(b_))
         with atomic_path(out / f"{i:05d}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
@@ -431,9 +495,12 @@ def phase_apply(job: Job) -> dict:
     if _global_steps(cfg.parsed_steps()):
         dec = dict(np.load(job.work / "dedup" / f"{job.index:05d}.npz"))
     spans: dict[int, np.ndarray] = {}
-    if dec is not None:
-        for d in np.unique(dec["span_doc"]):
-            spans[int(d)] = dec["span_hash"][dec["span_doc"] == d]
+    if dec is not None and len(dec["span_doc"]):  # span_doc is sorted: split at changes
+        cuts = np.flatnonzero(np.diff(dec["span_doc"])) + 1
+        for docs, hashes in zip(
+            np.split(dec["span_doc"], cuts), np.split(dec["span_hash"], cuts), strict=True
+        ):
+            spans[int(docs[0])] = hashes
     src = job.work / "filter" / f"{job.index:05d}.jsonl"
     base = job.work / "apply" / f"{job.index:05d}"
     split_counts: Counter = Counter()
@@ -442,6 +509,8 @@ def phase_apply(job: Job) -> dict:
     ppl_values: list[float] = []
     lang_scores: list[float] = []
     dedup_extra = StepStats("dedup_apply")
+    names = {s.name for s in cfg.parsed_steps()}
+    has_ppl, has_lang = "perplexity" in names, "language" in names
     with (
         atomic_path(base.with_suffix(".train.jsonl")) as tr,
         atomic_path(base.with_suffix(".val.jsonl")) as va,
@@ -479,9 +548,9 @@ def phase_apply(job: Job) -> dict:
                 split_counts[split] += 1
                 split_chars[split] += len(res.text)
                 lengths.append(len(res.text))
-                if "perplexity" in res.metadata:
+                if has_ppl:  # only values our steps wrote, not input metadata of that name
                     ppl_values.append(res.metadata["perplexity"])
-                if "language_score" in res.metadata:
+                if has_lang:
                     lang_scores.append(res.metadata["language_score"])
     stats = {
         "task": job.index,
@@ -497,14 +566,50 @@ def phase_apply(job: Job) -> dict:
     return stats
 
 
-def input_fingerprint(tasks: list[tuple[int, Any]]) -> list:
-    """Paths with size and mtime: a changed input invalidates finished tasks."""
-    out = []
+def _stat(path: str) -> list:
+    p = Path(path)
+    st = p.stat() if p.exists() else None
+    return [str(path), st.st_size if st else None, st.st_mtime_ns if st else None]
+
+
+def input_fingerprint(tasks: list[tuple[int, Any]], steps: list[Step]) -> list:
+    """Size and mtime of every input, and of every file a step names (evaluation sets,
+    reference corpora, models, indexes, word lists): a change invalidates finished work."""
+    out = [[src, str(t), *_stat(t.source_path)[1:]] for src, t in tasks]
+    for step in steps:
+        for value in dataclasses.asdict(step.config).values():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str) and v and Path(v).exists():
+                    p = Path(v)
+                    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+                    out.extend(_stat(str(f)) for f in files)
+    return out
+
+
+TASK_FILES = 1024
+
+
+def group_tasks(tasks: list[tuple[int, Any]], task_mb: float) -> list[tuple[int, list[Any]]]:
+    """Pack consecutive small inputs of one source into tasks of ~`task_mb` (≤ 1024 files).
+
+    A directory of a million small files must not become a million tasks (each writes
+    its own work files and loads the steps' models). Order is kept, so the output is the
+    same however the inputs are packed.
+    """
+    limit = task_mb * 2**20
+    groups: list[tuple[int, list[Any]]] = []
+    size = 0.0
     for src, t in tasks:
         p = Path(t.source_path)
-        st = p.stat() if p.exists() else None
-        out.append([src, str(t), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return out
+        n = p.stat().st_size if t.format != "stdlib" and p.is_file() else limit
+        last = groups[-1] if groups else None
+        if last and last[0] == src and size + n <= limit and len(last[1]) < TASK_FILES:
+            last[1].append(t)
+            size += n
+        else:
+            groups.append((src, [t]))
+            size = n
+    return groups
 
 
 def prepare(
@@ -517,10 +622,11 @@ def prepare(
     from lmlab.data.card import write_card
     from lmlab.data.mixture import write_token_shards
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # absolute: workers (on Ray, elsewhere) get the same paths
     work = out / "work"
     start = time.monotonic()
     steps = cfg.parsed_steps()
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # fail before any work
     tasks = [(i, t) for i, s in enumerate(cfg.sources) for t in list_tasks(s)]
     if not tasks:
         raise UsageError("no input files found in the sources' paths")
@@ -530,7 +636,7 @@ def prepare(
     # relaunch with more workers, or on Ray, resumes the same work.
     how = {"workers", "executor", "ray_address", "keep_work"}
     what = {k: v for k, v in resolved.items() if k not in how}
-    key = hash_obj({"config": what, "inputs": input_fingerprint(tasks)})
+    key = hash_obj({"config": what, "inputs": input_fingerprint(tasks, steps)})
     if work.exists():
         try:
             old = read_json(work / "key.json")["key"]
@@ -546,8 +652,12 @@ def prepare(
         if REGISTRY[s.name].setup is not None:
             resources.update(REGISTRY[s.name].setup(s.config, work))
     workers = cfg.workers or default_workers()
-    jobs = [Job(i, si, t, cfg, work, key, resources) for i, (si, t) in enumerate(tasks)]
-    log(f"data: {len(tasks)} tasks from {len(cfg.sources)} source(s), {workers} worker(s)")
+    groups = group_tasks(tasks, cfg.task_mb)
+    jobs = [Job(i, si, ts, cfg, work, key, resources) for i, (si, ts) in enumerate(groups)]
+    log(
+        f"data: {len(tasks)} inputs in {len(jobs)} tasks from {len(cfg.sources)} source(s), "
+        f"{workers} worker(s)"
+    )
     run = dict(workers=workers, executor=cfg.executor, ray_address=cfg.ray_address)
     filt = run_tasks(phase_filter, jobs, desc="filter", **run)
     glob = _global_steps(steps)
@@ -555,8 +665,8 @@ def prepare(
     app = run_tasks(phase_apply, jobs, desc="dedup+privacy", **run)
     stats = _merge(cfg, filt, dstats, app, steps)
     _merge_files(work, out, len(jobs))
-    if tokenizer is not None:
-        stats["tokens"] = write_token_shards(out / "documents", tokenizer, out / "tokens", cfg)
+    if tok is not None:
+        stats["tokens"] = write_token_shards(out / "documents", tok, out / "tokens", cfg)
     stats["seconds"] = round(time.monotonic() - start, 2)
     stats["config"] = resolved
     write_json(out / "stats.json", stats)
@@ -595,6 +705,7 @@ def _merge(
             st.dropped.update(sd["dropped"])
             st.extra.update(sd["extra"])
             st.docs_out -= sum(sd["dropped"].values())
+            st.chars_out -= sd["chars_in"] - sd["chars_out"]
         else:
             per_step[sd["name"]] = StepStats.from_dict(sd)
     kept = {"train": {"documents": 0, "chars": 0}, "val": {"documents": 0, "chars": 0}}
@@ -629,7 +740,9 @@ def _merge(
         "pii": dict(pii_counts),
         "languages": dict(per_step["language"].extra) if "language" in per_step else {},
         "minhash": dstats.get("minhash"),
-        "contamination": per_step["decontaminate"].findings if "decontaminate" in per_step else [],
+        "contamination": (
+            per_step["decontaminate"].findings[:MAX_FINDINGS] if "decontaminate" in per_step else []
+        ),
         "histograms": {
             "bins": {k: v.tolist() for k, v in HIST_BINS.items()},
             **{k: v.tolist() for k, v in hist.items()},
@@ -700,9 +813,12 @@ def cli_config(
         raise UsageError("give INPUT files or directories, or `sources:` in --config")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if decontaminate:
-        steps = list(data.get("steps") or DEFAULT_STEPS[data.get("profile", "web")])
+        profile = data.get("profile", "web")
+        if profile not in DEFAULT_STEPS:
+            raise UsageError(f"{where}: profile: {profile!r} is not one of {list(DEFAULT_STEPS)}")
+        steps = list(data.get("steps") or DEFAULT_STEPS[profile])
         step = {"decontaminate": {"paths": list(decontaminate), "action": contaminated}}
-        names = [s if isinstance(s, str) else next(iter(s)) for s in steps]
+        names = [s if isinstance(s, str) else next(iter(s), None) if s else None for s in steps]
         if "decontaminate" in names:
             steps[names.index("decontaminate")] = step
         else:

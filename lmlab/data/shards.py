@@ -45,6 +45,8 @@ def open_split(shard_dir: str | Path, split: str) -> np.ndarray:
         info = manifest["splits"][split]
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise UsageError(f"{d}/manifest.json: missing or has no split {split!r} ({e})") from None
+    if info["tokens"] == 0:
+        raise UsageError(f"{d}: split {split!r} has no tokens (is its documents file empty?)")
     arr = np.memmap(d / info["file"], dtype=manifest["dtype"], mode="r")
     if len(arr) != info["tokens"]:
         raise UsageError(

@@ -261,12 +261,16 @@ def _make_index(cfg: IndexStep, res: dict) -> Apply:
 
 def _setup_decontaminate(cfg: DecontaminateStep, work: Path) -> dict:
     path = work / "contamination_index"
-    contamination.save_index(contamination.build_index(cfg.paths, cfg), path)
+    if not path.exists():  # a relaunch reuses it (the work folder is keyed by the inputs)
+        contamination.save_index(contamination.build_index(cfg.paths, cfg), path)
     return {"contamination_index": str(path)}
 
 
 def _setup_perplexity(cfg: perplexity.PerplexityConfig, work: Path) -> dict:
-    return {"perplexity_model": perplexity.prepare_model(cfg, work / "perplexity_model")}
+    trained = work / "perplexity_model.npz"
+    if cfg.model is None and trained.exists():  # a relaunch reuses the trained model
+        return {"perplexity_model": str(trained)}
+    return {"perplexity_model": perplexity.prepare_model(cfg, trained)}
 
 
 @dataclass(frozen=True)
@@ -368,14 +372,16 @@ def parse_steps(items: list[Any], profile: str, where: str = "steps") -> list[St
     kinds = [REGISTRY[s.name].kind for s in steps]
     if "global" in kinds:
         first = kinds.index("global")
-        late = [
-            s.name
-            for s in steps[first:]
-            if s.name == "perplexity" and s.config.keep_percentile is not None
+        pct = [
+            i
+            for i, s in enumerate(steps)
+            if s.name == "perplexity"
+            and s.config.keep_percentile is not None
+            and not s.config.label_only
         ]
-        if late:  # its cut-off is decided in the global phase, from scores made before it
+        if pct and pct[0] != first - 1:  # its cut-off is decided in the global phase too
             raise UsageError(
-                f"{where}: perplexity with keep_percentile must come before the "
+                f"{where}: perplexity with keep_percentile must come right before the "
                 "de-duplication steps"
             )
         last = len(kinds) - 1 - kinds[::-1].index("global")

@@ -31,7 +31,7 @@ def window_batch(
     lo, hi = span if span is not None else (0, len(tokens))
     if hi - lo < seq_len + 1:  # a phase too short for a window: widen it to the whole split
         lo, hi = 0, len(tokens)
-    n = hi - lo - seq_len - 1
+    n = hi - lo - seq_len  # starts lo … hi - seq_len - 1: the last window ends at hi
     if n <= 0:
         raise UsageError(f"pretrain: {len(tokens)} tokens cannot fill a window of {seq_len + 1}")
     rng = np.random.default_rng([seed, step])
