@@ -24,7 +24,7 @@ td{white-space:pre-wrap}"""
 
 def md_table(rows: list[list[str]]) -> str:
     def cell(x: str) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
+        return str(x).replace("|", "\\|").replace("\n", "<br>")  # a line break in a cell
 
     head, *body = rows
     lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]

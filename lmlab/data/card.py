@@ -210,4 +210,5 @@ def write_card(out_dir: str | Path, stats: dict) -> list[Path]:
     out = Path(out_dir)
     sections = card_sections(stats, out)
     plots = _plots(stats, out / "card")
-    return write_pages(out, "card", f"Data card: {out.name}", sections[:1] + plots + sections[1:])
+    title = f"Data card: {out.resolve().parent.name}/{out.name}"
+    return write_pages(out, "card", title, sections[:1] + plots + sections[1:])
