@@ -44,6 +44,7 @@ def _plots(stats: dict, out: Path) -> list[Section]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
@@ -72,6 +73,7 @@ def _plots(stats: dict, out: Path) -> list[Section]:
         names = [s["name"] for s in steps][::-1]
         ax.barh(names, [sum(s["dropped"].values()) for s in steps][::-1], color="#c44")
         ax.set_xlabel("documents removed")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(out / "removed.png", dpi=110)
         plt.close(fig)
@@ -104,15 +106,19 @@ def _plots(stats: dict, out: Path) -> list[Section]:
     return sections
 
 
+def _chars(n: int) -> str:
+    return f"{n / 1e6:,.1f} M characters" if n >= 1e6 else f"{n:,} characters"
+
+
 def card_sections(stats: dict, out_dir: Path) -> list[Section]:
     read = stats["read"]
     kept = stats["kept"]
     n_kept = kept["train"]["documents"] + kept["val"]["documents"]
     chars_kept = kept["train"]["chars"] + kept["val"]["chars"]
     summary = (
-        f"{read['documents']:,} documents ({read['chars'] / 1e6:,.1f} M characters) read from "
-        f"{len(stats['sources'])} source(s); {n_kept:,} kept ({chars_kept / 1e6:,.1f} M "
-        f"characters: {kept['train']['documents']:,} train, {kept['val']['documents']:,} "
+        f"{read['documents']:,} documents ({_chars(read['chars'])}) read from "
+        f"{len(stats['sources'])} source(s); {n_kept:,} kept ({_chars(chars_kept)}: "
+        f"{kept['train']['documents']:,} train, {kept['val']['documents']:,} "
         f"validation); {stats['removed']:,} removed. Skipped input records: "
         f"{sum(read.get('skipped', {}).values()):,}."
     )

@@ -120,7 +120,7 @@ class DecontaminateStep(contamination.ContaminationConfig):
             raise UsageError("decontaminate.paths: name at least one evaluation JSONL file")
         for p in self.paths:
             if not Path(p).is_file():
-                raise UsageError(f"decontaminate.paths: {p} does not exist")
+                raise UsageError(f"decontaminate.paths: {p} is not a file")
 
 
 @dataclass
