@@ -178,6 +178,88 @@ def data_index(
     print(f"{out}  ({n:,} documents)")
 
 
+model_app = typer.Typer(no_args_is_help=True, help="Architectures: presets, sizes, costs.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("info")
+def model_info(
+    target: Annotated[str, typer.Argument(help="A preset name, or a checkpoint/run/HF dir.")],
+    size: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 10M.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Layers (with a preset).")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (with a preset).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Context for FLOPs and KV cache.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: --set norm=layernorm.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print an architecture with its parameters, FLOPs per token and KV-cache bytes."""
+    from lmlab.model.info import config_of, info_json, info_rows
+    from lmlab.run.recipe import parse_override
+
+    overrides = {}
+    for item in set_ or []:
+        keys, value = parse_override(item)
+        overrides[".".join(keys)] = value
+    cfg = config_of(target, size, layers, width, overrides)
+    if seq_len is not None and seq_len <= 0:
+        raise UsageError(f"--seq-len must be > 0, got {seq_len}")
+    if as_json:
+        print(info_json(cfg, seq_len))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"model {target}", show_header=False)
+    for k, v in info_rows(cfg, seq_len):
+        table.add_row(k, v)
+    console.print(table)
+
+
+@model_app.command("presets")
+def model_presets() -> None:
+    """List the presets and the architecture choices each fixes (Zhao et al. Table 3)."""
+    from rich.table import Table
+
+    from lmlab.model.info import PRESET_COLUMNS, preset_rows
+
+    table = Table(*PRESET_COLUMNS)
+    for row in preset_rows():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="The lmlab checkpoint to write.")],
+    from_hf: Annotated[bool, typer.Option("--from-hf", help="Convert from Hugging Face.")] = True,
+) -> None:
+    """Convert a Hugging Face model (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, OPT, BLOOM, T5)
+    into an lmlab checkpoint."""
+    from lmlab.model.hf import convert_from_hf
+
+    print(convert_from_hf(src, out))
+
+
+@app.command()
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="An lmlab checkpoint or run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="The directory to write.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: hf.")] = "hf",
+    family: Annotated[
+        str | None, typer.Option(help="HF family (default: the one the config matches).")
+    ] = None,
+) -> None:
+    """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*)."""
+    if to != "hf":
+        raise UsageError(f"--to {to}: unknown format (known: hf)")
+    from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.model.hf import export_to_hf
+
+    print(export_to_hf(resolve_checkpoint(ckpt), out, family=family))
+
+
 @app.command()
 def recipes(
     show: Annotated[str | None, typer.Argument(help="Print this recipe, fully resolved.")] = None,

@@ -237,9 +237,9 @@ def test_kv_cache_prefill_chunks_and_steps_match_full_sequence(variant, dtype_ca
 
 
 @torch.no_grad()
-def test_kv_cache_overflow_past_max_seq_len_raises():
+def test_kv_cache_overflow_raises():
     model = make_model(seed=8, max_seq_len=16)
     cache = KVCache.empty(model.cfg, 1, 16)
     model(random_ids(1, 10, seed=9), cache)
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
         model(random_ids(1, 7, seed=9), cache)

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmlab.adapt.sft import SFTConfig
 from lmlab.config import STRICT, NonNegInt, PosInt
 from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
+from lmlab.model.presets import resolve_fields
 from lmlab.train.loop import TrainConfig
 
 
@@ -75,6 +76,12 @@ class Recipe(BaseModel):
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(max_minutes=8.0))
     sft: SFTStage = Field(default_factory=SFTStage)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_preset(cls, v: Any) -> Any:
+        """`preset`, `size`, `layers`, `width`, `heads` resolve to plain model fields."""
+        return resolve_fields(v) if isinstance(v, dict) else v
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -83,6 +83,13 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
+def with_aux_loss(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """The loss to differentiate: plus a mixture-of-experts model's weighted load-balancing
+    loss from the same forward (the logged loss stays the cross-entropy alone)."""
+    aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+    return loss if aux is None else loss + aux.to(loss.dtype)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms/gains), as in GPT-3/LLaMA."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -236,7 +243,7 @@ def train(
                     with autocast(cfg.precision):
                         logits = model(x)
                     loss = loss_fn(logits, y)
-                    (loss / cfg.grad_accum).backward()
+                    (with_aux_loss(model, loss) / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                     tokens += x.numel()
                 if cfg.grad_clip > 0:

@@ -74,6 +74,11 @@ def pretrain(
         )
     train_tokens = open_split(shard_dir, "train")
     val_tokens = open_split(shard_dir, "val")
+    if model_cfg.family == "encoder_decoder":
+        raise UsageError(
+            "pretrain: family encoder_decoder needs a denoising objective; this loop trains "
+            "causal language models (decoder and prefix families)"
+        )
     torch.manual_seed(seed)
     model = Transformer(model_cfg)
     vals = val_windows(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
