@@ -228,11 +228,16 @@ class ModelConfig:
         Training is 3× forward (backward = 2× forward). For encoder_decoder, per target
         token with an encoder input of the same length (both stacks and cross-attention)."""
         t = seq_len or self.max_seq_len
-        hd_all = self.n_heads * self.head_dim
-        matmul = self.num_params(embeddings=False, active=True)
-        matmul += self.padded_vocab_size * self.d_model  # the LM head is a matmul
+        d, hd_all = self.d_model, self.n_heads * self.head_dim
+        attn_w = d * hd_all * 2 + d * self.n_kv_heads * self.head_dim * 2
+        mats = 3 if self.activation in GATED else 2
+        ffn_w = mats * d * self.ffn_hidden
+        if self.n_experts:
+            ffn_w = self.experts_top_k * ffn_w + d * self.n_experts  # active experts + router
+        matmul = self.n_layers * (attn_w + ffn_w) + self.padded_vocab_size * d  # + LM head
         attn = sum(4 * self._attn_context(t, i) * hd_all for i in range(self.n_layers))
         if self.family == "encoder_decoder":
+            matmul += self.n_decoder_layers * (2 * attn_w + ffn_w)
             attn += self.n_decoder_layers * 8 * t * hd_all  # self + cross attention
         forward = 2 * matmul + attn
         return 3 * forward if training else forward
