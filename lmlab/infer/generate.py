@@ -39,22 +39,40 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 @torch.no_grad()
 def stream(model: Transformer, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
-    """Yield generated token ids one at a time (stops at a stop id, which is not yielded)."""
+    """Yield generated token ids one at a time (stops at a stop id, which is not yielded).
+
+    A prefix decoder reads the prompt as its bidirectional prefix; an encoder-decoder
+    encodes the prompt and decodes from `decoder_start_id`."""
     max_len = model.cfg.max_seq_len
     budget = min(cfg.max_new_tokens, max_len - 1)
     ids = prompt_ids[-(max_len - budget) :] if len(prompt_ids) > max_len - budget else prompt_ids
     if not ids:
         raise ValueError("generate: empty prompt")
     param = next(model.parameters())
-    cache = KVCache.empty(model.cfg, 1, len(ids) + budget, device=param.device, dtype=param.dtype)
+    family = model.cfg.family
+    x = torch.tensor([ids], device=param.device)
+    if family == "encoder_decoder":  # the prompt is encoded once; the decoder generates
+        memory = model.encode(x)
+        x = torch.tensor([[model.cfg.decoder_start_id]], device=param.device)
+        slots = 1 + budget
+    else:
+        slots = len(ids) + budget
+    cache = KVCache.empty(model.cfg, 1, slots, device=param.device, dtype=param.dtype)
+
+    def next_logits(x: torch.Tensor) -> torch.Tensor:
+        if family == "encoder_decoder":
+            return model.decode(x, memory, cache=cache)
+        if family == "prefix":  # the prompt is the prefix: it attends both ways
+            return model(x, cache, prefix_len=len(ids))
+        return model(x, cache)
+
     gen = torch.Generator(device=param.device)
     if cfg.seed is not None:
         gen.manual_seed(cfg.seed)
     else:  # a fresh Generator always starts from the same fixed seed: draw a random one
         gen.seed()
-    x = torch.tensor([ids], device=param.device)
     for _ in range(budget):
-        logits = model(x, cache)[:, -1, :].float()
+        logits = next_logits(x)[:, -1, :].float()
         if cfg.temperature <= 0:
             nxt = int(logits.argmax(-1))
         else:

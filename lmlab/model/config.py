@@ -34,6 +34,7 @@ class ModelConfig:
     vocab_size: int = 4096  # in a recipe, taken from the trained tokenizer
     n_layers: PosInt = 4  # encoder layers for encoder_decoder
     n_decoder_layers: PosInt | None = None  # encoder_decoder only; None = n_layers
+    decoder_start_id: NonNegInt = 0  # encoder_decoder: the first decoder input (T5: pad, 0)
     d_model: PosInt = 256
     n_heads: PosInt = 4
     n_kv_heads: PosInt | None = None  # None = n_heads (multi-head); 1 = multi-query; else GQA
