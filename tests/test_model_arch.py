@@ -658,3 +658,33 @@ def test_cached_generation_matches_recomputing_every_step(preset):
         ref.append(int(logits[0, -1].argmax()))
     assert got == ref
     assert len(set(ref)) > 1  # not a degenerate repeat, so the comparison means something
+
+
+# Table 3's model cards at their published dimensions: the parameter count from the
+# preset's formula must give the published size (vocabularies and FFN widths from the papers).
+CARDS = [
+    ("gpt3", dict(layers=96, width=12288, heads=96, max_seq_len=2048, vocab_size=50257), 175e9),
+    ("opt", dict(layers=96, width=12288, heads=96, max_seq_len=2048, vocab_size=50272), 175e9),
+    (
+        "palm",
+        dict(layers=118, width=18432, heads=48, head_dim=256, ffn_hidden=73728, vocab_size=256000),
+        540e9,
+    ),
+    ("bloom", dict(layers=70, width=14336, heads=112, vocab_size=250880), 176e9),
+    ("llama", dict(layers=80, width=8192, heads=64, ffn_hidden=22016, vocab_size=32000), 65.2e9),
+    ("glm", dict(layers=70, width=12288, heads=96, ffn_hidden=32768, vocab_size=150528), 130e9),
+    (
+        "t5",
+        dict(layers=24, width=1024, heads=128, head_dim=128, ffn_hidden=65536, vocab_size=32128),
+        11e9,
+    ),
+    ("galactica", dict(layers=96, width=10240, heads=80, vocab_size=50000), 120e9),
+]
+
+
+@pytest.mark.parametrize("preset, dims, published", CARDS, ids=[c[0] for c in CARDS])
+def test_presets_at_their_model_card_sizes_have_the_published_parameter_count(
+    preset, dims, published
+):
+    c = resolve_model({"preset": preset, **dims})
+    assert abs(c.num_params() / published - 1) < 0.03, f"{c.num_params():,}"

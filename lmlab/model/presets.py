@@ -44,6 +44,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         bias=True,
         tie_embeddings=True,
     ),
+    # Galactica: GPT-3's layout without any biases (dense layers or norms), GeLU, learned.
+    "galactica": dict(
+        norm="layernorm",
+        position="learned",
+        activation="gelu",
+        bias=False,
+        tie_embeddings=True,
+    ),
     "neox": dict(
         norm="layernorm",
         position="rope",
@@ -143,6 +151,7 @@ CARDS = {
     "gpt2": "GPT-2 (2019)",
     "gpt3": "GPT-3 (2020)",
     "opt": "OPT (2022)",
+    "galactica": "Galactica (2022)",
     "neox": "GPT-NeoX (2022)",
     "palm": "PaLM (2022)",
     "bloom": "BLOOM (2022)",
