@@ -224,6 +224,7 @@ def model_presets() -> None:
     from lmlab.model.info import PRESET_COLUMNS, preset_rows
 
     table = Table(*PRESET_COLUMNS)
+    table.columns[0].no_wrap = True
     for row in preset_rows():
         table.add_row(*row)
     console.print(table)

@@ -559,6 +559,7 @@ def test_preset_with_layers_width_and_size_budget():
     assert sized.d_model == 64 * sized.n_layers
     deep = resolve_model({"preset": "llama", "size": "10M", "layers": 12})
     assert deep.n_layers == 12 and abs(deep.num_params(embeddings=False) - 10e6) / 10e6 < 0.15
+    assert resolve_model({"layers": 2, "n_layers": 3, "width": 128, "n_heads": 8}).n_layers == 2
     override = resolve_model({"preset": "llama", "layers": 2, "width": 64, "norm": "layernorm"})
     assert override.norm == "layernorm"
     assert resolve_model({"preset": "mistral", "layers": 2, "width": 1024}).n_kv_heads == 4
@@ -568,7 +569,6 @@ def test_preset_with_layers_width_and_size_budget():
         ({"preset": "gpt5"}, "unknown preset"),
         ({"size": "ten"}, "not a parameter count"),
         ({"layers": 0}, "positive integer"),
-        ({"layers": 2, "n_layers": 3}, "not both"),
     ):
         with pytest.raises(UsageError, match=msg):
             resolve_model(bad)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from lmlab.config import STRICT, NonNegInt, PosFloat, PosInt
 from lmlab.errors import UsageError
 
@@ -320,7 +322,15 @@ class ModelConfig:
             raise UsageError(
                 f"model config: unknown keys {sorted(unknown)}; allowed {sorted(known)}"
             )
-        return cls(**d)
+        try:  # validated as a recipe would be: types, literals and ranges
+            return TypeAdapter(cls).validate_python(d)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if not key:  # a cross-field check in validate()
+                raise UsageError(f"model: {msg}") from None
+            raise UsageError(f"model.{key}: {msg} (got {err.get('input')!r})") from None
 
 
 def _round_up(x: int, m: int) -> int:

@@ -257,13 +257,9 @@ def resolve_fields(raw: dict[str, Any]) -> dict[str, Any]:
     sizes = {k: d.pop(k) for k in list(d) if k in SIZE_KEYS}
     if name is None and size is None and not sizes:
         return d
-    for k, field in SIZE_KEYS.items():
-        if k in sizes and field in d:
-            raise UsageError(f"model: give {k} or {field}, not both")
-        if k in sizes:
-            v = sizes[k]
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise UsageError(f"model.{k}: expected a positive integer, got {v!r}")
+    for k, v in sizes.items():  # `layers` wins over an `n_layers` from a base recipe
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise UsageError(f"model.{k}: expected a positive integer, got {v!r}")
     if name is not None and name not in PRESETS:
         raise UsageError(f"model.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
     fields: dict[str, Any] = dict(PRESETS[name]) if name else {}
@@ -272,8 +268,9 @@ def resolve_fields(raw: dict[str, Any]) -> dict[str, Any]:
     defaults = ModelConfig()
     layers = sizes.get("layers", d.get("n_layers"))
     width = sizes.get("width", d.get("d_model"))
-    heads = sizes.get("heads", d.get("n_heads"))
-    if size is not None:
+    heads = sizes.get("heads", d.get("n_heads") if "width" not in sizes else None)
+    if size is not None:  # a budget refits the fields; only layers/width/heads pin one
+        layers, width, heads = sizes.get("layers"), sizes.get("width"), sizes.get("heads")
         try:  # let the recipe validator report a bad field, not the size search
             _build(fields, defaults.n_layers, defaults.d_model, heads)
         except UsageError:

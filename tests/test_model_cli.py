@@ -1,0 +1,79 @@
+"""`lmlab model info` / `lmlab model presets` and presets in recipes, as a user meets them."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lmlab import load_model, load_tokenizer
+from lmlab.errors import UsageError
+from lmlab.model.presets import PRESETS
+from lmlab.run.recipe import load_recipe
+
+from .conftest import lmlab_cmd
+
+
+def test_model_info_prints_architecture_and_costs(tmp_path):
+    p = lmlab_cmd("model", "info", "llama", "--size", "10M", "--json", cwd=tmp_path, check=True)
+    info = json.loads(p.stdout)
+    assert info["config"]["preset"] == "llama"
+    assert abs(info["non_embedding_parameters"] - 10e6) < 1.5e6
+    assert info["training_flops_per_token"] == 3 * info["forward_flops_per_token"]
+    assert info["kv_cache_bytes_per_token_16bit"] == 2 * 6 * 6 * 64 * 2
+    p = lmlab_cmd("model", "info", "switch", "--layers", "2", "--width", "128", cwd=tmp_path)
+    assert p.returncode == 0
+    text = p.stdout + p.stderr
+    assert "active per token" in text and "T5 relative buckets" in text
+
+
+def test_model_presets_lists_every_preset(tmp_path):
+    p = lmlab_cmd("model", "presets", cwd=tmp_path, check=True)
+    text = p.stdout + p.stderr
+    for name in PRESETS:
+        assert name in text
+
+
+def test_model_info_bad_input_exits_2(tmp_path):
+    p = lmlab_cmd("model", "info", "gpt5", cwd=tmp_path)
+    assert p.returncode == 2 and "neither a preset" in p.stderr
+    p = lmlab_cmd("model", "info", "llama", "--set", "norm=batchnorm", cwd=tmp_path)
+    assert p.returncode == 2 and "norm" in p.stderr and "Traceback" not in p.stderr
+    p = lmlab_cmd("model", "info", "llama", "--size", "lots", cwd=tmp_path)
+    assert p.returncode == 2 and "parameter count" in p.stderr
+
+
+def test_recipe_model_presets_resolve_and_report_bad_keys():
+    r = load_recipe("smoke", ["model.preset=bloom"])
+    assert r.model.position == "alibi" and r.model.embed_norm and r.model.n_layers == 2
+    r = load_recipe("smoke", ["model.preset=llama", "model.size=1M"])
+    assert r.model.preset == "llama" and r.model.n_layers > 2
+    # a resolved recipe (as results.json stores it) loads back to the same model
+    stored = {k: v for k, v in r.resolved()["model"].items() if k != "vocab_size"}
+    again = load_recipe("smoke", [f"model={json.dumps(stored)}"])
+    assert again.model == r.model
+    for bad, needle in (
+        ("model.preset=gpt5", "unknown preset"),
+        ("model.norm=batchnorm", "model.norm"),
+        ("model.layers=0", "positive integer"),
+    ):
+        try:
+            load_recipe("smoke", [bad])
+        except UsageError as e:
+            assert needle in str(e), str(e)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_pretrain_with_a_prefix_deepnorm_preset_trains_saves_loads_and_generates(tmp_path):
+    """GLM's choices (prefix decoder, post-LN DeepNorm, GeGLU, biases) through the real
+    stage: the checkpoint reloads to identical logits and generates."""
+    lmlab_cmd("pretrain", "smoke", "--set", "model.preset=glm", "--quiet", cwd=tmp_path, check=True)
+    ckpt = tmp_path / "runs/smoke/pretrain/model"
+    cfg = json.loads((ckpt / "config.json").read_text())["model"]
+    assert cfg["preset"] == "glm" and cfg["family"] == "prefix" and cfg["deepnorm"]
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    x = torch.tensor([tok.encode("def main():").ids])
+    assert torch.equal(model(x), load_model(ckpt)(x))
+    p = lmlab_cmd("generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "5", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.startswith("def ")
