@@ -562,8 +562,6 @@ class Transformer(nn.Module):
             position_ids = positions_from(attention_mask, start, t, device)
         if isinstance(prefix_len, int):
             prefix_len = torch.full((b,), prefix_len, dtype=torch.long)
-        if cfg.family == "prefix" and prefix_len is None:
-            prefix_len = torch.zeros(b, dtype=torch.long)
         x = self.embed_tokens(input_ids)
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids + cfg.learned_pos_offset)

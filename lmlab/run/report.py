@@ -127,6 +127,7 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
                         "layers × width × heads",
                         f"{m.get('n_layers')} × {m.get('d_model')} × {m.get('n_heads')}",
                     ],
+                    *_architecture_rows(m),
                     ["steps", str(summ.get("steps"))],
                     ["tokens", f"{summ.get('tokens', 0):,}"],
                     ["tokens/s", _fmt(summ.get("tokens_per_s"), 0)],
@@ -194,3 +195,16 @@ def write_report(run_dir: str | Path) -> list[Path]:
     plots: list[Section] = [("Loss curves", png)] if plot_losses(run_dir, png) else []
     title = f"lmlab run report: {run_dir.name}"
     return write_pages(run_dir, "report", title, plots + build_sections(run_dir))
+
+
+def _architecture_rows(model: dict) -> list[list[str]]:
+    """The architecture choices in words (preset, norms, positions, ...), when readable."""
+    from lmlab.errors import UsageError
+    from lmlab.model.config import ModelConfig
+
+    try:
+        desc = ModelConfig.from_dict(model).describe()
+    except (UsageError, TypeError):
+        return []
+    keep = ("preset", "family", "normalization", "positions", "attention", "feed-forward")
+    return [[k, desc[k]] for k in keep]

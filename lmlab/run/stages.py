@@ -58,7 +58,8 @@ def stage_pretrain(run: Run) -> dict:
     mcfg = _model_config(run)
     cfg = run.recipe.pretrain
     log(
-        f"pretrain: {mcfg.num_params():,} parameters, {mcfg.n_layers} layers × {mcfg.d_model}, "
+        f"pretrain: {mcfg.num_params():,} parameters, {mcfg.n_layers} layers × {mcfg.d_model}"
+        f"{f' ({mcfg.preset})' if mcfg.preset else ''}, "
         f"precision {resolve_precision(cfg.precision)}"
     )
     key = hash_obj(
