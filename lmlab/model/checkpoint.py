@@ -17,8 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmlab.console import warn
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.config import ModelConfig
+from lmlab.model.encdec import build_model
 from lmlab.model.transformer import Transformer
 from lmlab.utils import write_json
 
@@ -91,7 +93,7 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     if cfg_json.get("format") != FORMAT:
         return _load_hf(ckpt, device)
     cfg = ModelConfig.from_dict(cfg_json["model"])
-    model = Transformer(cfg)
+    model = build_model(cfg)
     weights = ckpt / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -108,6 +110,19 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
 
 
 def _load_hf(ckpt: Path, device: str) -> torch.nn.Module:
+    """A Hugging Face directory. Families lmlab implements (`lmlab.model.hf.FAMILIES`) are
+    converted in memory, so lmlab's KV cache and decoding work on them; any other model, or
+    one using a feature lmlab lacks (say a RoPE scaling type), loads with transformers'
+    AutoModelForCausalLM. Corrupt files are an error either way."""
+    from lmlab.model import hf
+
+    if hf.is_supported(ckpt):
+        try:
+            return hf.load_hf_model(ckpt, device)
+        except CheckpointError:
+            raise
+        except UsageError as e:
+            warn(f"{e}; loading it with transformers instead")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
