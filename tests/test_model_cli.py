@@ -77,3 +77,27 @@ def test_pretrain_with_a_prefix_deepnorm_preset_trains_saves_loads_and_generates
     assert torch.equal(model(x), load_model(ckpt)(x))
     p = lmlab_cmd("generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "5", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.startswith("def ")
+
+
+def test_export_convert_and_info_through_the_cli(smoke_run, tmp_path):
+    """A trained run -> HF directory -> lmlab checkpoint, by the commands a user types."""
+    hf_dir, back = tmp_path / "hf", tmp_path / "back"
+    lmlab_cmd(
+        "export", str(smoke_run), "--to", "hf", "--out", str(hf_dir), cwd=tmp_path, check=True
+    )
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "llama"
+    info = json.loads(
+        lmlab_cmd("model", "info", str(hf_dir), "--json", cwd=tmp_path, check=True).stdout
+    )
+    ours = json.loads(
+        lmlab_cmd("model", "info", str(smoke_run), "--json", cwd=tmp_path, check=True).stdout
+    )
+    assert info["non_embedding_parameters"] == ours["non_embedding_parameters"]
+    lmlab_cmd("convert", "--from-hf", str(hf_dir), "--out", str(back), cwd=tmp_path, check=True)
+    tok = load_tokenizer(back)
+    x = torch.tensor([tok.encode("import os").ids])
+    torch.testing.assert_close(load_model(back)(x), load_model(smoke_run)(x), rtol=0, atol=0)
+    p = lmlab_cmd(
+        "export", str(smoke_run), "--to", "gguf", "--out", str(tmp_path / "g"), cwd=tmp_path
+    )
+    assert p.returncode == 2 and "unknown format" in p.stderr
