@@ -38,7 +38,11 @@ def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str
 
     set_quiet(quiet)
     r = load_recipe(recipe, set_ or [])
-    return run_recipe(r, runs_dir, name, force, until=until)
+    run_dir = run_recipe(r, runs_dir, name, force, until=until)
+    if r.variants and until not in ("data", "tokenizer"):
+        print(f"comparison: {run_dir / 'compare.html'}  (markdown: {run_dir / 'compare.md'})")
+        raise typer.Exit(0)
+    return run_dir
 
 
 def _stage_command(command_name: str, until: str, doc: str, group: typer.Typer = app) -> None:

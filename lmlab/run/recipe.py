@@ -8,6 +8,7 @@ impossible value is reported as one line naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,14 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from lmlab.adapt.sft import SFTConfig
 from lmlab.config import STRICT, NonNegInt, PosInt
 from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
-from lmlab.model.presets import resolve_fields
+from lmlab.model.presets import SIZE_KEYS, resolve_fields
 from lmlab.train.loop import TrainConfig
 
 
@@ -76,6 +87,12 @@ class Recipe(BaseModel):
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(max_minutes=8.0))
     sft: SFTStage = Field(default_factory=SFTStage)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # name -> model overrides merged onto `model:`; non-empty makes the run a controlled
+    # comparison (lmlab.run.compare): same data, tokens and seed for every variant
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # the resolved model of every variant, computed while the raw `model:` mapping (which a
+    # variant's `preset` or `size` re-resolves) is still at hand
+    _variant_models: dict[str, ModelConfig] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -83,8 +100,86 @@ class Recipe(BaseModel):
         """`preset`, `size`, `layers`, `width`, `heads` resolve to plain model fields."""
         return resolve_fields(v) if isinstance(v, dict) else v
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _empty_variants(cls, v: Any) -> Any:
+        """`variants:` or `baseline:` with nothing under it means no overrides."""
+        if v is None:
+            return {}
+        return {k: {} if o is None else o for k, o in v.items()} if isinstance(v, dict) else v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resolve_variants(cls, data: Any, handler: Any) -> Recipe:
+        """Validate every variant at load, reporting errors at `variants.<name>.<key>`."""
+        models = variant_models(data) if isinstance(data, dict) else {}
+        recipe = handler(data)
+        recipe._variant_models = models
+        return recipe
+
+    def variant_models(self) -> dict[str, ModelConfig]:
+        """Each variant's model (vocab_size still the default: the tokenizer sets it)."""
+        return dict(self._variant_models)
+
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_MODEL = TypeAdapter(ModelConfig)
+# A variant's key replaces the recipe's own key for the same quantity in either spelling
+# (`n_layers: 6` in a variant wins over `layers: 4` in `model:`, and the other way round).
+_SAME = {**SIZE_KEYS, **{v: k for k, v in SIZE_KEYS.items()}}
+
+
+def merge_variant(model: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The raw `model:` mapping of one variant: the recipe's, with the variant's keys on top."""
+    out = {k: v for k, v in model.items() if _SAME.get(k) not in overrides}
+    return {**out, **overrides}
+
+
+def variant_models(raw: dict[str, Any]) -> dict[str, ModelConfig]:
+    """Resolve and validate the `variants` of a raw recipe mapping.
+
+    Raises a ValidationError located at `variants.<name>[.<key>]`, so the one-line error
+    names the variant and its key like any other recipe key."""
+    variants = raw.get("variants")
+    model = raw.get("model") or {}
+    if not isinstance(variants, dict) or not isinstance(model, dict):
+        return {}  # the field validators report the wrong type
+    out = {}
+    for name, overrides in variants.items():
+        loc: tuple = ("variants", str(name))
+        try:
+            if not VARIANT_NAME.fullmatch(str(name)):
+                raise ValueError("a variant name uses only letters, digits, '_', '.', '-'")
+            if overrides is None:
+                overrides = {}  # `baseline:` with nothing under it: the recipe's own model
+            if not isinstance(overrides, dict):
+                raise ValueError("expected a mapping of model keys (or nothing)")
+            if "vocab_size" in overrides:
+                loc += ("vocab_size",)
+                raise ValueError("set by the tokenizer; set tokenizer.vocab_size instead")
+            out[str(name)] = _MODEL.validate_python(resolve_fields(merge_variant(model, overrides)))
+        except ValidationError as e:
+            raise ValidationError.from_exception_data(
+                "Recipe",
+                [
+                    InitErrorDetails(
+                        type=err["type"],
+                        loc=(*loc, *err["loc"]),
+                        input=err["input"],
+                        ctx=err.get("ctx", {}),
+                    )
+                    for err in e.errors()
+                ],
+            ) from None
+        except ValueError as e:
+            raise ValidationError.from_exception_data(
+                "Recipe",
+                [InitErrorDetails(type="value_error", loc=loc, input=overrides, ctx={"error": e})],
+            ) from None
+    return out
 
 
 def builtin_recipes() -> list[str]:
@@ -169,13 +264,20 @@ def describe_error(e: ValidationError) -> str:
     loc = [str(x) for x in err["loc"] if not str(x).startswith("function-")]
     key = ".".join(loc)
     if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        allowed = allowed_keys(Recipe, loc[:-1])
+        variant = loc[0] == "variants" and len(loc) == 3
+        allowed = (
+            sorted({*allowed_keys(Recipe, ["model"]), "size", *SIZE_KEYS} - {"vocab_size"})
+            if variant
+            else allowed_keys(Recipe, loc[:-1])
+        )
         return f"unknown key {key!r} (allowed: {', '.join(allowed)})"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     given = err.get("input")
     shown = "" if isinstance(given, dict) or err["type"] == "value_error" else f" (got {given!r})"
+    if msg.startswith((f"{key}.", f"{key}:")):  # the message already names the key
+        return msg
     return f"{key}: {msg}{shown}"
 
 
@@ -208,5 +310,11 @@ def _unwrap(t: Any) -> Any:
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML that `lmlab run FILE` accepts back."""
     resolved = recipe.resolved()
-    resolved["model"].pop("vocab_size")  # set by the tokenizer stage, not by the recipe
+    model = resolved["model"]
+    model.pop("vocab_size")  # set by the tokenizer stage, not by the recipe
+    if recipe.variants:  # keep derived sizes derived, so `activation: gelu` re-derives them
+        for k in ("ffn_hidden", "head_dim", "n_kv_heads", "n_decoder_layers"):
+            rest = {f: v for f, v in model.items() if f != k}
+            if ModelConfig.from_dict(rest) == recipe.model:
+                model.pop(k)
     return yaml.safe_dump(resolved, sort_keys=False)

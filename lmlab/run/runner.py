@@ -5,6 +5,9 @@ outputs of the stages before it). A stage is skipped when its completion marker
 (`<stage>/.done.json`) holds the same key; `--force STAGE` redoes it and every stage
 after it. A stage interrupted before its marker is written runs again, and the
 training stages resume from their last checkpoint.
+
+A recipe with `variants` is a controlled comparison: data and tokenizer run as usual,
+then `lmlab.run.compare` pre-trains every variant (sft and eval do not run).
 """
 
 from __future__ import annotations
@@ -59,6 +62,27 @@ def _inputs(stage: str) -> list[str]:
     }[stage]
 
 
+def cached_record(sdir: Path, key: str, redo: bool = False) -> dict | None:
+    """The completion marker of `sdir` if it holds `key` (and the work is not to be redone)."""
+    marker = sdir / ".done.json"
+    done = read_json(marker) if marker.is_file() else None
+    return done if not redo and done and done.get("key") == key else None
+
+
+def start_dir(sdir: Path, key: str, redo: bool = False) -> None:
+    """Prepare `sdir` for an attempt with `key`.
+
+    Partial work (a training checkpoint) is resumed only by an attempt with the same key:
+    anything left by a redone stage or by different config/inputs is cleared."""
+    marker, started = sdir / ".done.json", sdir / ".started.json"
+    stale = started.is_file() and read_json(started).get("key") != key
+    if sdir.exists() and (redo or stale or (marker.is_file() and not started.is_file())):
+        shutil.rmtree(sdir)
+    marker.unlink(missing_ok=True)
+    sdir.mkdir(parents=True, exist_ok=True)
+    write_json(started, {"key": key})
+
+
 def run_recipe(
     recipe: Recipe,
     runs_dir: str | Path = "runs",
@@ -91,30 +115,26 @@ def run_recipe(
     forced = STAGES[STAGES.index(force) :] if force else []
     outputs: dict[str, dict[str, str]] = {}
     log(f"run [bold]{run.dir}[/bold]")
-    for stage in STAGES[: STAGES.index(until) + 1]:
+    todo = STAGES[: STAGES.index(until) + 1]
+    compare = bool(recipe.variants) and len(todo) > STAGES.index("tokenizer") + 1
+    if recipe.variants:
+        todo = todo[: STAGES.index("tokenizer") + 1]
+    for stage in todo:
         fn: Callable[[Run], dict] = getattr(stages, f"stage_{stage}")
         sdir = run.stage_dir(stage)
         inputs = {s: hash_obj(outputs[s]) for s in _inputs(stage)}
         key = hash_obj(
             {"stage": stage, "config": _stage_config(recipe, stage), "inputs": inputs, "format": 1}
         )
-        marker = sdir / ".done.json"
-        done = read_json(marker) if marker.is_file() else None
-        if stage not in forced and done and done.get("key") == key:
+        done = cached_record(sdir, key, redo=stage in forced)
+        if done:
             outputs[stage] = done["outputs"]
             manifest["stages"][stage] = {**done["record"], "status": "cached"}
             log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
             write_json(manifest_path, manifest)
             continue
-        # Partial work (a training checkpoint) is resumed only by an attempt with the same
-        # key: anything left by a forced stage or by different config/inputs is cleared.
-        started = sdir / ".started.json"
-        stale = started.is_file() and read_json(started).get("key") != key
-        if sdir.exists() and (stage in forced or stale or (done and not started.is_file())):
-            shutil.rmtree(sdir)
-        marker.unlink(missing_ok=True)
-        sdir.mkdir(parents=True, exist_ok=True)
-        write_json(started, {"key": key})
+        start_dir(sdir, key, redo=stage in forced)
+        marker = sdir / ".done.json"
         log(f"[bold cyan]{stage}[/bold cyan] …")
         t0 = time.monotonic()
         manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
@@ -139,4 +159,13 @@ def run_recipe(
         write_json(marker, {"key": key, "outputs": outputs[stage], "record": record})
         write_json(manifest_path, manifest)
         log(f"{stage}: done in {seconds:.1f}s")
+    if compare:
+        from lmlab.run.compare import run_comparison
+
+        def record(entry: dict) -> None:
+            manifest["stages"]["compare"] = entry
+            write_json(manifest_path, manifest)
+
+        # any --force redoes the variants: they come after every stage it can name
+        run_comparison(run, hash_obj(outputs["tokenizer"]), redo=bool(forced), record=record)
     return run.dir
