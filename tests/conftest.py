@@ -29,6 +29,19 @@ def lmlab_cmd(
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is far faster than two fighting over a busy
+    machine. Restored afterwards, so other test modules are not affected. A module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """A finished `lmlab run smoke`, shared read-only by many tests."""

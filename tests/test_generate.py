@@ -36,13 +36,7 @@ TopPLogitsWarper = logits_process.TopPLogitsWarper
 TemperatureLogitsWarper = logits_process.TemperatureLogitsWarper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is far faster on a busy machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharp_model(variant: str = "gqa-untied", seed: int = 11) -> Transformer:

@@ -33,14 +33,10 @@ VOCAB = 300  # not a multiple of 64: lmlab pads to 320 rows, HF keeps 300
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is far faster than two fighting over a busy
-    machine. Restored afterwards, so other test modules are not affected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet_transformers(one_thread):
+    """One thread (conftest) and no transformers warnings for the random tiny models."""
     transformers.logging.set_verbosity_error()
     yield
-    torch.set_num_threads(before)
 
 
 # --- tiny HF models -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Reference parity: lmlab's `Transformer` against Hugging Face's `LlamaForCausalLM`.
 
-The weight-mapping helper below stays in this file until a real converter exists; the
-generation tests import it from here as well.
+The weight mapping below is written by hand and kept apart from `lmlab.model.hf` on
+purpose: a second, independent mapping, so that a converter bug cannot hide a model bug
+(test_model_hf.py checks the converter itself). The generation tests import it too.
 """
 
 from __future__ import annotations
@@ -27,14 +28,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is ~100x faster than two fighting over
-    a busy machine. Restored afterwards, so other test modules are not affected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -7,9 +7,7 @@ a crash never leaves a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.encdec import build_model
 from lmlab.model.transformer import Transformer
-from lmlab.utils import write_json
+from lmlab.utils import atomic_dir, write_json
 
 FORMAT = "lmlab-checkpoint/1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -37,9 +35,7 @@ def save_checkpoint(
 ) -> Path:
     """Write the model (and the tokenizer beside it) atomically to `out_dir`."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight", None)  # one tensor, stored once
@@ -54,15 +50,6 @@ def save_checkpoint(
                     shutil.copy2(src, tmp / name)
         if write_extra is not None:
             write_extra(tmp)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

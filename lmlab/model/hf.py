@@ -13,12 +13,10 @@ key: a conversion that silently changes the function a model computes is worse t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.config import GATED, ModelConfig
 from lmlab.model.encdec import build_model
+from lmlab.utils import atomic_dir
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "bloom", "t5")
 
@@ -1046,7 +1045,7 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, family: str | None =
     dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")
     special = _special_token_ids(ckpt)
     hf_cfg = config_to_hf(fam, cfg, dtype, special)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_cfg)
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -1131,25 +1130,6 @@ def _special_token_ids(ckpt: Path) -> dict[str, int | None]:
 
 
 # --- small helpers --------------------------------------------------------------------
-
-
-@contextmanager
-def _atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """A temporary sibling directory renamed to `out_dir` on success (as save_checkpoint)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _write_json(path: Path, obj: Any) -> None:

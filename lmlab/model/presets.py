@@ -26,16 +26,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_embeddings=True,
         norm_eps=1e-5,
     ),
-    # GPT-3 is GPT-2's architecture with alternating dense and locally banded attention.
-    "gpt3": dict(
-        norm="layernorm",
-        position="learned",
-        activation="gelu_tanh",
-        bias=True,
-        tie_embeddings=True,
-        sliding_window=128,
-        sliding_window_every=2,
-    ),
     "opt": dict(
         norm="layernorm",
         position="learned",
@@ -129,22 +119,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_embeddings=True,
         scaled_residual_init=False,
     ),
-    # Switch Transformer: T5 with a mixture-of-experts FFN, top-1 routing with capacity.
-    "switch": dict(
-        family="encoder_decoder",
-        norm="rmsnorm",
-        norm_eps=1e-6,
-        position="t5",
-        activation="relu",
-        bias=False,
-        attn_scale=1.0,
-        tie_embeddings=True,
-        scaled_residual_init=False,
-        n_experts=8,
-        experts_top_k=1,
-        capacity_factor=1.25,
-    ),
 }
+
+# GPT-3 is GPT-2's architecture with alternating dense and locally banded attention (the
+# band width is not published); Switch is T5 with a top-1 mixture-of-experts FFN.
+PRESETS["gpt3"] = {**PRESETS["gpt2"], "sliding_window": 128, "sliding_window_every": 2}
+PRESETS["switch"] = {**PRESETS["t5"], "n_experts": 8, "experts_top_k": 1, "capacity_factor": 1.25}
+ORDER = ("gpt2", "gpt3", "opt", "galactica", "neox", "palm", "bloom", "llama", "mistral",
+         "qwen2", "glm", "t5", "switch")  # fmt: skip
+PRESETS = {name: PRESETS[name] for name in ORDER}
 
 # What each preset reproduces, for docs and `lmlab model presets`.
 CARDS = {
