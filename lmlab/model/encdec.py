@@ -53,7 +53,7 @@ class Stack(nn.Module):
         device = x.device
         pos = positions_from(attention_mask, start, t, device)
         if cfg.position == "sinusoidal":
-            x = x + self._tables.sinusoidal(int(pos.max()) + 1, device)[pos].to(x.dtype)
+            x = x + self._tables.sinusoidal_at(pos).to(x.dtype)
         masks, is_causal = build_masks(
             cfg,
             t,
@@ -67,8 +67,7 @@ class Stack(nn.Module):
         )
         cos = sin = None
         if cfg.position == "rope":
-            cos, sin = self._tables.rope(int(pos.max()) + 1, device)
-            cos, sin = cos[pos][:, None], sin[pos][:, None]
+            cos, sin = self._tables.rope_at(pos)
         ctx = AttnContext(cos, sin, masks, is_causal)
         cross_ctx = None
         if memory is not None:

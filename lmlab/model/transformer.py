@@ -566,9 +566,7 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids + cfg.learned_pos_offset)
         elif cfg.position == "sinusoidal":
-            x = x + self._tables.sinusoidal(int(position_ids.max()) + 1, device)[position_ids].to(
-                x.dtype
-            )
+            x = x + self._tables.sinusoidal_at(position_ids).to(x.dtype)
         if cfg.embed_norm:
             x = self.embed_norm(x)
         key_mask = (
@@ -589,8 +587,7 @@ class Transformer(nn.Module):
         )
         cos = sin = None
         if cfg.position == "rope":
-            cos, sin = self._tables.rope(int(position_ids.max()) + 1, device)
-            cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
+            cos, sin = self._tables.rope_at(position_ids)
         ctx = AttnContext(cos, sin, masks, is_causal)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, cache)
@@ -615,6 +612,15 @@ class PositionTables:
             n = max(length, self.cfg.max_seq_len)
             self._rope = rope_tables(self.cfg, n, device)
         return self._rope
+
+    def rope_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for position ids [B, T], shaped [B, 1, T, rotary_dim] for the heads."""
+        cos, sin = self.rope(int(pos.max()) + 1, pos.device)
+        return cos[pos][:, None], sin[pos][:, None]
+
+    def sinusoidal_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal embedding [B, T, d] of position ids [B, T]."""
+        return self.sinusoidal(int(pos.max()) + 1, pos.device)[pos]
 
     def sinusoidal(self, length: int, device) -> torch.Tensor:
         if self._sin is None or self._sin.shape[0] < length or self._sin.device != device:
