@@ -42,9 +42,12 @@ def warn(msg: str) -> None:
 
 
 @contextmanager
-def progress(description: str, total: float | None, unit: str = "") -> Iterator[ProgressBar]:
-    """A progress bar (or, when output is not a terminal, a line every ~10 s)."""
-    bar = ProgressBar(description, total, unit)
+def progress(
+    description: str, total: float | None, unit: str = "", disable: bool = False
+) -> Iterator[ProgressBar]:
+    """A progress bar (or, when output is not a terminal, a line every ~10 s); `disable`
+    keeps it silent (the non-zero ranks of a distributed run)."""
+    bar = ProgressBar(description, total, unit, disable)
     try:
         yield bar
     finally:
@@ -52,12 +55,15 @@ def progress(description: str, total: float | None, unit: str = "") -> Iterator[
 
 
 class ProgressBar:
-    def __init__(self, description: str, total: float | None, unit: str) -> None:
+    def __init__(
+        self, description: str, total: float | None, unit: str, disable: bool = False
+    ) -> None:
         self.description = description
+        self._disabled = disable
         self.total = total
         self.done = 0.0
         self._status = ""
-        self._interactive = console.is_terminal and not _state["quiet"]
+        self._interactive = console.is_terminal and not _state["quiet"] and not disable
         self._last_line = time.monotonic()
         self._start = time.monotonic()
         self._progress: Progress | None = None
@@ -86,7 +92,7 @@ class ProgressBar:
             self._status = status
         if self._progress is not None:
             self._progress.update(self._task, completed=self.done, status=self._status)
-        elif not _state["quiet"] and time.monotonic() - self._last_line > 10:
+        elif not _state["quiet"] and not self._disabled and time.monotonic() - self._last_line > 10:
             self._last_line = time.monotonic()
             frac = eta = ""
             if self.total:

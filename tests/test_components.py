@@ -131,7 +131,7 @@ def test_train_loop_fits_a_repeated_sequence(tmp_path, tok):
     cfg_m, seq = _tiny_setup(tmp_path, tok)
     model = Transformer(cfg_m)
 
-    def batch(_step):
+    def batch(_index, _start=0, _rows=1):
         return seq[:, :-1], seq[:, 1:]
 
     cfg = TrainConfig(
@@ -178,14 +178,20 @@ def test_resume_survives_a_kill_between_checkpoint_renames(tmp_path, tok):
     )
     out = tmp_path / "out"
     train(
-        Transformer(cfg_m), lambda _: (seq[:, :-1], seq[:, 1:]), [], cfg, out, tmp_path / "tok", "k"
+        Transformer(cfg_m),
+        lambda *_: (seq[:, :-1], seq[:, 1:]),
+        [],
+        cfg,
+        out,
+        tmp_path / "tok",
+        "k",
     )
     (out / "last").rename(out / ".last.old")
     (out / "model").rename(out / "first_model")
     cfg.max_steps = 12
     asked = []
 
-    def batch(i):
+    def batch(i, start, rows):
         asked.append(i)
         return seq[:, :-1], seq[:, 1:]
 

@@ -9,6 +9,7 @@ the evaluation set. Loss is on answer tokens only.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import re
@@ -143,6 +144,11 @@ def _read_pairs(path: Path) -> list[dict]:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def sft(
     base_dir: Path,
     tokenizer_dir: Path,
@@ -177,10 +183,13 @@ def sft(
     if cfg.max_steps is None:
         cfg.max_steps = epochs * steps_per_epoch
 
-    def get_batch(i: int) -> Batch:
-        epoch, k = divmod(i, steps_per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        return collate([examples[j] for j in order[k * bs : (k + 1) * bs]], pad, cfg.seq_len)
+    def get_batch(_index: int, start: int, rows: int) -> Batch:
+        """Rows start…start+rows of the data order: each epoch a new seeded permutation."""
+        picked = []
+        for r in range(start, start + rows):
+            epoch, k = divmod(r, n)
+            picked.append(examples[_epoch_order(seed, epoch, n)[k]])
+        return collate(picked, pad, cfg.seq_len)
 
     held = held[: bs * cfg.eval_batches]
     vals = [collate(held[i : i + bs], pad, cfg.seq_len) for i in range(0, len(held), bs)]

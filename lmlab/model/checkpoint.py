@@ -32,11 +32,16 @@ def save_checkpoint(
     tokenizer_dir: str | Path | None = None,
     extra: dict | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the model (and the tokenizer beside it) atomically to `out_dir`."""
+    """Write the model (and the tokenizer beside it) atomically to `out_dir`.
+
+    `state` replaces `model.state_dict()` when the caller already gathered full tensors
+    (a sharded FSDP model holds only its slice of each parameter)."""
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = state if state is not None else model.state_dict()
+        state = {k: v.detach().contiguous() for k, v in state.items()}
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight", None)  # one tensor, stored once
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})

@@ -35,6 +35,7 @@ from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import SIZE_KEYS, resolve_fields
 from lmlab.train.loop import TrainConfig
+from lmlab.train.pretrain import PretrainConfig
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Recipe(BaseModel):
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(max_minutes=8.0))
+    pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig(max_minutes=8.0))
     sft: SFTStage = Field(default_factory=SFTStage)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # name -> model overrides merged onto `model:`; non-empty makes the run a controlled

@@ -25,9 +25,13 @@ import torch
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.run.recipe import Recipe
+from lmlab.train import distributed as dist_
 from lmlab.utils import git_commit, hash_obj, hash_tree, read_json, versions, write_json
 
 STAGES = ["data", "tokenizer", "pretrain", "sft", "eval", "report"]
+# Under torchrun every rank runs the training stages together; rank 0 alone runs the
+# others (and writes markers and the manifest) while the rest wait at a barrier.
+ALL_RANKS = ("pretrain", "sft")
 
 
 @dataclass
@@ -60,6 +64,12 @@ def _inputs(stage: str) -> list[str]:
         "eval": ["data", "tokenizer", "pretrain", "sft"],
         "report": ["data", "tokenizer", "pretrain", "sft", "eval"],
     }[stage]
+
+
+def _default_threads() -> int:
+    """All cores, shared among the processes torchrun started on this machine."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // local)
 
 
 def cached_record(sdir: Path, key: str, redo: bool = False) -> dict | None:
@@ -98,8 +108,10 @@ def run_recipe(
     if force is not None and force not in STAGES:
         raise UsageError(f"--force {force!r}: not a stage (stages: {', '.join(STAGES)})")
     run = Run(recipe, Path(runs_dir) / (name or recipe.name))
-    run.dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
+    d = dist_.setup() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else dist_.Dist()
+    if d.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads or _default_threads())
     manifest_path = run.dir / "manifest.json"
     manifest = {
         "name": run.dir.name,
@@ -110,11 +122,14 @@ def run_recipe(
         "git_commit": git_commit(Path(__file__).parent),
         "stages": {},
     }
+    if d.active:
+        manifest["world_size"] = d.world
     if manifest_path.is_file():  # keep the original creation time across re-runs
         manifest["created"] = read_json(manifest_path).get("created", manifest["created"])
     forced = STAGES[STAGES.index(force) :] if force else []
     outputs: dict[str, dict[str, str]] = {}
-    log(f"run [bold]{run.dir}[/bold]")
+    if d.main:
+        log(f"run [bold]{run.dir}[/bold]")
     todo = STAGES[: STAGES.index(until) + 1]
     compare = bool(recipe.variants) and len(todo) > STAGES.index("tokenizer") + 1
     if recipe.variants:
@@ -126,25 +141,37 @@ def run_recipe(
         key = hash_obj(
             {"stage": stage, "config": _stage_config(recipe, stage), "inputs": inputs, "format": 1}
         )
+        dist_.barrier()
         done = cached_record(sdir, key, redo=stage in forced)
+        dist_.barrier()  # every rank has read the marker before rank 0 may remove it
         if done:
             outputs[stage] = done["outputs"]
             manifest["stages"][stage] = {**done["record"], "status": "cached"}
-            log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
-            write_json(manifest_path, manifest)
+            if d.main:
+                log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
+                write_json(manifest_path, manifest)
             continue
-        start_dir(sdir, key, redo=stage in forced)
         marker = sdir / ".done.json"
-        log(f"[bold cyan]{stage}[/bold cyan] …")
-        t0 = time.monotonic()
-        manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
-        write_json(manifest_path, manifest)
-        try:
-            summary = fn(run) or {}
-        except KeyboardInterrupt:
-            manifest["stages"][stage]["status"] = "interrupted"
+        if d.main:
+            start_dir(sdir, key, redo=stage in forced)
+            log(f"[bold cyan]{stage}[/bold cyan] …")
+            manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
             write_json(manifest_path, manifest)
-            raise
+        dist_.barrier()
+        t0 = time.monotonic()
+        if d.main or stage in ALL_RANKS:
+            try:
+                summary = fn(run) or {}
+            except KeyboardInterrupt:
+                if d.main:
+                    manifest["stages"][stage]["status"] = "interrupted"
+                    write_json(manifest_path, manifest)
+                raise
+        dist_.barrier()
+        if not d.main:  # rank 0 has written the marker: take its record
+            dist_.barrier()
+            outputs[stage] = read_json(marker)["outputs"]
+            continue
         seconds = time.monotonic() - t0
         outputs[stage] = hash_tree(sdir)
         record = {
@@ -159,6 +186,7 @@ def run_recipe(
         write_json(marker, {"key": key, "outputs": outputs[stage], "record": record})
         write_json(manifest_path, manifest)
         log(f"{stage}: done in {seconds:.1f}s")
+        dist_.barrier()
     if compare:
         from lmlab.run.compare import run_comparison
 

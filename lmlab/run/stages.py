@@ -17,6 +17,7 @@ from lmlab.model.checkpoint import load_model
 from lmlab.model.config import ModelConfig
 from lmlab.run.runner import Run
 from lmlab.tokenizer import iter_texts, save_tokenizer, train_bpe
+from lmlab.train import distributed as dist_
 from lmlab.train.loop import resolve_precision
 from lmlab.train.pretrain import pretrain
 from lmlab.utils import hash_obj, write_json, write_jsonl
@@ -57,7 +58,8 @@ def _model_config(run: Run) -> ModelConfig:
 def stage_pretrain(run: Run) -> dict:
     mcfg = _model_config(run)
     cfg = run.recipe.pretrain
-    log(
+    say = log if dist_.current().main else (lambda *_: None)
+    say(
         f"pretrain: {mcfg.num_params():,} parameters, {mcfg.n_layers} layers × {mcfg.d_model}"
         f"{f' ({mcfg.preset})' if mcfg.preset else ''}, "
         f"precision {resolve_precision(cfg.precision)}"

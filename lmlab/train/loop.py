@@ -1,8 +1,16 @@
-"""The training loop, written out: AdamW, warm-up + cosine, clipping, autocast, checkpoints.
+"""The training loop, written out (Zhao et al. §4.3): no trainer classes, one function.
 
-Pre-training and SFT both call `train` with their own `get_batch(step)`. Batches are a
-pure function of (seed, step), so resuming from a checkpoint at step s replays exactly
-the batches an uninterrupted run would have seen: the per-step losses are identical.
+Pre-training and SFT both call `train` with their own `get_batch(index, start_row, rows)`:
+the data is a pure function of its position (a micro-batch counter and a row offset),
+so a run resumed from a checkpoint replays exactly the batches an uninterrupted run
+would have seen and its per-step losses are identical (bitwise on CPU). Under `torchrun`
+every rank asks only for its own slice of rows of each global batch.
+
+Around the step: AdamW (fused where the device has a fused kernel) or Adafactor; linear
+warm-up then cosine decay to a floor; batch-size warm-up; gradient accumulation and
+clipping; bf16/fp16 autocast (fp16 with a loss scaler); activation checkpointing;
+torch.compile; loss-spike detection with rollback to the last checkpoint and skipping of
+the offending batches (PaLM, OPT); DDP/FSDP; metrics to JSONL, TensorBoard and W&B.
 """
 
 from __future__ import annotations
@@ -10,12 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,32 +37,49 @@ from lmlab.config import STRICT, Fraction, NonNegFloat, NonNegInt, PosFloat, Pos
 from lmlab.console import log, progress
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.checkpoint import load_model, save_checkpoint
-from lmlab.model.transformer import Transformer
+from lmlab.train import distributed as dist_
+from lmlab.train.batch import Batch, as_batch, logits_of, token_loss_sum
+from lmlab.train.distributed import Dist
+from lmlab.train.observe import MetricsSink, truncate_metrics
 from lmlab.train.schedule import lr_at
 from lmlab.utils import read_json, write_json
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T], targets [B, T] (-100 = no loss)
+# get_batch(index, start_row, rows): micro-batch `index` of the run; this rank's `rows`
+# rows starting at global row `start_row` of the data order.
+GetBatch = Callable[[int, int, int], Batch | tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and budget. Training stops at the first budget reached."""
+    """Optimisation, budget and bookkeeping. Training stops at the first budget reached."""
 
     __pydantic_config__ = STRICT
 
-    batch_size: PosInt = 16
+    batch_size: PosInt = 16  # global rows per micro-batch, split across data-parallel ranks
     seq_len: PosInt = 256
     grad_accum: PosInt = 1
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    fused: bool | None = None  # fused AdamW kernel; None = wherever the device has one
     lr: PosFloat = 1e-3
-    min_lr_ratio: Fraction = 0.1
+    min_lr_ratio: Fraction = 0.1  # cosine decays to this fraction of the peak
     warmup_steps: NonNegInt = 50
     weight_decay: NonNegFloat = 0.1
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
     grad_clip: NonNegFloat = 1.0  # 0 disables clipping
-    # auto = bf16 autocast where the CPU has native bf16 matmuls (AVX512-BF16/AMX), else fp32:
-    # on an AVX2-only CPU bf16 autocast measured ~27x slower than fp32 (docs/benchmarks.md).
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # batch-size warm-up (GPT-3): rows per micro-batch grow linearly from
+    # `batch_warmup_start` to `batch_size` over the first `batch_warmup_tokens` tokens
+    batch_warmup_tokens: NonNegInt = 0
+    batch_warmup_start: PosInt = 1
+    # auto = bf16 on a GPU with bf16, or a CPU with native bf16 matmuls (AVX512-BF16/AMX),
+    # else fp32: on an AVX2-only CPU bf16 autocast measured ~27x slower (docs/benchmarks.md).
+    # fp16 uses a dynamic loss scaler.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on GPU)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # strategy when launched by torchrun
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: PosInt | None = None
     max_tokens: PosInt | None = None
     max_minutes: PosFloat | None = None
@@ -59,23 +87,28 @@ class TrainConfig:
     eval_batches: PosInt = 8
     log_every: PosInt = 10
     checkpoint_every: PosInt = 100
+    keep_last: PosInt = 1  # periodic checkpoints kept (the newest is `last/`)
+    keep_best: bool = True  # keep the checkpoint with the lowest validation loss in `best/`
+    # loss spikes: a step whose loss exceeds the running mean by `spike_zscore` running
+    # standard deviations (and by 5%) is a spike; 0 disables detection
+    spike_zscore: NonNegFloat = 6.0
+    spike_rollback: bool = True  # reload the last checkpoint and skip the batches since
+    max_rollbacks: NonNegInt = 5
+    tensorboard: bool = False  # also write TensorBoard events under <out>/tensorboard
+    wandb_project: str | None = None  # also log to Weights & Biases (needs `wandb`)
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise UsageError("no training budget: set max_steps, max_tokens or max_minutes")
+        if self.batch_warmup_start > self.batch_size:
+            raise UsageError(
+                f"batch_warmup_start: {self.batch_warmup_start} exceeds batch_size="
+                f"{self.batch_size}"
+            )
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
-
-    @property
-    def step_limit(self) -> int | None:
-        limits = []
-        if self.max_steps is not None:
-            limits.append(self.max_steps)
-        if self.max_tokens is not None:
-            limits.append(math.ceil(self.max_tokens / self.tokens_per_step))
-        return min(limits) if limits else None
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -86,27 +119,42 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def with_aux_loss(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
     """The loss to differentiate: plus a mixture-of-experts model's weighted load-balancing
     loss from the same forward (the logged loss stays the cross-entropy alone)."""
-    aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+    inner = dist_.unwrap(model)
+    aux = inner.aux_loss() if hasattr(inner, "aux_loss") else None
     return loss if aux is None else loss + aux.to(loss.dtype)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms/gains), as in GPT-3/LLaMA."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
+def _fused_available(device: torch.device) -> bool:
+    return (
+        device.type in ("cuda", "cpu")
+        and "fused" in torch.optim.AdamW.__init__.__code__.co_varnames
     )
 
 
-def resolve_precision(precision: str) -> str:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or Adafactor; weight decay on matrices only (not norms/gains/biases), as in
+    GPT-3 and LLaMA. Parameters are grouped by name, so FSDP shards group the same way."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adafactor":
+        # factored second moments: O(rows + cols) memory per matrix instead of O(rows·cols)
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
+    device = device or next(model.parameters()).device
+    fused = _fused_available(device) if cfg.fused is None else cfg.fused
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     if precision != "auto":
         return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -118,25 +166,104 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast(precision: str):
-    if resolve_precision(precision) == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    kind = torch.device(device).type
+    p = resolve_precision(precision, device)
+    if p == "bf16":
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    if p == "fp16":
+        return torch.autocast(kind, dtype=torch.float16)
     return nullcontext()
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, batches: list[Batch], precision: str) -> float:
+def evaluate_loss(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    precision: str,
+    d: Dist | None = None,
+) -> float:
+    """Token-weighted mean loss over `batches`; under DDP/FSDP each rank scores a slice."""
+    d = d or Dist()
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        with autocast(precision):
-            logits = model(x)
-        n = int((y != -100).sum())
-        total += loss_fn(logits, y).item() * n
-        count += n
+    total, count = 0.0, 0.0
+    for b in batches:
+        b = as_batch(b)
+        n = b.inputs.shape[0] // d.world
+        if n == 0:
+            continue
+        b = b.rows(slice(d.rank * n, (d.rank + 1) * n)).to(d.device)
+        with autocast(precision, d.device):
+            logits = logits_of(model, b)
+        total += float(token_loss_sum(logits, b.targets))
+        count += b.n_targets
     model.train(was_training)
+    total, count = dist_.all_sum([total, count], d)
     return total / max(count, 1)
+
+
+@dataclass
+class SpikeDetector:
+    """Running mean and variance of the training loss (exponential, ~`1/alpha` steps).
+
+    A step is a spike when its loss exceeds the mean by `zscore` standard deviations and
+    by 5%. The first `burn_in` steps only feed the statistics."""
+
+    zscore: float
+    alpha: float = 0.05
+    burn_in: int = 20
+    mean: float = 0.0
+    var: float = 0.0
+    n: int = 0
+
+    def check(self, loss: float) -> bool:
+        if self.zscore <= 0:
+            return False
+        if not math.isfinite(loss):
+            return True
+        spike = (
+            self.n >= self.burn_in
+            and loss > self.mean + self.zscore * math.sqrt(self.var)
+            and loss > 1.05 * self.mean
+        )
+        if not spike:  # a spike does not move the statistics it is judged against
+            if self.n == 0:
+                self.mean = loss
+            delta = loss - self.mean
+            self.mean += self.alpha * delta
+            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+            self.n += 1
+        return spike
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "n": self.n}
+
+    def load(self, s: dict) -> None:
+        self.mean, self.var, self.n = float(s["mean"]), float(s["var"]), int(s["n"])
+
+
+@dataclass
+class Position:
+    """Where training is: what a checkpoint must restore for an exact resume."""
+
+    step: int = 0
+    tokens: int = 0  # input tokens trained on, all ranks
+    batches: int = 0  # micro-batches drawn (the `index` of get_batch)
+    rows: int = 0  # global data rows drawn (the data position)
+    elapsed_s: float = 0.0
+    warmup_progress: float | None = None
+    best_val: float | None = None
+    spikes: dict = field(default_factory=dict)
+
+
+def batch_rows(cfg: TrainConfig, tokens: int, world: int) -> int:
+    """Global rows in the next micro-batch (batch-size warm-up), a multiple of `world`."""
+    rows = cfg.batch_size
+    if cfg.batch_warmup_tokens and tokens < cfg.batch_warmup_tokens:
+        frac = tokens / cfg.batch_warmup_tokens
+        rows = int(cfg.batch_warmup_start + (cfg.batch_size - cfg.batch_warmup_start) * frac)
+    return max(world, rows - rows % world)
 
 
 class _Stop(Exception):
@@ -144,8 +271,8 @@ class _Stop(Exception):
 
 
 def train(
-    model: Transformer,
-    get_batch: Callable[[int], Batch],
+    model: torch.nn.Module,
+    get_batch: GetBatch,
     val_batches: list[Batch],
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -153,49 +280,103 @@ def train(
     key: str,
     name: str = "train",
 ) -> dict:
-    """Train `model` under `out_dir`, resuming from `out_dir/last` if its key matches.
+    """Train `model` under `out_dir`, resuming from its newest checkpoint if `key` matches.
 
-    Writes `metrics.jsonl` (one line per logged step), `last/` (checkpoint + trainer
-    state, every `checkpoint_every` steps and on interruption) and `model/` (final).
-    Returns a summary dict.
+    Writes `metrics.jsonl` (one line per logged step, plus `val_loss` and `event` lines),
+    `last/` (checkpoint + trainer state, every `checkpoint_every` steps and on
+    interruption; older ones in `checkpoints/` when `keep_last` > 1), `best/` and
+    `model/` (final). Returns a summary dict (on every rank).
     """
+    d = dist_.setup(cfg.device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    opt = make_optimizer(model, cfg)
-    step, tokens, elapsed_before = 0, 0, 0.0
-    warmup_progress: float | None = None
-    last = out / "last"
-    previous = out / ".last.old"  # a kill between save_checkpoint's two renames leaves this
-    if not last.exists() and (previous / "trainer_state.json").is_file():
-        os.replace(previous, last)
-    if (last / "trainer_state.json").is_file():
-        state = read_json(last / "trainer_state.json")
-        if state.get("key") == key:
-            step, tokens, elapsed_before = _restore(model, opt, last, state)
-            warmup_progress = state.get("warmup_progress")
-            log(f"{name}: resuming from step {step} ({tokens:,} tokens) in {last}")
-        else:
-            log(f"{name}: ignoring {last} (it was trained with another config)")
-    _truncate_metrics(out / "metrics.jsonl", step)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist_.barrier()
+    if d.world > 1 and cfg.batch_size % d.world:
+        raise UsageError(f"batch_size: {cfg.batch_size} is not divisible by {d.world} ranks")
+    precision = resolve_precision(cfg.precision, d.device)
+    if precision == "fp16" and d.active and cfg.distributed == "fsdp":
+        raise UsageError("precision fp16 with fsdp is not supported; use bf16 or fp32")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    plain = model.to(d.device)
+    plain.train()
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(plain)
+    wrapped = dist_.wrap(plain, cfg.distributed, d)
+    opt = make_optimizer(wrapped, cfg, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
+    runner = torch.compile(wrapped) if cfg.compile else wrapped
+    spikes = SpikeDetector(cfg.spike_zscore)
+    pos = Position()
 
-    limit = cfg.step_limit
+    if d.main:  # a kill between save_checkpoint's two renames leaves only `.last.old`
+        previous = out / ".last.old"
+        if not (out / "last").exists() and (previous / "trainer_state.json").is_file():
+            os.replace(previous, out / "last")
+    dist_.barrier()
+    found = find_checkpoint(out)
+    if found is not None:
+        state = read_json(found / "trainer_state.json")
+        if state.get("key") == key:
+            pos = restore(wrapped, opt, scaler, spikes, found, state)
+            if d.main:
+                log(f"{name}: resuming from step {pos.step} ({pos.tokens:,} tokens) in {found}")
+        elif d.main:
+            log(f"{name}: ignoring {found} (it was trained with another config)")
+    if d.main:
+        truncate_metrics(out / "metrics.jsonl", pos.step)
+    dist_.barrier()
+
     max_seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
 
-    def progress_of(s: int, elapsed: float) -> float:
-        fr = [s / limit] if limit else []
+    def progress_of(p: Position, elapsed: float) -> float:
+        fr = [0.0]
+        if cfg.max_steps:
+            fr.append(p.step / cfg.max_steps)
+        if cfg.max_tokens:
+            fr.append(p.tokens / cfg.max_tokens)
         if max_seconds:
             fr.append(elapsed / max_seconds)
         return max(fr)
 
+    t0 = time.monotonic()
+
+    def elapsed_now() -> float:
+        return pos.elapsed_s + (time.monotonic() - t0)
+
     def checkpoint() -> None:
-        st = {
-            "key": key,
-            "step": step,
-            "tokens": tokens,
-            "warmup_progress": warmup_progress,
-            "elapsed_s": elapsed_before + (time.monotonic() - t0),
-        }
-        save_checkpoint(model, last, tokenizer_dir, write_extra=lambda d: _write_state(d, opt, st))
+        """Every rank joins (FSDP gathers shards); rank 0 writes."""
+        st = {"key": key, **asdict(pos), "elapsed_s": elapsed_now(), "spike_stats": spikes.state()}
+        model_state, opt_state = dist_.full_state(wrapped, opt)
+        if d.main:
+            rotate_checkpoints(out, cfg.keep_last)
+            blob = {
+                "optimizer": opt_state,
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            save_checkpoint(
+                plain,
+                out / "last",
+                tokenizer_dir,
+                state=model_state,
+                write_extra=lambda p: _write_state(p, blob, st),
+            )
+        dist_.barrier()
+
+    def save_best(val: float) -> None:
+        model_state, _ = dist_.full_state(wrapped, opt) if d.active else (plain.state_dict(), {})
+        if d.main:
+            save_checkpoint(
+                plain,
+                out / "best",
+                tokenizer_dir,
+                state=model_state,
+                extra={"best": {"step": pos.step, "val_loss": val}},
+            )
+        dist_.barrier()
 
     # Ctrl-C / SIGTERM only raise a flag; the loop stops at the next step boundary, so
     # the checkpoint never holds a half-applied step. A second signal stops at once.
@@ -210,145 +391,338 @@ def train(
     handled = (signal.SIGINT, signal.SIGTERM)
     in_main = threading.current_thread() is threading.main_thread()
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled} if in_main else {}
-    model.train()
-    t0 = time.monotonic()
-    t_log, tok_log = t0, tokens
+    flops_per_token: float | None = None
+    peak = None
+    if found is None and cfg.spike_zscore > 0 and cfg.spike_rollback:
+        checkpoint()  # the first rollback target
+    t_log, tok_log = time.monotonic(), pos.tokens
     val_loss = None
     tps = 0.0
+    sink = MetricsSink(out, cfg, d.main, run_config={"name": name, "train": asdict(cfg)})
     try:
-        # the bar counts percent of the budget: steps, tokens or minutes, whichever ends first
-        with (
-            open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics,
-            progress(name, total=100, unit="%") as bar,
-        ):
+        with progress(name, total=100, unit="%", disable=not d.main) as bar:
             while True:
-                elapsed = elapsed_before + (time.monotonic() - t0)
-                if progress_of(step, elapsed) >= 1.0:
+                if progress_of(pos, elapsed_now()) >= 1.0:
                     break
-                if step >= cfg.warmup_steps and warmup_progress is None:
-                    warmup_progress = progress_of(step, elapsed)  # the cosine starts here
+                if pos.step >= cfg.warmup_steps and pos.warmup_progress is None:
+                    pos.warmup_progress = progress_of(pos, elapsed_now())  # the cosine starts
                 lr = lr_at(
-                    step,
-                    progress_of(step, elapsed),
+                    pos.step,
+                    progress_of(pos, elapsed_now()),
                     cfg.lr,
                     cfg.warmup_steps,
                     cfg.min_lr_ratio,
-                    warmup_progress or 0.0,
+                    pos.warmup_progress or 0.0,
                 )
                 for g in opt.param_groups:
                     g["lr"] = lr
+                micro = []
+                step_rows = batch_rows(cfg, pos.tokens, d.world)
+                per_rank = step_rows // d.world
+                for _ in range(cfg.grad_accum):
+                    b = as_batch(get_batch(pos.batches, pos.rows + d.rank * per_rank, per_rank))
+                    micro.append(b.to(d.device))
+                    pos.batches += 1
+                    pos.rows += step_rows
+                counts = [float(b.n_targets) for b in micro]
+                total_targets = dist_.all_sum([sum(counts)], d)[0]
                 loss_sum = 0.0
-                for micro in range(cfg.grad_accum):
-                    x, y = get_batch(step * cfg.grad_accum + micro)
-                    with autocast(cfg.precision):
-                        logits = model(x)
-                    loss = loss_fn(logits, y)
-                    (with_aux_loss(model, loss) / cfg.grad_accum).backward()
-                    loss_sum += loss.item()
-                    tokens += x.numel()
-                if cfg.grad_clip > 0:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                for i, b in enumerate(micro):
+                    with dist_.no_sync(wrapped, i == len(micro) - 1):
+                        with autocast(precision, d.device):
+                            logits = logits_of(runner, b)
+                        summed = token_loss_sum(logits, b.targets)
+                        # DDP/FSDP average gradients over ranks: scale by the world so the
+                        # result is the mean over every target of the global step
+                        loss = summed * (d.world / max(total_targets, 1.0))
+                        scaler.scale(with_aux_loss(plain, loss)).backward()
+                    loss_sum += float(summed.detach())
+                step_tokens = sum(b.inputs.numel() for b in micro) * d.world
+                if flops_per_token is None:
+                    flops_per_token, peak = _flop_rates(plain, micro[0], precision, d)
+                train_loss = dist_.all_sum([loss_sum], d)[0] / max(total_targets, 1.0)
+                if spikes.check(train_loss):
+                    opt.zero_grad(set_to_none=True)
+                    pos = _on_spike(
+                        pos, train_loss, spikes, cfg, out, name, d, sink, wrapped, opt, scaler
                     )
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))
-                opt.step()
+                    t_log, tok_log = time.monotonic(), pos.tokens
+                    continue
+                scaler.unscale_(opt)
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                scaler.step(opt)  # skipped (and the scale lowered) if fp16 grads overflowed
+                scaler.update()
                 opt.zero_grad(set_to_none=True)
-                step += 1
-                train_loss = loss_sum / cfg.grad_accum
+                pos.step += 1
+                pos.tokens += step_tokens
                 if not math.isfinite(train_loss):
                     raise UsageError(
-                        f"{name}: loss became {train_loss} at step {step}; lower the learning "
-                        "rate or use precision fp32"
+                        f"{name}: loss became {train_loss} at step {pos.step}; lower the "
+                        "learning rate, use precision fp32, or enable spike rollback"
                     )
                 now = time.monotonic()
-                if step % cfg.log_every == 0 or step == 1:
-                    tps = (tokens - tok_log) / max(now - t_log, 1e-9)
-                    t_log, tok_log = now, tokens
+                if pos.step % cfg.log_every == 0 or pos.step == 1:
+                    tps = (pos.tokens - tok_log) / max(now - t_log, 1e-9)
+                    t_log, tok_log = now, pos.tokens
                     row = {
-                        "step": step,
-                        "tokens": tokens,
+                        "step": pos.step,
+                        "tokens": pos.tokens,
                         "loss": round(train_loss, 5),
                         "lr": lr,
                         "grad_norm": round(grad_norm, 5),
                         "tokens_per_s": round(tps, 1),
-                        "elapsed_s": round(elapsed_before + now - t0, 2),
+                        "mfu": round(tps * flops_per_token / (peak * d.world), 5),
+                        "batch_rows": step_rows * cfg.grad_accum,
+                        "elapsed_s": round(elapsed_now(), 2),
                     }
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                if step % cfg.eval_every == 0 and val_batches:
-                    val_loss = evaluate_loss(model, val_batches, cfg.precision)
-                    metrics.write(
-                        json.dumps({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)})
-                        + "\n"
+                    if precision == "fp16":
+                        row["loss_scale"] = scaler.get_scale()
+                    sink.write(row)
+                if pos.step % cfg.eval_every == 0 and val_batches:
+                    val_loss = evaluate_loss(runner, val_batches, precision, d)
+                    sink.write(
+                        {"step": pos.step, "tokens": pos.tokens, "val_loss": round(val_loss, 5)}
                     )
-                    metrics.flush()
-                if step % cfg.checkpoint_every == 0:
+                    if cfg.keep_best and (pos.best_val is None or val_loss < pos.best_val):
+                        pos.best_val = val_loss
+                        save_best(val_loss)
+                if pos.step % cfg.checkpoint_every == 0:
                     checkpoint()
-                if stop_requested:
+                if dist_.broadcast_flag(stop_requested, d):
                     raise _Stop()
-                done = progress_of(step, elapsed_before + time.monotonic() - t0)
+                done = progress_of(pos, elapsed_now())
                 bar.update(
                     completed=min(100.0, 100 * done),
-                    status=f"step {step} loss {train_loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
+                    status=f"step {pos.step} loss {train_loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
                     + (f" val {val_loss:.3f}" if val_loss is not None else ""),
                 )
     except _Stop:
         checkpoint()
-        log(f"{name}: interrupted at step {step}; checkpoint saved in {last}. Rerun to resume.")
+        if d.main:
+            log(
+                f"{name}: interrupted at step {pos.step}; checkpoint saved in {out / 'last'}. "
+                "Rerun to resume."
+            )
+        sink.close()
         raise KeyboardInterrupt from None
     except KeyboardInterrupt:
-        log(f"{name}: stopped at once; rerun to resume from the last periodic checkpoint.")
+        if d.main:
+            log(f"{name}: stopped at once; rerun to resume from the last periodic checkpoint.")
+        sink.close()
         raise
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     if val_batches:
-        val_loss = evaluate_loss(model, val_batches, cfg.precision)
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(
-                json.dumps({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)}) + "\n"
-            )
-    elapsed = elapsed_before + time.monotonic() - t0
+        val_loss = evaluate_loss(runner, val_batches, precision, d)
+        sink.write({"step": pos.step, "tokens": pos.tokens, "val_loss": round(val_loss, 5)})
+        if cfg.keep_best and (pos.best_val is None or val_loss < pos.best_val):
+            pos.best_val = val_loss
+            save_best(val_loss)
+    sink.close()
+    elapsed = elapsed_now()
     summary = {
-        "steps": step,
-        "tokens": tokens,
+        "steps": pos.step,
+        "tokens": pos.tokens,
         "seconds": round(elapsed, 2),
         "final_val_loss": val_loss,
-        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+        "best_val_loss": pos.best_val,
+        "tokens_per_s": round(pos.tokens / max(elapsed, 1e-9), 1),
+        "mfu": round(
+            pos.tokens / max(elapsed, 1e-9) * (flops_per_token or 0) / (peak or 1) / d.world, 5
+        ),
+        "peak_flops": peak,
+        "spikes": pos.spikes.get("count", 0),
+        "rollbacks": pos.spikes.get("rollbacks", 0),
+        "world_size": d.world,
         "config": asdict(cfg),
     }
-    save_checkpoint(model, out / "model", tokenizer_dir, extra={"training": summary})
-    write_json(out / "summary.json", summary)
+    model_state, _ = dist_.full_state(wrapped, opt) if d.active else (plain.state_dict(), {})
+    if d.main:
+        save_checkpoint(
+            plain, out / "model", tokenizer_dir, extra={"training": summary}, state=model_state
+        )
+        write_json(out / "summary.json", summary)
+    dist_.barrier()
     return summary
 
 
-def _write_state(d: Path, opt: torch.optim.Optimizer, state: dict) -> None:
-    torch.save(
-        {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, d / "trainer_state.pt"
-    )
+def _flop_rates(model, batch: Batch, precision: str, d: Dist) -> tuple[float, float]:
+    """Model FLOPs per trained token at this sequence length, and the device's peak."""
+    fpt = float(model.cfg.flops_per_token(batch.inputs.shape[1], training=True))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return fpt, cached_peak_flops(d.device, dtype)
+
+
+def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's peak FLOP/s: the spec sheet for known GPUs, else measured once per
+    (machine, dtype, threads) and kept in ~/.cache/lmlab/peak_flops.json (measuring takes
+    seconds, and every run would otherwise pay it)."""
+    from lmlab.train.mfu import device_name, peak_flops, spec_peak_flops
+
+    name = device_name(device)
+    if spec_peak_flops(name, dtype) is not None:
+        return peak_flops(device, dtype).flops
+    key = f"{name}|{dtype}|threads={torch.get_num_threads()}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmlab"
+    path = cache / "peak_flops.json"
+    try:
+        known = read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = peak_flops(device, dtype, measure=True).flops
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            write_json(path, known)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return float(known[key])
+
+
+def _on_spike(pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler) -> Position:
+    """Log a loss spike; roll back to the last checkpoint and skip the batches since."""
+    count = pos.spikes.get("count", 0) + 1
+    rollbacks = pos.spikes.get("rollbacks", 0)
+    skipped = list(pos.spikes.get("skipped", []))
+    event = {
+        "step": pos.step + 1,
+        "event": "loss_spike",
+        "loss": round(loss, 5) if math.isfinite(loss) else str(loss),
+        "running_mean": round(spikes.mean, 5),
+        "running_std": round(math.sqrt(spikes.var), 5),
+    }
+    data_pos = (pos.batches, pos.rows)
+    if cfg.spike_rollback:
+        if rollbacks >= cfg.max_rollbacks:
+            raise UsageError(
+                f"{name}: loss spike at step {pos.step + 1} after {rollbacks} rollbacks "
+                f"(pretrain.max_rollbacks); lower the learning rate or raise grad_clip"
+            )
+        last = find_checkpoint(out)
+        if last is None:
+            raise CheckpointError(f"{out}: no checkpoint to roll back to")
+        state = read_json(last / "trainer_state.json")
+        restored = restore(model, opt, scaler, spikes, last, state)
+        sink.truncate(restored.step)
+        skipped.append([restored.rows, data_pos[1]])
+        event.update(
+            rolled_back_to=restored.step,
+            skipped_rows=[restored.rows, data_pos[1]],
+            action="rollback",
+        )
+        rollbacks += 1
+        pos = restored
+    else:
+        skipped.append([data_pos[1] - 1, data_pos[1]])
+        event["action"] = "skip_batch"
+    # either way, training goes on from the data after the offending batch
+    pos.batches, pos.rows = data_pos
+    pos.spikes = {"count": count, "rollbacks": rollbacks, "skipped": skipped}
+    sink.write(event)
+    if d.main:
+        log(
+            f"{name}: loss spike at step {event['step']} ({event['loss']} vs running mean "
+            f"{event['running_mean']}); "
+            + (
+                f"rolled back to step {pos.step}, skipping rows {skipped[-1][0]}-{skipped[-1][1]}"
+                if cfg.spike_rollback
+                else "skipped the batch"
+            )
+        )
+    return pos
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every transformer block's activations during backward instead of storing
+    them: memory per layer drops to its input, for ~1/3 more compute. Parameter names
+    (and so checkpoints) are unchanged: only each block's `forward` is wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    for m in model.modules():
+        if type(m).__name__ == "Block" and not getattr(m, "_act_ckpt", False):
+            inner = m.forward
+
+            def forward(*args, _f=inner, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _f(*args, **kwargs)
+                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+            m.forward = forward
+            m._act_ckpt = True
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint under `out`: `last/` or a kept `checkpoints/step-N`."""
+    candidates = [out / "last"]
+    if (out / "checkpoints").is_dir():
+        candidates += sorted((out / "checkpoints").iterdir())
+    best, best_step = None, -1
+    for c in candidates:
+        f = c / "trainer_state.json"
+        if f.is_file():
+            try:
+                step = int(read_json(f)["step"])
+            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                continue
+            if step > best_step:
+                best, best_step = c, step
+    return best
+
+
+def rotate_checkpoints(out: Path, keep_last: int) -> None:
+    """Before a new `last/` is written: keep the current one as `checkpoints/step-N` when
+    `keep_last` > 1, and prune the oldest beyond `keep_last - 1`."""
+    last = out / "last"
+    if keep_last <= 1 or not (last / "trainer_state.json").is_file():
+        return
+    step = int(read_json(last / "trainer_state.json")["step"])
+    kept = out / "checkpoints"
+    kept.mkdir(exist_ok=True)
+    target = kept / f"step-{step:08d}"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(last, target)  # a copy: `last/` stays valid until the new one replaces it
+    olds = sorted(p for p in kept.iterdir() if _STEP_DIR.fullmatch(p.name))
+    for p in olds[: max(0, len(olds) - (keep_last - 1))]:
+        shutil.rmtree(p)
+
+
+def _write_state(d: Path, blob: dict, state: dict) -> None:
+    torch.save(blob, d / "trainer_state.pt")
     write_json(d / "trainer_state.json", state)
 
 
-def _restore(model, opt, last: Path, state: dict) -> tuple[int, int, float]:
+def restore(model, opt, scaler, spikes: SpikeDetector, ckpt: Path, state: dict) -> Position:
+    """Load weights, optimizer, loss scaler, RNG and position from checkpoint `ckpt`."""
     try:
-        loaded = load_model(last)
-        model.load_state_dict(loaded.state_dict())
-        blob = torch.load(last / "trainer_state.pt", weights_only=True)
-        opt.load_state_dict(blob["optimizer"])
+        weights = load_model(ckpt).state_dict()
+        blob = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        dist_.load_full_state(model, opt, weights, blob["optimizer"])
+        if blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
         torch.set_rng_state(blob["torch_rng"])
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{last}: cannot resume ({e}); delete it to start over") from None
-    return int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
+        if state.get("spike_stats"):
+            spikes.load(state["spike_stats"])
+        return Position(
+            step=int(state["step"]),
+            tokens=int(state["tokens"]),
+            batches=int(state["batches"]),
+            rows=int(state["rows"]),
+            elapsed_s=float(state["elapsed_s"]),
+            warmup_progress=state.get("warmup_progress"),
+            best_val=state.get("best_val"),
+            spikes=state.get("spikes") or {},
+        )
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}: cannot resume ({e}); delete it to start over") from None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from, so the log has no repeats."""
-    if not path.exists():
-        return
-    keep = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln).get("step", 0) <= step
-    ]
-    path.write_text("".join(ln + "\n" for ln in keep))
+warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on our logits
