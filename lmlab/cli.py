@@ -30,6 +30,9 @@ SetOpt = Annotated[
 ]
 ForceOpt = Annotated[str | None, typer.Option(help="Redo this stage and the ones after it.")]
 RunsDirOpt = Annotated[Path, typer.Option(help="Where run directories go.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="A recipe YAML file (same as RECIPE).")
+]
 
 
 def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str) -> Path:
@@ -50,12 +53,17 @@ def _stage_command(command_name: str, until: str, doc: str, group: typer.Typer =
 
     def command(
         recipe: RecipeArg = "tiny",
+        config: ConfigOpt = None,
         name: NameOpt = None,
         set_: SetOpt = None,
         force: ForceOpt = None,
         runs_dir: RunsDirOpt = Path("runs"),
         quiet: Quiet = False,
     ) -> None:
+        if config is not None:
+            if recipe != "tiny":
+                raise UsageError(f"give the recipe once: {recipe!r} or --config {config}")
+            recipe = str(config)
         run_dir = _run(recipe, name, set_, force, runs_dir, quiet, until)
         if until == "report":
             print(f"report: {run_dir / 'report.html'}  (markdown: {run_dir / 'report.md'})")
@@ -184,6 +192,10 @@ def data_index(
 
 model_app = typer.Typer(no_args_is_help=True, help="Architectures: presets, sizes, costs.")
 app.add_typer(model_app, name="model")
+
+from lmlab.run.scaling import scaling_app  # noqa: E402  (light: heavy imports are lazy)
+
+app.add_typer(scaling_app, name="scaling")
 
 
 @model_app.command("info")

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +60,7 @@ class TrainConfig:
     seq_len: PosInt = 256
     grad_accum: PosInt = 1
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    fused: bool | None = None  # fused AdamW kernel; None = wherever the device has one
+    fused: bool | None = None  # fused AdamW kernel; None = on GPUs
     lr: PosFloat = 1e-3
     min_lr_ratio: Fraction = 0.1  # cosine decays to this fraction of the peak
     warmup_steps: NonNegInt = 50
@@ -89,8 +90,8 @@ class TrainConfig:
     checkpoint_every: PosInt = 100
     keep_last: PosInt = 1  # periodic checkpoints kept (the newest is `last/`)
     keep_best: bool = True  # keep the checkpoint with the lowest validation loss in `best/`
-    # loss spikes: a step whose loss exceeds the running mean by `spike_zscore` running
-    # standard deviations (and by 5%) is a spike; 0 disables detection
+    # loss spikes: a step whose loss exceeds the running median of the last 50 steps by
+    # `spike_zscore` robust deviations (and by 5%) is a spike; 0 disables detection
     spike_zscore: NonNegFloat = 6.0
     spike_rollback: bool = True  # reload the last checkpoint and skip the batches since
     max_rollbacks: NonNegInt = 5
@@ -124,11 +125,10 @@ def with_aux_loss(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
     return loss if aux is None else loss + aux.to(loss.dtype)
 
 
-def _fused_available(device: torch.device) -> bool:
-    return (
-        device.type in ("cuda", "cpu")
-        and "fused" in torch.optim.AdamW.__init__.__code__.co_varnames
-    )
+def _fused_default(device: torch.device) -> bool:
+    """Fused AdamW on GPUs. On CPU the fused kernel exists but importing it pulls in
+    torch._dynamo (seconds per process) for a step that is a small share of the time."""
+    return device.type == "cuda"
 
 
 def make_optimizer(
@@ -146,7 +146,7 @@ def make_optimizer(
         # factored second moments: O(rows + cols) memory per matrix instead of O(rows·cols)
         return torch.optim.Adafactor(groups, lr=cfg.lr)
     device = device or next(model.parameters()).device
-    fused = _fused_available(device) if cfg.fused is None else cfg.fused
+    fused = _fused_default(device) if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -205,17 +205,32 @@ def evaluate_loss(
 
 @dataclass
 class SpikeDetector:
-    """Running mean and variance of the training loss (exponential, ~`1/alpha` steps).
+    """Robust running statistics of the training loss, immune to the spike itself and to
+    the steady early descent: the level is the median of the last `level_window` losses,
+    the noise the median absolute deviation of step-to-step changes over the last
+    `window` (×1.4826/√2: a standard deviation for Gaussian noise), so a falling curve
+    does not inflate it as a plain variance would.
 
-    A step is a spike when its loss exceeds the mean by `zscore` standard deviations and
-    by 5%. The first `burn_in` steps only feed the statistics."""
+    A step is a spike when its loss exceeds the level by `zscore` deviations and by 5%
+    (non-finite losses always are). The first `burn_in` steps only feed the statistics."""
 
     zscore: float
-    alpha: float = 0.05
+    window: int = 50
+    level_window: int = 10
     burn_in: int = 20
-    mean: float = 0.0
-    var: float = 0.0
-    n: int = 0
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.history[-self.level_window :])) if self.history else 0.0
+
+    @property
+    def deviation(self) -> float:
+        if len(self.history) < 3:
+            return 0.0
+        diffs = np.diff(self.history)
+        mad = float(np.median(np.abs(diffs - np.median(diffs))))
+        return max(1.4826 * mad / math.sqrt(2), 0.005 * abs(self.median))
 
     def check(self, loss: float) -> bool:
         if self.zscore <= 0:
@@ -223,24 +238,19 @@ class SpikeDetector:
         if not math.isfinite(loss):
             return True
         spike = (
-            self.n >= self.burn_in
-            and loss > self.mean + self.zscore * math.sqrt(self.var)
-            and loss > 1.05 * self.mean
+            len(self.history) >= self.burn_in
+            and loss > self.median + self.zscore * self.deviation
+            and loss > 1.05 * self.median
         )
         if not spike:  # a spike does not move the statistics it is judged against
-            if self.n == 0:
-                self.mean = loss
-            delta = loss - self.mean
-            self.mean += self.alpha * delta
-            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
-            self.n += 1
+            self.history = [*self.history, loss][-self.window :]
         return spike
 
     def state(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "n": self.n}
+        return {"history": list(self.history)}
 
     def load(self, s: dict) -> None:
-        self.mean, self.var, self.n = float(s["mean"]), float(s["var"]), int(s["n"])
+        self.history = [float(x) for x in s.get("history", [])]
 
 
 @dataclass
@@ -591,8 +601,8 @@ def _on_spike(pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler) ->
         "step": pos.step + 1,
         "event": "loss_spike",
         "loss": round(loss, 5) if math.isfinite(loss) else str(loss),
-        "running_mean": round(spikes.mean, 5),
-        "running_std": round(math.sqrt(spikes.var), 5),
+        "running_median": round(spikes.median, 5),
+        "running_deviation": round(spikes.deviation, 5),
     }
     data_pos = (pos.batches, pos.rows)
     if cfg.spike_rollback:
@@ -624,8 +634,8 @@ def _on_spike(pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler) ->
     sink.write(event)
     if d.main:
         log(
-            f"{name}: loss spike at step {event['step']} ({event['loss']} vs running mean "
-            f"{event['running_mean']}); "
+            f"{name}: loss spike at step {event['step']} ({event['loss']} vs running median "
+            f"{event['running_median']}); "
             + (
                 f"rolled back to step {pos.step}, skipping rows {skipped[-1][0]}-{skipped[-1][1]}"
                 if cfg.spike_rollback
