@@ -336,16 +336,6 @@ def test_cli_steps_lists_every_step_with_its_options():
     assert "  bands: 20" in out and "  label_only: True" in out  # the code profile's values
 
 
-def test_pretrain_windows_stay_inside_the_curriculum_phase():
-    from lmlab.train.pretrain import window_batch
-
-    tokens = np.arange(1000, dtype=np.uint16)
-    x, y = window_batch(tokens, 8, 16, seed=0, step=3, span=(500, 700))
-    assert int(x.min()) >= 500 and int(y.max()) < 700
-    whole, _ = window_batch(tokens, 64, 16, seed=0, step=3)
-    assert int(whole.min()) < 500  # without a phase, windows come from the whole split
-
-
 def test_sigkill_mid_run_then_relaunch_gives_identical_output(tmp_path):
     """A real kill (SIGKILL of the CLI's process group), not an exception."""
     import os

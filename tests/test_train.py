@@ -502,3 +502,25 @@ def test_ddp_and_fsdp_on_two_processes_match_one_process(shards, tmp_path):
         assert summary["world_size"] == 2
     shutil.rmtree(tmp_path / "ddp" / "model")  # the checkpoint of 2 ranks loads in one process
     assert isinstance(load_model(tmp_path / "fsdp" / "last"), Transformer)
+
+
+def test_pretrain_with_a_config_file_and_bad_keys(tmp_path):
+    from tests.conftest import lmlab_cmd
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "base: smoke\nname: cfg\npretrain:\n  max_steps: 6\n  checkpoint_every: 2\n"
+        "  keep_last: 2\n  doc_mask: true\n"
+    )
+    lmlab_cmd("pretrain", "--config", str(recipe), "--quiet", cwd=tmp_path, check=True)
+    out = tmp_path / "runs/cfg/pretrain"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    for bad, fragment in [
+        ("pretrain.spike_zscore=-1", "pretrain.spike_zscore"),
+        ("pretrain.optimizer=sgd", "pretrain.optimizer"),
+        ("pretrain.objective.noise_density=1.5", "noise_density"),
+    ]:
+        p = lmlab_cmd("pretrain", "--config", str(recipe), "--set", bad, cwd=tmp_path)
+        assert p.returncode == 2 and fragment in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1

@@ -111,6 +111,16 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
 
+    @property
+    def step_limit(self) -> int | None:
+        """The step budget implied by `max_steps`/`max_tokens` (without batch warm-up)."""
+        limits = []
+        if self.max_steps is not None:
+            limits.append(self.max_steps)
+        if self.max_tokens is not None:
+            limits.append(math.ceil(self.max_tokens / self.tokens_per_step))
+        return min(limits) if limits else None
+
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over positions whose target is not -100."""
@@ -506,6 +516,7 @@ def train(
                 bar.update(
                     completed=min(100.0, 100 * done),
                     status=f"step {pos.step} loss {train_loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s"
+                    + f" mfu {100 * tps * flops_per_token / (peak * d.world):.1f}%"
                     + (f" val {val_loss:.3f}" if val_loss is not None else ""),
                 )
     except _Stop:
