@@ -524,3 +524,24 @@ def test_pretrain_with_a_config_file_and_bad_keys(tmp_path):
         p = lmlab_cmd("pretrain", "--config", str(recipe), "--set", bad, cwd=tmp_path)
         assert p.returncode == 2 and fragment in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_compiled_model_trains_to_the_same_losses(shards, tmp_path):
+    from lmlab.data.shards import open_split
+
+    stream = PackedStream(open_split(shards, "train"), None, 16, seed=5)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(5)
+        out = tmp_path / str(compiled)
+        train(
+            Transformer(_model_cfg(shards)),
+            lambda i, start, n: causal_batch(stream.rows(start, n)[0]),
+            [],
+            _cfg(compile=compiled, max_steps=3),
+            out,
+            shards,
+            "k",
+        )
+        losses[compiled] = [loss for _, loss in _losses(out)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
