@@ -558,6 +558,9 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds the KV cache ({cache.k.shape[3]} slots)"
             )
+        # positions we derive never pass their slots, so the tables' length is known without
+        # reading the ids (a device sync, and a torch.compile graph break)
+        bound = start + t if position_ids is None else None
         if position_ids is None:
             position_ids = positions_from(attention_mask, start, t, device)
         if isinstance(prefix_len, int):
@@ -566,7 +569,7 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids + cfg.learned_pos_offset)
         elif cfg.position == "sinusoidal":
-            x = x + self._tables.sinusoidal_at(position_ids).to(x.dtype)
+            x = x + self._tables.sinusoidal_at(position_ids, bound).to(x.dtype)
         if cfg.embed_norm:
             x = self.embed_norm(x)
         key_mask = (
@@ -587,7 +590,7 @@ class Transformer(nn.Module):
         )
         cos = sin = None
         if cfg.position == "rope":
-            cos, sin = self._tables.rope_at(position_ids)
+            cos, sin = self._tables.rope_at(position_ids, bound)
         ctx = AttnContext(cos, sin, masks, is_causal)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, cache)
@@ -613,14 +616,17 @@ class PositionTables:
             self._rope = rope_tables(self.cfg, n, device)
         return self._rope
 
-    def rope_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for position ids [B, T], shaped [B, 1, T, rotary_dim] for the heads."""
-        cos, sin = self.rope(int(pos.max()) + 1, pos.device)
+    def rope_at(
+        self, pos: torch.Tensor, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for position ids [B, T], shaped [B, 1, T, rotary_dim] for the heads.
+        `length` (> every id) spares reading the largest id from the tensor."""
+        cos, sin = self.rope(length or int(pos.max()) + 1, pos.device)
         return cos[pos][:, None], sin[pos][:, None]
 
-    def sinusoidal_at(self, pos: torch.Tensor) -> torch.Tensor:
+    def sinusoidal_at(self, pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """The sinusoidal embedding [B, T, d] of position ids [B, T]."""
-        return self.sinusoidal(int(pos.max()) + 1, pos.device)[pos]
+        return self.sinusoidal(length or int(pos.max()) + 1, pos.device)[pos]
 
     def sinusoidal(self, length: int, device) -> torch.Tensor:
         if self._sin is None or self._sin.shape[0] < length or self._sin.device != device:

@@ -635,6 +635,7 @@ def _on_spike(pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler) ->
             action="rollback",
         )
         rollbacks += 1
+        restored.elapsed_s = pos.elapsed_s  # wall-clock time keeps running through a rollback
         pos = restored
     else:
         skipped.append([data_pos[1] - 1, data_pos[1]])
