@@ -123,40 +123,55 @@ def cat_batches(parts: list[Batch]) -> Batch:
     return Batch(**fields)
 
 
-def make_loader(
-    stream: PackedStream,
-    cfg: PretrainConfig,
-    family: str,
-    sentinel_ids: list[int],
-    eos_id: int,
-    decoder_start_id: int,
-    seed: int,
-):
-    """get_batch(index, start_row, rows) for `train`: the objective of micro-batch `index`
-    is drawn from (seed, index), the same on every rank; each row's own random choices
-    (prefix split, noise spans) from (seed, row), so a row is the same whichever rank
-    builds it."""
-    obj = cfg.objective
+@dataclass(frozen=True)
+class Objective:
+    """What turns token windows into batches: the mixture and what the model family needs."""
 
-    def get_batch(index: int, start: int, n: int) -> Batch:
-        rows, docs = stream.rows(start, n)
-        if not cfg.doc_mask:
-            docs = None
-        kind = choose_objective(obj, np.random.default_rng([seed, index, 1]))
+    cfg: ObjectiveConfig
+    family: str
+    sentinel_ids: list[int]
+    eos_id: int
+    decoder_start_id: int
+
+    def batch(
+        self, kind: str, rows: np.ndarray, docs: np.ndarray | None, row_seeds: list[list[int]]
+    ) -> Batch:
+        """A `kind` batch of `rows`; each row's random choices (prefix split, noise spans)
+        come from its own seed, so a row is the same whichever rank or batch builds it."""
         if kind == "causal":
             return causal_batch(rows, docs)
         parts = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, start + i, 2])
+        for i, row_seed in enumerate(row_seeds):
+            rng = np.random.default_rng(row_seed)
             one = rows[i : i + 1]
-            d = None if docs is None else docs[i : i + 1]
             if kind == "prefix":
-                parts.append(prefix_batch(one, rng, obj, d))
+                parts.append(
+                    prefix_batch(one, rng, self.cfg, None if docs is None else docs[i : i + 1])
+                )
             else:
                 parts.append(
-                    span_batch(one, rng, obj, sentinel_ids, family, eos_id, decoder_start_id)
+                    span_batch(
+                        one,
+                        rng,
+                        self.cfg,
+                        self.sentinel_ids,
+                        self.family,
+                        self.eos_id,
+                        self.decoder_start_id,
+                    )
                 )
         return cat_batches(parts)
+
+
+def make_loader(stream: PackedStream, objective: Objective, doc_mask: bool, seed: int):
+    """get_batch(index, start_row, rows) for `train`: the objective of micro-batch `index`
+    is drawn from (seed, index), the same on every rank; row r's own choices from (seed, r)."""
+
+    def get_batch(index: int, start: int, n: int) -> Batch:
+        rows, docs = stream.rows(start, n)
+        kind = choose_objective(objective.cfg, np.random.default_rng([seed, index, 1]))
+        seeds = [[seed, start + i, 2] for i in range(n)]
+        return objective.batch(kind, rows, docs if doc_mask else None, seeds)
 
     return get_batch
 
@@ -183,16 +198,17 @@ def val_batches(
     tokens: np.ndarray,
     doc_starts: np.ndarray | None,
     cfg: PretrainConfig,
-    family: str,
-    sentinel_ids: list[int],
-    eos_id: int,
-    decoder_start_id: int,
+    objective: Objective,
     seed: int,
 ) -> list[Batch]:
-    """The fixed validation set, scored with the objective mixture the model trains on
-    (for an encoder-decoder: span corruption with fixed noise, the same at every eval)."""
+    """The fixed validation set: the first non-overlapping windows of the split, scored
+    with the causal LM loss when the model trains on it (comparable across runs), else
+    with span corruption (or prefix LM) under fixed seeds, the same at every evaluation."""
     obj = cfg.objective
     stride = cfg.seq_len + 1
+    kind = "causal"
+    if objective.family == "encoder_decoder" or obj.causal == 0:
+        kind = "span" if obj.span > 0 else "prefix"
     out = []
     for b in range(cfg.eval_batches):
         lo = b * cfg.batch_size
@@ -205,22 +221,9 @@ def val_batches(
         if cfg.doc_mask and doc_starts is not None:
             pos = np.asarray(starts)[:, None] + np.arange(stride)[None, :]
             docs = np.searchsorted(doc_starts, pos, side="right") - 1
-        if family == "encoder_decoder" or obj.causal == 0:
-            kind = "span" if obj.span > 0 else "prefix"
-            parts = []
-            for i in range(len(rows)):
-                rng = np.random.default_rng([seed, 10**9 + lo + i])
-                one = rows[i : i + 1]
-                if kind == "span":
-                    parts.append(
-                        span_batch(one, rng, obj, sentinel_ids, family, eos_id, decoder_start_id)
-                    )
-                else:
-                    d = None if docs is None else docs[i : i + 1]
-                    parts.append(prefix_batch(one, rng, obj, d))
-            out.append(cat_batches(parts))
-        else:
-            out.append(causal_batch(rows, docs))  # the language-modelling loss
+        out.append(
+            objective.batch(kind, rows, docs, [[seed, 10**9 + lo + i] for i in range(len(rows))])
+        )
     return out
 
 
@@ -264,14 +267,15 @@ def pretrain(
             log(f"pretrain: {len(sentinel_ids)} sentinel tokens added; vocabulary {vocab}")
             model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
         check_objective(obj, family, cfg.seq_len + 1, sentinel_ids)
-    eos = int(manifest["eos_id"])
-    dstart = model_cfg.decoder_start_id
+    objective = Objective(
+        obj, family, sentinel_ids, int(manifest["eos_id"]), model_cfg.decoder_start_id
+    )
     phases = manifest["splits"]["train"].get("phases") if manifest.get("curriculum") else None
     starts = doc_starts_of(shard_dir, manifest, "train") if cfg.doc_mask else None
     stream = PackedStream(train_tokens, starts, cfg.seq_len, seed, phases)
     val_starts = doc_starts_of(shard_dir, manifest, "val") if cfg.doc_mask else None
-    vals = val_batches(val_tokens, val_starts, cfg, family, sentinel_ids, eos, dstart, seed)
+    vals = val_batches(val_tokens, val_starts, cfg, objective, seed)
     torch.manual_seed(seed)
     model = build_model(model_cfg)
-    get_batch = make_loader(stream, cfg, family, sentinel_ids, eos, dstart, seed)
+    get_batch = make_loader(stream, objective, cfg.doc_mask, seed)
     return train(model, get_batch, vals, cfg, out, tokenizer_dir, key, name="pretrain")
