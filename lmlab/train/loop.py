@@ -437,15 +437,15 @@ def train(
                 )
                 for g in opt.param_groups:
                     g["lr"] = lr
-                micro = []
+                micro, counts = [], []
                 step_rows = batch_rows(cfg, pos.tokens, d.world)
                 per_rank = step_rows // d.world
                 for _ in range(cfg.grad_accum):
                     b = as_batch(get_batch(pos.batches, pos.rows + d.rank * per_rank, per_rank))
+                    counts.append(float(b.n_targets))  # on the host copy: no device sync
                     micro.append(b.to(d.device))
                     pos.batches += 1
                     pos.rows += step_rows
-                counts = [float(b.n_targets) for b in micro]
                 total_targets = dist_.all_sum([sum(counts)], d)[0]
                 loss_sum = 0.0
                 for i, b in enumerate(micro):
