@@ -22,11 +22,17 @@ def test_set_overrides_apply_and_nest():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("pretrain.lrr=1", "unknown key 'pretrain.lrr' (allowed: activation_checkpointing, batch_size"),
+        (
+            "pretrain.lrr=1",
+            "unknown key 'pretrain.lrr' (allowed: activation_checkpointing, batch_size",
+        ),
         ("pretrain.lr=-1", "pretrain.lr: Input should be greater than 0"),
         ("model.n_heads=3", "model: d_model=256 is not divisible by n_heads=3"),
         ("tokenizer.vocab_size=abc", "tokenizer.vocab_size: Input should be a valid integer"),
-        ("pretrain.precision=fp8", "pretrain.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
+        (
+            "pretrain.precision=fp8",
+            "pretrain.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'",
+        ),
         ("data.val_fraction=2", "data.val_fraction: Input should be less than or equal to 1"),
         ("model.vocab_size=10", "set tokenizer.vocab_size instead"),
         ("nonsense", "expected key.path=value"),
