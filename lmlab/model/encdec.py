@@ -78,7 +78,7 @@ class Stack(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, cache, memory, cross_ctx)
         if cache is not None:
-            cache.pos += t
+            cache.advance(t)
         return self.norm(x) if cfg.has_final_norm else x
 
 

@@ -161,11 +161,36 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim]."""
+    """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim].
+
+    The model talks to a cache only through `pos` (the slot of the first new token),
+    `capacity`, `update` and `advance`, so another layout (the paged cache of
+    `lmlab.infer.paged`) plugs in unchanged. Setting `pos` back rolls the cache back:
+    speculative decoding drops rejected draft tokens that way."""
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values [B, kv_heads, t, hd] at slots pos.. and return all
+        keys/values up to them."""
+        start, t = self.pos, k.shape[2]
+        self.k[layer, :, :, start : start + t] = k
+        self.v[layer, :, :, start : start + t] = v
+        return self.k[layer, :, :, : start + t], self.v[layer, :, :, : start + t]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder or repeat) batch rows: beam search and n-samples use this."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=None):
@@ -292,11 +317,7 @@ class Attention(nn.Module):
         if memory is None and ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None and memory is None:
-            start = cache.pos
-            cache.k[layer, :, :, start : start + t] = k
-            cache.v[layer, :, :, start : start + t] = v
-            k = cache.k[layer, :, :, : start + t]
-            v = cache.v[layer, :, :, : start + t]
+            k, v = cache.update(layer, k, v)
         if cfg.n_kv_heads != cfg.n_heads:  # grouped-query: share each K/V head across a group
             rep = cfg.n_heads // cfg.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -554,9 +575,9 @@ class Transformer(nn.Module):
                 f"sequence of {start + t} tokens exceeds max_seq_len={cfg.max_seq_len} "
                 "(learned positions cannot extrapolate)"
             )
-        if cache is not None and start + t > cache.k.shape[3]:
+        if cache is not None and start + t > cache.capacity:
             raise ValueError(
-                f"sequence of {start + t} tokens exceeds the KV cache ({cache.k.shape[3]} slots)"
+                f"sequence of {start + t} tokens exceeds the KV cache ({cache.capacity} slots)"
             )
         # positions we derive never pass their slots, so the tables' length is known without
         # reading the ids (a device sync, and a torch.compile graph break)
@@ -595,7 +616,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, cache)
         if cache is not None:
-            cache.pos += t
+            cache.advance(t)
         if cfg.has_final_norm:
             x = self.norm(x)
         return self.lm_head(x)[..., : cfg.vocab_size]

@@ -1,0 +1,206 @@
+"""Turning next-token logits into a choice (Zhao et al. §4.2.4): penalties that reshape the
+distribution from what was already said, warpers that truncate it, and the pick itself.
+
+The order and semantics follow transformers' logits processors, so results can be checked
+against them: repetition penalty (CTRL: divide a positive logit, multiply a negative one),
+no-repeat n-gram, then temperature, top-k, top-p (nucleus) and min-p. Presence and
+frequency penalties are OpenAI's: subtract `presence` once and `frequency` per occurrence,
+counted over the generated tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmlab.errors import UsageError
+
+
+@dataclass
+class GenerationConfig:
+    """Every decoding option of `lmlab generate`; defaults are plain greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    stop_ids: list[int] = field(default_factory=list)  # EOS and end-of-turn ids go here
+    stop_strings: list[str] = field(default_factory=list)
+    n: int = 1  # samples per prompt (self-consistency)
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # beam scores are sum(logp) / length ** length_penalty
+    early_stopping: bool | str = False  # True, False or "never", as transformers
+    num_return_sequences: int = 1  # n-best from beam search
+    logprobs: int | None = None  # None: off; k >= 0: chosen token + the top k
+    seed: int | None = None
+
+    def validate(self) -> GenerationConfig:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
+            (self.n >= 1, "n must be >= 1"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (
+                1 <= self.num_return_sequences <= self.num_beams or self.num_beams == 1,
+                "num_return_sequences must be between 1 and num_beams",
+            ),
+            (
+                self.early_stopping in (True, False, "never"),
+                "early_stopping must be true, false or 'never'",
+            ),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+            (all(s for s in self.stop_strings), "stop strings must not be empty"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(f"generation: {msg}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.no_repeat_ngram_size > 0
+        )
+
+
+# --- warpers: truncate the distribution ------------------------------------------------
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
+    """Mask (to -inf) what top-k, nucleus (top-p) and min-p sampling exclude; [B, V]."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (keeps >= 1)
+        remove = probs.cumsum(-1) - probs >= top_p
+        remove = remove.scatter(-1, idx, remove)
+        logits = logits.masked_fill(remove, float("-inf"))
+    if min_p > 0.0:  # keep tokens at least min_p times as likely as the most likely one
+        probs = logits.softmax(-1)
+        floor = min_p * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def warp(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Temperature then truncation: the distribution sampling draws from."""
+    if cfg.greedy:
+        return logits
+    return filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+
+
+# --- penalties: depend on what was already generated -------------------------------------
+
+
+class History:
+    """Per-row token history for the penalties: a seen-mask over prompt + output (the
+    repetition penalty and no-repeat n-grams look at both, as transformers does), counts
+    over the output only (presence/frequency, as OpenAI), and each row's full sequence."""
+
+    def __init__(self, prompts: list[list[int]], vocab: int, device=None) -> None:
+        self.seqs = [list(p) for p in prompts]
+        self.seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(len(prompts), vocab, device=device)
+        for r, p in enumerate(prompts):
+            if p:
+                self.seen[r, torch.tensor(p, device=device)] = True
+
+    def push(self, tokens: list[int]) -> None:
+        for r, t in enumerate(tokens):
+            self.seqs[r].append(t)
+            self.seen[r, t] = True
+            self.counts[r, t] += 1
+
+    def select(self, rows: list[int]) -> None:
+        """Keep (reorder, repeat) rows, as the cache does for beams and samples."""
+        idx = torch.tensor(rows, device=self.seen.device)
+        self.seqs = [list(self.seqs[r]) for r in rows]
+        self.seen = self.seen.index_select(0, idx)
+        self.counts = self.counts.index_select(0, idx)
+
+
+def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in `seq` (no_repeat_ngram_size = n)."""
+    if n <= 0 or len(seq) + 1 < n:
+        return []
+    if n == 1:
+        return list(set(seq))
+    tail = tuple(seq[len(seq) - n + 1 :])
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == tail]
+
+
+def apply_penalties(logits: torch.Tensor, hist: History, cfg: GenerationConfig) -> torch.Tensor:
+    """Reshape logits [B, V] by what each row already holds (a no-op without penalties)."""
+    if not cfg.has_penalties:
+        return logits
+    logits = logits.clone()
+    if cfg.repetition_penalty != 1.0:
+        pen = torch.where(
+            logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty
+        )
+        logits = torch.where(hist.seen, pen, logits)
+    if cfg.frequency_penalty or cfg.presence_penalty:
+        logits -= cfg.frequency_penalty * hist.counts
+        logits -= cfg.presence_penalty * (hist.counts > 0).to(logits.dtype)
+    if cfg.no_repeat_ngram_size > 0:
+        for r, seq in enumerate(hist.seqs):
+            banned = banned_ngram_tokens(seq, cfg.no_repeat_ngram_size)
+            if banned:
+                logits[r, banned] = float("-inf")
+    return logits
+
+
+# --- the pick ----------------------------------------------------------------------------
+
+
+def pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
+    """Next tokens [B] from processed logits [B, V]: argmax, or a draw from the warped
+    distribution."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = warp(logits, cfg).softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:  # a fresh Generator always starts from the same fixed seed: draw a random one
+        gen.seed()
+    return gen
+
+
+def top_logprobs(
+    logprobs: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """The chosen tokens' log-probabilities and each row's k most likely (id, logprob)."""
+    lp = logprobs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+    if k <= 0:
+        return lp, [[] for _ in lp]
+    vals, ids = logprobs.topk(k, dim=-1)
+    tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+    return lp, tops
