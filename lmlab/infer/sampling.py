@@ -63,8 +63,8 @@ class GenerationConfig:
             (all(s for s in self.stop_strings), "stop strings must not be empty"),
         ]
         for ok, msg in checks:
-            if not ok:
-                raise UsageError(f"generation: {msg}")
+            if not ok:  # named as the CLI flags are (--top-p)
+                raise UsageError(f"generation: {msg.replace('_', '-')}")
         return self
 
     @property

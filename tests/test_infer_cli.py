@@ -1,0 +1,98 @@
+"""`lmlab generate` with every strategy and `lmlab bench infer`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import lmlab_cmd
+
+
+def gen(smoke_run, tmp_path, *args):
+    return lmlab_cmd(
+        "generate", str(smoke_run), "--max-new-tokens", "8", *args, cwd=tmp_path, check=True
+    )
+
+
+def rows(proc) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_generate_strategies_from_the_command_line(smoke_run, tmp_path):
+    greedy = rows(gen(smoke_run, tmp_path, "--prompt", "def ", "--json", "--logprobs", "2"))
+    assert len(greedy) == 1 and greedy[0]["finish_reason"] in ("stop", "length")
+    assert len(greedy[0]["logprobs"]) == len(greedy[0]["tokens"])
+    assert all(len(t) == 2 for t in greedy[0]["top_logprobs"])
+    # a batch of two prompts, three samples each, seeded
+    args = ["--prompt", "def ", "--prompt", "import", "-n", "3", "--temperature", "1", "--json"]
+    a = rows(gen(smoke_run, tmp_path, *args, "--seed", "3"))
+    b = rows(gen(smoke_run, tmp_path, *args, "--seed", "3"))
+    assert [r["prompt"] for r in a] == ["def "] * 3 + ["import"] * 3
+    assert a == b
+    # beam search: n-best with scores, best first
+    beams = rows(
+        gen(
+            smoke_run,
+            tmp_path,
+            "--prompt",
+            "def ",
+            "--num-beams",
+            "3",
+            "--num-return-sequences",
+            "2",
+            "--json",
+        )
+    )
+    assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
+    # speculative decoding with the model as its own draft equals plain greedy
+    spec = gen(smoke_run, tmp_path, "--prompt", "def ", "--draft", str(smoke_run), "--json")
+    assert rows(spec)[0]["tokens"] == greedy[0]["tokens"]
+    assert "acceptance_rate 1.0" in spec.stderr
+    # contrastive decoding runs (expert = amateur is legal, if pointless)
+    cd = rows(gen(smoke_run, tmp_path, "--prompt", "def ", "--amateur", str(smoke_run), "--json"))
+    assert len(cd) == 1
+
+
+def test_generate_bad_strategy_settings_exit_2(smoke_run, tmp_path):
+    for args in (
+        ["--num-beams", "2", "--num-return-sequences", "3"],
+        ["--early-stopping", "maybe"],
+        ["--min-p", "1.5"],
+        ["--draft", str(smoke_run), "--amateur", str(smoke_run)],
+    ):
+        p = lmlab_cmd("generate", str(smoke_run), "--prompt", "x", *args, cwd=tmp_path)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+
+
+def test_bench_infer_reports_prefill_decode_latency_and_memory(smoke_run, tmp_path):
+    out = tmp_path / "bench.json"
+    p = lmlab_cmd(
+        "bench",
+        "infer",
+        str(smoke_run),
+        "--batch",
+        "1",
+        "--batch",
+        "3",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        check=True,
+    )
+    assert "decode tok/s" in p.stdout
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["latency_ms_p90"] >= r["latency_ms_p50"] > 0
+    assert report["peak_memory_mb"] > report["weights_mb"] > 0
+    bad = lmlab_cmd("bench", "infer", str(smoke_run), "--new-tokens", "100000", cwd=tmp_path)
+    assert bad.returncode == 2 and "max_seq_len" in bad.stderr
