@@ -262,16 +262,24 @@ def convert(
 @app.command()
 def export(
     ckpt: Annotated[Path, typer.Argument(help="An lmlab checkpoint or run directory.")],
-    out: Annotated[Path, typer.Option("--out", help="The directory to write.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: hf.")] = "hf",
+    out: Annotated[Path, typer.Option("--out", help="The directory (hf) or file (gguf).")],
+    to: Annotated[str, typer.Option("--to", "--format", help="Target format: hf or gguf.")] = "hf",
     family: Annotated[
         str | None, typer.Option(help="HF family (default: the one the config matches).")
     ] = None,
+    qtype: Annotated[str, typer.Option(help="GGUF tensor type: f32, f16, q8_0 or q4_0.")] = "f16",
 ) -> None:
-    """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*)."""
-    if to != "hf":
-        raise UsageError(f"--to {to}: unknown format (known: hf)")
+    """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*) or a
+    GGUF file for llama.cpp (LLaMA-family checkpoints)."""
     from lmlab.model.checkpoint import resolve_checkpoint
+
+    if to == "gguf":
+        from lmlab.infer.gguf import export_gguf
+
+        print(export_gguf(resolve_checkpoint(ckpt), out, qtype))
+        return
+    if to != "hf":
+        raise UsageError(f"--to {to}: unknown format (known: hf, gguf)")
     from lmlab.model.hf import export_to_hf
 
     print(export_to_hf(resolve_checkpoint(ckpt), out, family=family))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import lmlab_cmd
 
 
@@ -96,3 +98,35 @@ def test_bench_infer_reports_prefill_decode_latency_and_memory(smoke_run, tmp_pa
     assert report["peak_memory_mb"] > report["weights_mb"] > 0
     bad = lmlab_cmd("bench", "infer", str(smoke_run), "--new-tokens", "100000", cwd=tmp_path)
     assert bad.returncode == 2 and "max_seq_len" in bad.stderr
+
+
+def test_export_gguf_from_the_command_line(smoke_run, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "smoke-q8_0.gguf"
+    p = lmlab_cmd(
+        "export",
+        str(smoke_run),
+        "--format",
+        "gguf",
+        "--qtype",
+        "q8_0",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        check=True,
+    )
+    assert str(out) in p.stdout
+    reader = gguf.GGUFReader(out)
+    assert "token_embd.weight" in {t.name for t in reader.tensors}
+    bad = lmlab_cmd(
+        "export",
+        str(smoke_run),
+        "--format",
+        "gguf",
+        "--qtype",
+        "q3_k",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "q3_k" in bad.stderr
