@@ -1,0 +1,317 @@
+"""Continuous batching (Yu et al. 2022, "Orca": iteration-level scheduling) over the paged
+KV cache.
+
+A static batch runs until its longest member finishes, so a short answer holds its row
+idle and a new request waits for the whole batch. Here the batch is re-formed every
+iteration: `step()` admits waiting requests while blocks allow (prefilling each one), then
+runs one batched decode forward over every running sequence; a sequence that finishes
+leaves at once and frees its blocks, and a new one joins at the next step.
+
+Memory: admission takes a request only when its whole prompt fits in the free blocks and
+enough stay free for this step's decode; decoding takes one block per sequence per
+`block_size` tokens. When a decode step still finds too few, the *youngest* running
+sequence is preempted: its blocks are released and it goes back to the front of the queue
+to be recomputed from its tokens (vLLM's recompute preemption; its full blocks usually
+stay in the prefix cache, so the recompute is mostly a cache hit). The oldest sequence
+always fits alone (`add` refuses a request that could not), so everything finishes.
+
+Sampling is per request through `lmlab.infer.sampling` with one `torch.Generator` each,
+so a seeded request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmlab.errors import UsageError
+from lmlab.infer.paged import PagedKVCache, Sequence, check_model
+from lmlab.infer.sampling import (
+    GenerationConfig,
+    History,
+    apply_penalties,
+    make_generator,
+    pick,
+    top_logprobs,
+)
+
+
+@dataclass
+class Event:
+    """One generated token of one request. The stop id that ends a request is reported in
+    its last event (finish_reason "stop") but is not part of the output."""
+
+    request_id: int
+    token: int
+    logprob: float | None = None  # the model's log-probability of `token`, if asked
+    top_logprobs: list[tuple[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length"
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    forwards: int = 0
+    prefill_tokens: int = 0  # prompt (and recomputed) tokens run through the model
+    generated_tokens: int = 0
+    prefix_hit_tokens: int = 0  # tokens whose keys/values came from the prefix cache
+    preemptions: int = 0
+    peak_blocks_used: int = 0
+    peak_batch: int = 0
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    cfg: GenerationConfig
+    limit: int  # most tokens it may generate (max_new_tokens, capped by max_seq_len)
+    seq: Sequence
+    gen: torch.Generator
+    hist: History | None
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Scheduler:
+    """Continuous batching of generation requests on one causal decoder.
+
+    `n_blocks` sizes the cache (default: every one of `max_batch` sequences can reach
+    `max_seq_len`, so nothing is ever preempted); `prefill_chunk` splits a long prompt over
+    several steps so that one long prefill does not stall the others' decoding."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        n_blocks: int | None = None,
+        block_size: int = 16,
+        max_batch: int = 32,
+        prefill_chunk: int | None = None,
+        prefix_caching: bool = True,
+    ) -> None:
+        self.model = check_model(model)
+        self.cfg = self.model.cfg
+        if max_batch < 1:
+            raise UsageError(f"scheduler: max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise UsageError(f"scheduler: prefill_chunk must be >= 1, got {prefill_chunk}")
+        if block_size < 1:
+            raise UsageError(f"scheduler: block_size must be >= 1, got {block_size}")
+        if n_blocks is None:
+            n_blocks = max_batch * -(-self.cfg.max_seq_len // block_size)
+        self.cache = PagedKVCache.for_model(self.model, n_blocks, block_size)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.prefix_caching = prefix_caching
+        self.device = next(self.model.parameters()).device
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival order: the last is the youngest
+        self.finished: dict[int, Request] = {}  # until taken (`run` takes its own)
+        self.stats = Stats()
+        self._next_id = 0
+
+    # --- requests ------------------------------------------------------------------------
+
+    def add(self, prompt_ids: list[int], cfg: GenerationConfig | None = None) -> int:
+        """Queue a request; returns its id. Refuses what this scheduler cannot serve."""
+        return self._enqueue(self._request(prompt_ids, cfg))
+
+    def _enqueue(self, req: Request) -> int:
+        req.id = self._next_id
+        self._next_id += 1
+        self.waiting.append(req)
+        return req.id
+
+    def _request(self, prompt_ids: list[int], cfg: GenerationConfig | None) -> Request:
+        cfg = (cfg or GenerationConfig()).validate()
+        unsupported = [
+            (cfg.num_beams != 1, "num_beams", "beam search needs lmlab.infer.generate"),
+            (cfg.n != 1, "n", "add the request n times, with different seeds"),
+            (bool(cfg.stop_strings), "stop_strings", "the scheduler works on ids: use stop_ids"),
+        ]
+        for bad, key, hint in unsupported:
+            if bad:
+                raise UsageError(f"scheduler: generation.{key} is not supported ({hint})")
+        prompt = [int(t) for t in prompt_ids]
+        max_len, vocab = self.cfg.max_seq_len, self.cfg.vocab_size
+        if not prompt:
+            raise UsageError("scheduler: empty prompt")
+        if len(prompt) > max_len:
+            raise UsageError(
+                f"scheduler: prompt of {len(prompt)} tokens exceeds max_seq_len={max_len}"
+            )
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise UsageError(f"scheduler: prompt token ids must be in [0, {vocab})")
+        # the model sees at most max_seq_len positions; the last token is never fed back
+        limit = min(cfg.max_new_tokens, max_len - len(prompt) + 1)
+        need = self.cache.blocks_for(len(prompt) + limit - 1)
+        if need > self.cache.n_blocks:
+            raise UsageError(
+                f"scheduler: a request of {len(prompt)} prompt + {limit} new tokens needs "
+                f"{need} blocks of {self.cache.block_size}; the cache has {self.cache.n_blocks}"
+            )
+        hist = History([prompt], self.cfg.vocab_size) if cfg.has_penalties else None
+        gen = make_generator(cfg.seed, "cpu")
+        return Request(-1, prompt, cfg, limit, Sequence(list(prompt)), gen, hist)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- one iteration -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Continue chunked prefills, admit and prefill what fits, then decode one token for
+        every running sequence."""
+        events: list[Event] = []
+        for req in [r for r in self.running if r.seq.pending > 1]:
+            events += self._prefill(req)
+        # one at a time: a prompt's blocks are named by its prefill, so the next request
+        # admitted in this same step already finds a prefix they share
+        while (req := self._admit()) is not None:
+            if req.seq.pending > 1:
+                events += self._prefill(req)
+        decoding = self._make_room([r for r in self.running if r.seq.pending == 1])
+        if decoding:
+            events += self._decode(decoding)
+        self.stats.steps += 1
+        self.stats.peak_blocks_used = self.cache.peak_used
+        return events
+
+    def _admit(self) -> Request | None:
+        """First come, first served: the head of the queue waits until it fits (a preempted
+        request is back at the head, so it is not overtaken). Its prompt's blocks are
+        reserved whole, and this step's decode must still find its blocks free."""
+        if not self.waiting or len(self.running) >= self.max_batch:
+            return None
+        cache = self.cache
+        req = self.waiting[0]
+        seq = req.seq
+        hit = cache.match_prefix(seq) if self.prefix_caching else 0
+        growth = sum(cache.blocks_needed(r.seq, 1) for r in self.running if r.seq.pending == 1)
+        if cache.blocks_needed(seq, seq.pending) + growth > cache.alloc.available:
+            cache.release(seq)
+            return None
+        self.stats.prefix_hit_tokens += hit
+        cache.reserve(seq, seq.pending)
+        self.waiting.popleft()
+        self.running.append(req)
+        self.running.sort(key=lambda r: r.id)
+        return req
+
+    def _prefill(self, req: Request) -> list[Event]:
+        """Run (a chunk of) a sequence's pending tokens; at the end, sample its next token."""
+        seq = req.seq
+        t = seq.pending if self.prefill_chunk is None else min(seq.pending, self.prefill_chunk)
+        view = self.cache.prefill_view(seq, t)
+        ids = torch.tensor([seq.tokens[seq.n_cached : seq.n_cached + t]], device=self.device)
+        logits = self.model(ids, cache=view)
+        self.stats.forwards += 1
+        self.stats.prefill_tokens += t
+        if seq.pending:  # a chunk: the rest follows next step
+            return []
+        return self._sample([req], logits[:, -1, :].float())
+
+    def _make_room(self, decoding: list[Request]) -> list[Request]:
+        """Free blocks for this step's decode, preempting the youngest sequences if needed."""
+        cache = self.cache
+        while True:
+            need = sum(cache.blocks_needed(r.seq, 1) for r in decoding)
+            if need <= cache.alloc.available:
+                break
+            if len(self.running) == 1:  # cannot happen: `add` checks a request fits alone
+                raise RuntimeError("scheduler: one sequence does not fit the cache")
+            victim = self.running.pop()  # the youngest
+            cache.release(victim.seq)
+            self.waiting.appendleft(victim)
+            self.stats.preemptions += 1
+            decoding = [r for r in decoding if r is not victim]
+        for r in decoding:
+            cache.reserve(r.seq, 1)
+        return decoding
+
+    def _decode(self, reqs: list[Request]) -> list[Event]:
+        view = self.cache.decode_view([r.seq for r in reqs])
+        ids = torch.tensor([[r.seq.tokens[-1]] for r in reqs], device=self.device)
+        logits = self.model(
+            ids, cache=view, attention_mask=view.attention_mask, position_ids=view.position_ids
+        )
+        self.stats.forwards += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, len(reqs))
+        return self._sample(reqs, logits[:, -1, :].float())
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[Event]:
+        """Each row through its own request's penalties, warpers and generator."""
+        greedy = logits.argmax(-1).tolist()
+        # sampling, penalties and logprobs run on the host with host generators, as
+        # `generate` does, so a seed draws the same tokens in both engines on any device
+        host = None
+        if any(not r.cfg.greedy or r.hist is not None or r.cfg.logprobs is not None for r in reqs):
+            host = logits.cpu()
+        want_lp = any(r.cfg.logprobs is not None for r in reqs)
+        logprobs = host.log_softmax(-1) if want_lp else None
+        events = []
+        for row, req in enumerate(reqs):
+            cfg = req.cfg
+            if cfg.greedy and req.hist is None:
+                token = greedy[row]
+            else:
+                x = host[row : row + 1]
+                if req.hist is not None:
+                    x = apply_penalties(x, req.hist, cfg)
+                token = int(pick(x, cfg, req.gen)[0])
+            ev = Event(req.id, token)
+            if cfg.logprobs is not None:
+                lp, tops = top_logprobs(
+                    logprobs[row : row + 1], torch.tensor([token]), cfg.logprobs
+                )
+                ev.logprob, ev.top_logprobs = lp[0], tops[0]
+            if req.hist is not None:
+                req.hist.push([token])
+            req.seq.tokens.append(token)
+            if token in cfg.stop_ids:
+                ev.finish_reason = "stop"
+            else:
+                req.output.append(token)
+                self.stats.generated_tokens += 1
+                if len(req.output) >= req.limit:
+                    ev.finish_reason = "length"
+            if ev.finish_reason is not None:
+                ev.finished = True
+                self._finish(req, ev.finish_reason)
+            events.append(ev)
+        return events
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        self.cache.release(req.seq)
+        self.running.remove(req)
+        self.finished[req.id] = req
+
+    # --- drivers -------------------------------------------------------------------------
+
+    def stream(self) -> Iterator[Event]:
+        """Events as they happen until every queued request is done (more may be added
+        between events: they join at the next step)."""
+        while self.has_work():
+            yield from self.step()
+
+    def run(
+        self,
+        prompts: list[list[int]],
+        cfgs: GenerationConfig | list[GenerationConfig] | None = None,
+    ) -> list[list[int]]:
+        """Generate for every prompt; the outputs in prompt order (stop ids left out)."""
+        if cfgs is None or isinstance(cfgs, GenerationConfig):
+            cfgs = [cfgs or GenerationConfig()] * len(prompts)
+        if len(cfgs) != len(prompts):
+            raise UsageError(f"scheduler: {len(prompts)} prompts but {len(cfgs)} configs")
+        reqs = [self._request(p, c) for p, c in zip(prompts, cfgs, strict=True)]  # all valid
+        ids = [self._enqueue(r) for r in reqs]
+        for _ in self.stream():
+            pass
+        return [self.finished.pop(i).output for i in ids]
