@@ -113,18 +113,20 @@ class Runner:
             self.mask = torch.ones(b, slots, dtype=torch.long, device=self.device)
             self.mask[:, :width] = mask
         self.prefix = width
-        return self._forward(ids)[:, -1].float()
+        return self._forward(ids, keep=1)[:, -1].float()
 
     def _empty_cache(self, b: int, slots: int) -> KVCache:
         return KVCache.empty(self.cfg, b, slots, device=self.device, dtype=self.dtype)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, t, V] for x [B, t] appended after the cache."""
+    def _forward(self, x: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Logits [B, t, V] (the last `keep` positions if > 0) for x [B, t] after the cache."""
         if self.family == "encoder_decoder":
             return self.model.decode(x, self.memory, self.memory_mask, cache=self.cache)
         mask = None if self.mask is None else self.mask[:, : self.cache.pos + x.shape[1]]
         prefix = self.prefix if self.family == "prefix" else None
-        return self.model(x, self.cache, attention_mask=mask, prefix_len=prefix)
+        return self.model(
+            x, self.cache, attention_mask=mask, prefix_len=prefix, logits_to_keep=keep
+        )
 
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,7 @@ class Scheduler:
         t = seq.pending if self.prefill_chunk is None else min(seq.pending, self.prefill_chunk)
         view = self.cache.prefill_view(seq, t)
         ids = torch.tensor([seq.tokens[seq.n_cached : seq.n_cached + t]], device=self.device)
-        logits = self.model(ids, cache=view)
+        logits = self.model(ids, cache=view, logits_to_keep=1)
         self.stats.forwards += 1
         self.stats.prefill_tokens += t
         if seq.pending:  # a chunk: the rest follows next step

@@ -520,7 +520,8 @@ class Transformer(nn.Module):
 
     Optional inputs: `attention_mask` ([B, S] padding mask over past + current tokens, or a
     bool [B, 1, T, S] mask such as `document_mask`), `position_ids` [B, T], `prefix_len`
-    [B] (prefix decoders: tokens before it see each other both ways) and a `KVCache`."""
+    [B] (prefix decoders: tokens before it see each other both ways), a `KVCache`, and
+    `logits_to_keep` (as transformers: only the last n positions' logits; 0 = all)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -565,6 +566,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | int | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t = input_ids.shape
@@ -617,6 +619,8 @@ class Transformer(nn.Module):
             x = layer(x, ctx, i, cache)
         if cache is not None:
             cache.advance(t)
+        if logits_to_keep:  # a prefill needs only the last position's logits
+            x = x[:, -logits_to_keep:]
         if cfg.has_final_norm:
             x = self.norm(x)
         return self.lm_head(x)[..., : cfg.vocab_size]
