@@ -495,6 +495,38 @@ def chat(
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+@app.command()
+def quantize(
+    ckpt: Annotated[str, typer.Argument(help="A checkpoint or run directory.")],
+    method: Annotated[str, typer.Option(help="int8, int4 or llm_int8.")],
+    out: Annotated[Path, typer.Option("--out", help="The quantized checkpoint to write.")],
+    group_size: Annotated[int, typer.Option(help="int4: weights per scale (32/64/128).")] = 64,
+    threshold: Annotated[float, typer.Option(help="llm_int8: outlier magnitude.")] = 6.0,
+    include_lm_head: Annotated[bool, typer.Option(help="Quantize the output head too.")] = False,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Token shards or a run for the perplexity check.")
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 50_000,
+    quiet: Quiet = False,
+) -> None:
+    """Post-training weight quantization, with a size / memory / speed / perplexity report."""
+    from lmlab.infer.quant import format_report, quantize_checkpoint
+
+    set_quiet(quiet)
+    report = quantize_checkpoint(
+        ckpt,
+        out,
+        method,
+        group_size=group_size,
+        threshold=threshold,
+        include_lm_head=include_lm_head,
+        eval_tokens=eval_tokens,
+        progress=not quiet,
+        eval_data=eval_data,
+    )
+    print(format_report(report))
+
+
 bench_app = typer.Typer(help="Measure speed on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

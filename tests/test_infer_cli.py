@@ -130,3 +130,31 @@ def test_export_gguf_from_the_command_line(smoke_run, tmp_path):
         cwd=tmp_path,
     )
     assert bad.returncode == 2 and "q3_k" in bad.stderr
+
+
+def test_quantize_from_the_command_line(smoke_run, tmp_path):
+    out = tmp_path / "smoke-int4"
+    p = lmlab_cmd(
+        "quantize",
+        str(smoke_run),
+        "--method",
+        "int4",
+        "--group-size",
+        "32",
+        "--out",
+        str(out),
+        "--eval-tokens",
+        "4000",
+        "--quiet",
+        cwd=tmp_path,
+        check=True,
+    )
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["method"] == "int4" and "perplexity" in p.stdout.lower()
+    # the quantized checkpoint generates through the same command
+    g = lmlab_cmd("generate", str(out), "--prompt", "def ", "--max-new-tokens", "4", cwd=tmp_path)
+    assert g.returncode == 0, g.stderr
+    bad = lmlab_cmd(
+        "quantize", str(smoke_run), "--method", "int3", "--out", str(tmp_path / "x"), cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "int3" in bad.stderr and not (tmp_path / "x").exists()

@@ -98,6 +98,6 @@ def test_export_convert_and_info_through_the_cli(smoke_run, tmp_path):
     x = torch.tensor([tok.encode("import os").ids])
     torch.testing.assert_close(load_model(back)(x), load_model(smoke_run)(x), rtol=0, atol=0)
     p = lmlab_cmd(
-        "export", str(smoke_run), "--to", "gguf", "--out", str(tmp_path / "g"), cwd=tmp_path
+        "export", str(smoke_run), "--to", "onnx", "--out", str(tmp_path / "g"), cwd=tmp_path
     )
     assert p.returncode == 2 and "unknown format" in p.stderr

@@ -86,11 +86,19 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
         return _load_hf(ckpt, device)
     cfg = ModelConfig.from_dict(cfg_json["model"])
     model = build_model(cfg)
+    quantization = cfg_json.get("quantization")
+    if quantization is not None:
+        from lmlab.infer.quant import prepare_quantized
+
+        prepare_quantized(model, quantization, ckpt / "config.json")
     weights = ckpt / "model.safetensors"
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: cannot read weights ({e})") from None
+    if quantization is not None:
+        _load_quantized(model, state, weights)
+        return model.to(device).eval()
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     try:
@@ -99,6 +107,22 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{weights}: weights do not match config.json ({first})") from None
     return model.to(device).eval()
+
+
+def _load_quantized(model: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Load a quantized state dict (`lmlab.infer.quant`): a tied `lm_head` that stayed in
+    full precision shares the embedding; every tensor is checked for shape and dtype."""
+    from lmlab.infer.quant import check_quantized_state
+
+    tied = model.cfg.tie_embeddings and isinstance(getattr(model, "lm_head", None), torch.nn.Linear)
+    if tied and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    check_quantized_state(model, state, weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{weights}: weights do not match config.json ({detail})") from None
 
 
 def _load_hf(ckpt: Path, device: str) -> torch.nn.Module:

@@ -1,0 +1,940 @@
+"""Post-training weight quantization (Zhao et al. §5.4): INT8, packed INT4 and LLM.int8().
+
+Three methods, none needing calibration data:
+
+- `int8`: weight-only, per-output-channel symmetric absmax (one fp32 scale per row).
+- `int4`: weight-only, group-wise along the input dim, asymmetric (an fp16 scale and an fp16
+  minimum per group, as llama.cpp's Q4_1), two 4-bit codes per byte.
+- `llm_int8`: Dettmers et al. (2022): at forward time the input features that reach the
+  outlier threshold are multiplied in floating point, the rest in int8 × int8 with int32
+  accumulation, activations quantized per row and weights per output channel.
+
+Every `nn.Linear` of the transformer blocks is replaced (attention, MLP, MoE experts);
+embeddings, norms, MoE routers and, by default, `lm_head` stay in full precision.
+`quantize_checkpoint` writes a checkpoint `lmlab.model.checkpoint.load_model` reads back,
+plus a report (size, memory, speed, perplexity before and after). docs/quantization.md
+has the format and the measurements.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import CheckpointError, UsageError
+
+METHODS = ("int8", "int4", "llm_int8")
+GROUP_SIZES = (32, 64, 128)
+QUANT_FORMAT = "lmlab-quant/1"
+INT8_BACKENDS = ("auto", "kernel", "dequant")
+# int8 × int8 products summed over 1024 inputs stay below 2^24 (1024·127² = 16,516,096),
+# so a float32 matmul over such a chunk is exact integer arithmetic.
+EXACT_FP32_CHUNK = 1024
+
+_settings = {"int8_backend": "auto"}
+
+
+# --- the number formats ------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric absmax: q = round(w / s) with s = max|w_row| / 127, so every
+    weight lies within s/2 of q·s. An all-zero row gets s = 1 (and q = 0)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [..., K] (K even) → bytes [..., K/2]: element 2j in the low nibble of byte
+    j, element 2j+1 in the high nibble."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups of `group_size` consecutive inputs of a row: w ≈ q·s + m with q in 0..15,
+    m the group minimum and s = (max − m)/15, both stored in float16.
+
+    Asymmetric, because with only 16 levels a group's weights are rarely centred on zero:
+    symmetric absmax would spend part of the range on values no weight takes. The stored
+    m is rounded down and s up, so [m, m + 15·s] still covers the group and every weight
+    stays within s/2 of its code's value after the float16 rounding."""
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    mins = lo.half()
+    mins = torch.where(mins.float() > lo, torch.nextafter(mins, _full(mins, -math.inf)), mins)
+    span = (hi - mins.float()) / 15.0
+    scales = span.half()
+    scales = torch.where(
+        scales.float() < span, torch.nextafter(scales, _full(scales, math.inf)), scales
+    )
+    if not (torch.isfinite(mins).all() and torch.isfinite(scales).all()):
+        raise UsageError(
+            "int4: weights beyond the float16 range (|w| > 65504) cannot be given float16 "
+            "group scales; use int8"
+        )
+    s = scales.float()[..., None]
+    q = torch.round((wg - mins.float()[..., None]) / torch.where(s > 0, s, 1.0)).clamp(0, 15)
+    return pack_int4(q.reshape(n, k)), scales, mins
+
+
+def _full(t: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full_like(t, value)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    q = unpack_int4(packed)
+    n, k = q.shape
+    w = q.view(n, k // group_size, group_size).float() * scales.float()[..., None]
+    return (w + mins.float()[..., None]).view(n, k)
+
+
+# --- kernels -----------------------------------------------------------------------------
+
+
+def set_int8_backend(name: str) -> None:
+    """How int8 products run on CPU: `kernel` (PyTorch's `_weight_int8pack_mm` for int8
+    weights, `torch._int_mm` for LLM.int8), `dequant` (float matmuls over the int8 values),
+    or `auto` (the default).
+
+    `auto` takes `_weight_int8pack_mm` only on AVX-512 CPUs: its CPU kernel has an AVX-512
+    path and a scalar fallback, and on this project's AVX2 machine it measured 3–35× slower
+    than a float32 matmul over the converted weights, `torch._int_mm` 2–25× slower than the
+    exact float emulation of `int8_matmul`; so LLM.int8 uses `_int_mm` on CPU only when
+    asked (docs/quantization.md)."""
+    if name not in INT8_BACKENDS:
+        raise UsageError(f"int8 backend {name!r}: allowed {', '.join(INT8_BACKENDS)}")
+    _settings["int8_backend"] = name
+
+
+@functools.cache
+def int8_kernel_works() -> bool:
+    """`aten._weight_int8pack_mm` exists in this torch and agrees with a float64 reference."""
+    try:
+        op = torch.ops.aten._weight_int8pack_mm
+    except (AttributeError, RuntimeError):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    s = torch.rand(8, generator=g) + 0.01
+    try:
+        y = op(x, q, s)
+    except RuntimeError:
+        return False
+    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+    return bool(torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4))
+
+
+@functools.cache
+def _vectorised_int8_cpu() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def use_int8_kernel(device: torch.device) -> bool:
+    """Whether int8 products on `device` go through the PyTorch int8 kernels (CPU only)."""
+    backend = _settings["int8_backend"]
+    if device.type != "cpu" or backend == "dequant":
+        return False
+    if backend == "kernel":
+        if not int8_kernel_works():
+            raise UsageError("int8 backend 'kernel': this torch has no working int8 CPU kernel")
+        return True
+    return _vectorised_int8_cpu() and int8_kernel_works()
+
+
+def int8_backend_name(device: torch.device | str = "cpu") -> str:
+    return "kernel" if use_int8_kernel(torch.device(device)) else "dequant"
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+    """Exact int32 a @ b.T for int8 a [M, K] and b [N, K]: `torch._int_mm` (off CPU, or
+    with the `kernel` backend), else float32 matmuls over K-chunks too short to round
+    (EXACT_FP32_CHUNK), summed in int32."""
+    if kernel is None:
+        kernel = a.device.type != "cpu" or _settings["int8_backend"] == "kernel"
+    if kernel:
+        try:
+            return torch._int_mm(a.contiguous(), b.t())
+        except RuntimeError:  # shape limits of some devices (CUDA wants M > 16, K % 8 == 0)
+            pass
+    out = None
+    for start in range(0, a.shape[1], EXACT_FP32_CHUNK):
+        part = a[:, start : start + EXACT_FP32_CHUNK].float()
+        part = part @ b[:, start : start + EXACT_FP32_CHUNK].float().t()
+        part = part.to(torch.int32)
+        out = part if out is None else out + part
+    return out
+
+
+# --- modules -----------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """What the quantized linears share: the shape and a full-precision bias."""
+
+    method = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _finish(self, y: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the quantized weight and its scales (the bias is not counted)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + (
+            f"bias={self.bias is not None}"
+        )
+
+
+class Int8Linear(QuantLinear):
+    """y = x · (q·s)ᵀ: int8 weight [N, K] and one scale per output row."""
+
+    method = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if use_int8_kernel(x.device) and x2.dtype in (torch.float32, torch.bfloat16):
+            y = torch.ops.aten._weight_int8pack_mm(
+                x2.contiguous(), self.qweight, self.scale.to(x2.dtype)
+            )
+        else:  # the scale is per output row, so it applies after the matmul
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
+        return self._finish(y, shape, dtype)
+
+
+class Int4Linear(QuantLinear):
+    """Packed 4-bit codes [N, K/2] with a float16 scale and minimum per group of inputs."""
+
+    method = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        )
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.float16))
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Unpacked per call: the float weight lives only for this matmul.
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        y = F.linear(x2, self.dequantized().to(x2.dtype))
+        return self._finish(y, shape, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class LLMInt8Linear(QuantLinear):
+    """LLM.int8(): int8 weights per output channel as `Int8Linear`; at forward time the
+    input columns with |x| > threshold in any row use the dequantized weight columns in
+    float, the rest int8 × int8 → int32 with per-row activation scales.
+
+    The original float weights are not kept: which columns carry outliers is only known
+    from activations, so the float part multiplies by q·s, the same weight every other path
+    sees. `outlier_columns` / `columns_seen` count what the decomposition did."""
+
+    method = "llm_int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, threshold: float) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.threshold = threshold
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.outlier_columns = 0
+        self.columns_seen = 0
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features).float()
+        y, cols = llm_int8_matmul(x2, self.qweight, self.scale, self.threshold)
+        self.outlier_columns += int(cols.numel())
+        self.columns_seen += self.in_features
+        return self._finish(y, shape, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", threshold={self.threshold}"
+
+
+def llm_int8_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: float,
+    kernel: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x @ Wᵀ with the mixed decomposition, outlier column indices); x float [M, K]."""
+    outliers = (x.abs() > threshold).any(dim=0)
+    cols = outliers.nonzero().flatten()
+    regular = x.masked_fill(outliers, 0.0) if cols.numel() else x
+    sx = regular.abs().amax(dim=1, keepdim=True) / 127.0
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = torch.round(regular / sx).clamp(-127, 127).to(torch.int8)
+    acc = int8_matmul(xq, qweight, kernel)
+    y = acc.float() * sx * scale.float()[None, :]  # the outer product of the two scales
+    if cols.numel():
+        w_cols = qweight[:, cols].float() * scale.float()[:, None]
+        y = y + x[:, cols] @ w_cols.t()
+    return y, cols
+
+
+def _quantize_linear(lin: nn.Linear, method: str, group_size: int, threshold: float) -> QuantLinear:
+    k, n, bias = lin.in_features, lin.out_features, lin.bias is not None
+    w = lin.weight.detach()
+    if method == "int4":
+        mod: QuantLinear = Int4Linear(k, n, bias, group_size)
+        mod.qweight, mod.scales, mod.mins = quantize_int4(w, group_size)
+    else:
+        mod = Int8Linear(k, n, bias) if method == "int8" else LLMInt8Linear(k, n, bias, threshold)
+        mod.qweight, mod.scale = quantize_int8(w)
+    if bias:
+        mod.bias.data = lin.bias.detach().float().clone()
+    return mod.to(w.device)
+
+
+def _empty_linear(lin: nn.Linear, method: str, group_size: int, threshold: float) -> QuantLinear:
+    k, n, bias = lin.in_features, lin.out_features, lin.bias is not None
+    if method == "int4":
+        return Int4Linear(k, n, bias, group_size)
+    return Int8Linear(k, n, bias) if method == "int8" else LLMInt8Linear(k, n, bias, threshold)
+
+
+# --- which modules -----------------------------------------------------------------------
+
+
+def check_options(method: str, group_size: int, threshold: float) -> None:
+    if method not in METHODS:
+        raise UsageError(f"method {method!r}: allowed {', '.join(METHODS)}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise UsageError(
+            f"group size {group_size!r}: int4 groups hold "
+            f"{', '.join(map(str, GROUP_SIZES))} input weights"
+        )
+    if method == "llm_int8" and not (
+        isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0
+    ):
+        raise UsageError(
+            f"threshold {threshold!r}: LLM.int8 needs a positive outlier magnitude (paper: 6.0)"
+        )
+
+
+def quantizable(model: nn.Module, include_lm_head: bool = False) -> list[str]:
+    """Names of the linears to quantize: all but `lm_head` (unless asked) and MoE routers,
+    whose few weights decide which expert runs (a flipped choice costs more than it saves)."""
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if (name == "lm_head" and not include_lm_head) or name.split(".")[-1] == "router":
+            continue
+        names.append(name)
+    return names
+
+
+def _check_groups(model: nn.Module, names: list[str], group_size: int) -> None:
+    dims = {name: model.get_submodule(name).in_features for name in names}
+    bad = [(n, k) for n, k in dims.items() if k % group_size]
+    if bad:
+        fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in dims.values())]
+        name, k = bad[0]
+        raise UsageError(
+            f"group size {group_size} does not divide the input dimension {k} of {name} "
+            f"(int4 groups run along the input dim); group sizes that fit this model: "
+            f"{', '.join(map(str, fits)) or 'none'}"
+        )
+
+
+def _spec(method: str, group_size: int, threshold: float, names: list[str], lm_head: bool):
+    return {
+        "format": QUANT_FORMAT,
+        "method": method,
+        "bits": 4 if method == "int4" else 8,
+        "group_size": group_size if method == "int4" else None,
+        "threshold": float(threshold) if method == "llm_int8" else None,
+        "include_lm_head": lm_head,
+        "modules": names,
+    }
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    group_size: int = 64,
+    threshold: float = 6.0,
+    include_lm_head: bool = False,
+) -> nn.Module:
+    """Replace the model's linears (see `quantizable`) in place by quantized modules; the
+    model remembers what was done in `model.quantization` (what the checkpoint records)."""
+    check_options(method, group_size, threshold)
+    if getattr(model, "quantization", None):
+        raise UsageError(
+            f"the model is already quantized ({model.quantization['method']}); "
+            "quantize the full-precision checkpoint instead"
+        )
+    names = quantizable(model, include_lm_head)
+    if not names:
+        raise UsageError("the model has no nn.Linear layers to quantize")
+    if method == "int4":
+        _check_groups(model, names, group_size)
+    for name in names:
+        lin = model.get_submodule(name)
+        model.set_submodule(name, _quantize_linear(lin, method, group_size, threshold))
+    model.quantization = _spec(method, group_size, threshold, names, include_lm_head)
+    return model
+
+
+def prepare_quantized(model: nn.Module, spec: Any, where: str | Path) -> None:
+    """Give a freshly built model the empty quantized modules a checkpoint's `quantization`
+    block names, so its state dict loads into them (`load_model` calls this)."""
+
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{where}: quantization: {msg}")
+
+    if not isinstance(spec, dict):
+        raise bad(f"expected an object, got {type(spec).__name__}")
+    method = spec.get("method")
+    if method not in METHODS:
+        raise bad(f"method {method!r} is not one of {', '.join(METHODS)}")
+    group_size, threshold = spec.get("group_size"), spec.get("threshold")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise bad(f"group_size {group_size!r} is not one of {GROUP_SIZES}")
+    if method == "llm_int8" and not (isinstance(threshold, int | float) and threshold > 0):
+        raise bad(f"threshold {threshold!r} is not a positive number")
+    names = spec.get("modules")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("modules must be a non-empty list of module names")
+    for name in names:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise bad(f"module {name!r} is not in this model (does config.json match?)") from None
+        if not isinstance(lin, nn.Linear):
+            raise bad(f"module {name!r} is a {type(lin).__name__}, not a linear layer")
+        if method == "int4" and lin.in_features % group_size:
+            raise bad(f"{name}: input dim {lin.in_features} is not a multiple of {group_size}")
+        model.set_submodule(name, _empty_linear(lin, method, group_size or 0, threshold or 0.0))
+    model.quantization = dict(spec)
+
+
+def check_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every tensor present with the shape (and, for quantized modules, the dtype) the model
+    expects: `load_state_dict` would cast a float tensor into an int8 buffer silently."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(f"{where}: tensors do not match the quantized model ({what})")
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for key, ref in expected.items():
+        got = state[key]
+        if got.shape != ref.shape:
+            raise CheckpointError(
+                f"{where}: {key} has shape {list(got.shape)}, the model needs {list(ref.shape)}"
+            )
+        if key.rsplit(".", 1)[0] in quant and got.dtype != ref.dtype:
+            raise CheckpointError(
+                f"{where}: {key} is {str(got.dtype).removeprefix('torch.')}, a "
+                f"{model.quantization['method']} checkpoint stores "
+                f"{str(ref.dtype).removeprefix('torch.')}"
+            )
+
+
+def save_quantized(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    extra: dict | None = None,
+    write_extra=None,
+) -> Path:
+    """Write a quantized model as an lmlab checkpoint with its `quantization` block."""
+    from lmlab.model.checkpoint import save_checkpoint
+
+    spec = getattr(model, "quantization", None)
+    if not spec:
+        raise UsageError("save_quantized: the model is not quantized (call quantize_model)")
+    extra = {**(extra or {}), "quantization": spec}
+    return save_checkpoint(model, out, tokenizer_dir, extra=extra, write_extra=write_extra)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, a tensor shared by two modules counted once."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def compare_speed(models: dict[str, nn.Module], probe: dict, repeats: int = 3) -> dict:
+    """Forward and greedy-decode tokens/s of each model, best of `repeats` rounds that
+    alternate between the models, so a busy machine slows them alike.
+
+    Forward: full passes over `probe["batch"]` [B, T]; decode: `generate` from
+    `probe["prompt"]` for `probe["new_tokens"]` tokens with the KV cache."""
+    from lmlab.infer.generate import GenerationConfig, generate
+
+    ids, prompt = probe["batch"], probe["prompt"]
+    gen = GenerationConfig(max_new_tokens=probe["new_tokens"])
+    best = {name: {"forward": math.inf, "decode": math.inf} for name in models}
+    counts = {}
+    for m in models.values():  # warm-up
+        _logits(m, ids[:, :8])
+        generate(m, prompt, GenerationConfig(max_new_tokens=2))
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            _logits(m, ids)
+            t1 = time.perf_counter()
+            counts[name] = len(generate(m, prompt, gen))
+            t2 = time.perf_counter()
+            best[name]["forward"] = min(best[name]["forward"], t1 - t0)
+            best[name]["decode"] = min(best[name]["decode"], t2 - t1)
+    return {
+        name: {
+            "forward_tokens_per_s": ids.numel() / b["forward"],
+            "decode_tokens_per_s": counts[name] / b["decode"],
+        }
+        for name, b in best.items()
+    }
+
+
+def find_eval_tokens(ckpt: Path, eval_data: str | Path | None) -> tuple[Path | None, str]:
+    """The token-shard directory whose `val` split scores the model, or (None, why not).
+
+    A checkpoint inside a run (runs/NAME/pretrain/model, runs/NAME/sft/model, or a compare
+    variant) uses the run's held-out shards, as the eval stage does."""
+    if eval_data is not None:
+        p = Path(eval_data)
+        for cand in (p, p / "tokenizer" / "tokens"):
+            if _is_token_shards(cand):
+                return cand, ""
+        raise UsageError(
+            f"{p}: eval data must be a token-shard directory (with manifest.json) or a run "
+            "directory"
+        )
+    for parent in list(ckpt.resolve().parents)[:3]:
+        cand = parent / "tokenizer" / "tokens"
+        if _is_token_shards(cand):
+            return cand, ""
+    return None, (
+        f"no held-out tokens: {ckpt} is not inside a run directory (runs/NAME/...); "
+        "pass eval_data (a token-shard directory)"
+    )
+
+
+def _is_token_shards(path: Path) -> bool:
+    """A token-shard directory (`lmlab.data.shards`), not a run's own manifest.json."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(
+        "lmlab-token-shards"
+    )
+
+
+def _eval_setup(
+    ckpt: Path, cfg, raw: dict, eval_data: str | Path | None, eval_tokens: int
+) -> tuple[dict | None, str]:
+    """What `lm_metrics` needs (tokens, tokenizer, window length), or (None, why not)."""
+    from tokenizers import Tokenizer
+
+    from lmlab.data.shards import open_split
+    from lmlab.utils import read_json
+
+    if cfg.family == "encoder_decoder":
+        return None, "perplexity is measured for decoder models, not encoder-decoders"
+    shards, why = find_eval_tokens(ckpt, eval_data)
+    if shards is None:
+        return None, why
+    vocab = read_json(shards / "manifest.json").get("vocab_size")
+    if vocab != cfg.vocab_size:
+        msg = f"{shards}: tokenized with a {vocab}-token vocabulary, the model has {cfg.vocab_size}"
+        if eval_data is not None:
+            raise UsageError(msg)
+        return None, msg
+    tok_file = next(
+        (p for p in (ckpt / "tokenizer.json", shards.parent / "tokenizer.json") if p.is_file()),
+        None,
+    )
+    if tok_file is None:
+        return None, f"no tokenizer.json beside {ckpt} or {shards} (needed for bits per byte)"
+    try:
+        val = open_split(shards, "val")
+    except UsageError as e:
+        if eval_data is not None:
+            raise
+        return None, str(e)
+    seq_len = (raw.get("training") or {}).get("config", {}).get("seq_len") or cfg.max_seq_len
+    seq_len = min(int(seq_len), cfg.max_seq_len)
+    if min(len(val) - 1, eval_tokens) < seq_len:
+        return (
+            None,
+            f"{shards}: {len(val)} validation tokens, fewer than one {seq_len}-token window",
+        )
+    setup = {"tokens": val, "tokenizer": Tokenizer.from_file(str(tok_file)), "seq_len": seq_len}
+    return {**setup, "data": str(shards), "max_tokens": eval_tokens}, ""
+
+
+def _perplexity(model: nn.Module, setup: dict, label: str) -> dict:
+    from lmlab.eval.lm import lm_metrics
+
+    return lm_metrics(
+        model,
+        setup["tokens"],
+        setup["tokenizer"],
+        setup["seq_len"],
+        setup["max_tokens"],
+        label=label,
+    )
+
+
+def _probe_inputs(cfg, setup: dict | None, new_tokens: int, speed: bool) -> dict:
+    """A fixed batch for forward speed, a prompt for decoding and a batch for the reload
+    check: from the validation tokens when there are some, else seeded random ids."""
+    t = min(cfg.max_seq_len, 128)
+    if setup is not None:
+        ids = torch.from_numpy(setup["tokens"][: 4 * t].astype("int64"))
+    else:
+        ids = torch.randint(0, cfg.vocab_size, (4 * t,), generator=torch.Generator().manual_seed(0))
+    if len(ids) < 4 * t:  # tiny validation split: repeat it
+        ids = ids.repeat(4 * t // len(ids) + 1)
+    batch = ids[: 4 * t].view(4, t)
+    new_tokens = max(1, min(new_tokens, cfg.max_seq_len - 17))
+    return {
+        "batch": batch,
+        "prompt": batch[0, :16].tolist(),
+        "new_tokens": new_tokens,
+        "speed": speed,
+    }
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    method: str,
+    group_size: int = 64,
+    threshold: float = 6.0,
+    include_lm_head: bool = False,
+    eval_tokens: int = 50_000,
+    progress: bool = True,
+    eval_data: str | Path | None = None,
+    decode_tokens: int = 32,
+    measure_speed: bool = True,
+) -> dict:
+    """Quantize the checkpoint (or run's model) `src` into the checkpoint directory `out`,
+    written atomically with `quantization.json`; returns that report.
+
+    The report compares the model before and after: weights file size, parameter memory,
+    forward and greedy-decode tokens/s (at the process's thread count) and validation
+    perplexity on the first `eval_tokens` held-out tokens (see `find_eval_tokens`)."""
+    from lmlab.console import is_quiet, log, set_quiet
+    from lmlab.model.checkpoint import FORMAT, load_model, read_config, resolve_checkpoint
+    from lmlab.model.encdec import EncoderDecoder
+    from lmlab.model.transformer import Transformer
+    from lmlab.utils import write_json
+
+    check_options(method, group_size, threshold)
+    if not (isinstance(eval_tokens, int) and eval_tokens > 0):
+        raise UsageError(f"eval_tokens {eval_tokens!r}: must be a positive number of tokens")
+    ckpt = resolve_checkpoint(src)
+    out = Path(out)
+    _check_out(ckpt, out)
+    raw = read_config(ckpt)
+    if raw.get("quantization"):
+        raise UsageError(f"{ckpt}: already quantized ({raw['quantization'].get('method')})")
+    fp = load_model(ckpt)
+    if not isinstance(fp, Transformer | EncoderDecoder):
+        raise UsageError(f"{ckpt}: only lmlab model families can be quantized")
+    setup, why = _eval_setup(ckpt, fp.cfg, raw, eval_data, eval_tokens)
+    probe = _probe_inputs(fp.cfg, setup, decode_tokens, measure_speed)
+    names = quantizable(fp, include_lm_head)
+    fp_bytes = sum(_weight_bytes(fp.get_submodule(n)) for n in names)
+    model = quantize_model(copy.deepcopy(fp), method, group_size, threshold, include_lm_head)
+    quiet_before = is_quiet()
+    set_quiet(quiet_before or not progress)
+    try:
+        log(f"quantize: {method}, {len(names)} linear layers of {ckpt}")
+        lm = {}
+        if setup is not None:
+            lm["before"] = _perplexity(fp, setup, "fp32")
+            lm["after"] = _perplexity(model, setup, method)
+        with torch.no_grad():
+            reference = _logits(model, probe["batch"])
+        outliers = outlier_share(model)  # over the perplexity windows (or the probe batch)
+        speed = compare_speed({"before": fp, "after": model}, probe) if measure_speed else None
+        report = _report(ckpt, out, model, memory_bytes(fp), speed, lm, setup, why, probe)
+        report["quantized_weight_bytes"] = {
+            "before": fp_bytes,
+            "after": sum(model.get_submodule(n).quantized_bytes() for n in names),
+        }
+        if outliers is not None:
+            report["outlier_column_share"] = outliers
+        report["weight_relative_error"] = weight_error(fp, model, names)
+        del fp
+
+        def finish(tmp: Path) -> None:
+            report["disk_bytes"]["after"] = (tmp / "model.safetensors").stat().st_size
+            # the written checkpoint must give back this very model before it replaces `out`
+            with torch.no_grad():
+                diff = float((_logits(load_model(tmp), probe["batch"]) - reference).abs().max())
+            report["reload_max_abs_diff"] = diff
+            if diff > 0:
+                raise CheckpointError(
+                    f"{out}: the reloaded model differs (max |Δlogit| {diff:.3g})"
+                )
+            write_json(tmp / "quantization.json", report)
+
+        if raw.get("format") == FORMAT:  # keep what the source recorded (`training`, ...)
+            extra = {k: v for k, v in raw.items() if k not in ("format", "model")}
+        else:  # a Hugging Face directory, converted on load
+            extra = {"converted_from": "huggingface"}
+        extra["quantized_from"] = str(ckpt)
+        save_quantized(model, out, tokenizer_dir=ckpt, extra=extra, write_extra=finish)
+        log(f"quantize: wrote {out}")
+    finally:
+        set_quiet(quiet_before)
+    return report
+
+
+@torch.no_grad()
+def weight_error(fp: nn.Module, quantized: nn.Module, names: list[str]) -> float:
+    """‖W − Ŵ‖ / ‖W‖ over all quantized matrices together (Frobenius norms)."""
+    err = ref = 0.0
+    for name in names:
+        w = fp.get_submodule(name).weight.float()
+        err += (quantized.get_submodule(name).dequantized() - w).pow(2).sum().item()
+        ref += w.pow(2).sum().item()
+    return math.sqrt(err / ref) if ref else 0.0
+
+
+def _check_out(ckpt: Path, out: Path) -> None:
+    """`out` is replaced whole: never the source, nor a directory that holds other work."""
+    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise UsageError(f"--out {out}: would replace the checkpoint being quantized")
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        if any(out.iterdir()) and not _is_quantized_checkpoint(out):
+            raise UsageError(
+                f"--out {out}: exists and is not a quantized checkpoint; refusing to replace it"
+            )
+
+
+def _is_quantized_checkpoint(path: Path) -> bool:
+    try:
+        return "quantization" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _weight_bytes(lin: nn.Linear) -> int:
+    return lin.weight.numel() * lin.weight.element_size()
+
+
+def _disk_bytes(ckpt: Path) -> int:
+    """Bytes of the weight files (an HF directory may shard them or use .bin)."""
+    files = [p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return sum(p.stat().st_size for p in files)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    if model.cfg.family == "encoder_decoder":
+        return model(ids, ids)
+    return model(ids)
+
+
+def reset_outlier_counts(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, LLMInt8Linear):
+            m.outlier_columns = m.columns_seen = 0
+
+
+def outlier_share(model: nn.Module) -> float | None:
+    """Share of LLM.int8 input columns multiplied in float since the counts were reset."""
+    mods = [m for m in model.modules() if isinstance(m, LLMInt8Linear)]
+    seen = sum(m.columns_seen for m in mods)
+    return sum(m.outlier_columns for m in mods) / seen if seen else None
+
+
+def _report(ckpt, out, model, fp_memory, speed, lm, setup, why, probe) -> dict:
+    spec = model.quantization
+    mods = [model.get_submodule(n) for n in spec["modules"]]
+    report: dict[str, Any] = {
+        "method": spec["method"],
+        "group_size": spec["group_size"],
+        "threshold": spec["threshold"],
+        "include_lm_head": spec["include_lm_head"],
+        "source": str(ckpt),
+        "output": str(out),
+        "modules": len(mods),
+        "quantized_parameters": sum(m.in_features * m.out_features for m in mods),
+        "parameters": model.cfg.num_params(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "disk_bytes": {"before": _disk_bytes(ckpt), "after": None},
+        "memory_bytes": {"before": fp_memory, "after": memory_bytes(model)},
+    }
+    if spec["method"] != "int4":
+        report["int8_backend"] = int8_backend_name("cpu")
+    if speed is not None:
+        for key in ("forward_tokens_per_s", "decode_tokens_per_s"):
+            report[key] = {"before": speed["before"][key], "after": speed["after"][key]}
+        report["speed_setup"] = {
+            "forward_batch": list(probe["batch"].shape),
+            "prompt_tokens": len(probe["prompt"]),
+            "new_tokens": probe["new_tokens"],
+        }
+    if setup is None:
+        report["perplexity"] = {"measured": False, "reason": why}
+    else:
+        b, a = lm["before"], lm["after"]
+        report["perplexity"] = {
+            "measured": True,
+            "before": b["perplexity"],
+            "after": a["perplexity"],
+            "relative_change": a["perplexity"] / b["perplexity"] - 1,
+            "loss_before": b["loss"],
+            "loss_after": a["loss"],
+            "bits_per_byte_before": b["bits_per_byte"],
+            "bits_per_byte_after": a["bits_per_byte"],
+            "tokens": b["tokens"],
+            "seq_len": setup["seq_len"],
+            "data": setup["data"],
+        }
+    return report
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_report(report: dict) -> str:
+    """A small console table: each measurement before, after, and the ratio or change."""
+    method = report["method"]
+    if method == "int4":
+        method += f" (group {report['group_size']})"
+    elif method == "llm_int8":
+        method += f" (threshold {report['threshold']:g})"
+    rows: list[tuple[str, str, str, str]] = []
+
+    def ratio(b, a) -> str:
+        return f"×{a / b:.3f}" if a is not None and b else "-"
+
+    for key, label in (
+        ("disk_bytes", "weights file"),
+        ("quantized_weight_bytes", "quantized matrices"),
+        ("memory_bytes", "parameter memory"),
+    ):
+        if key in report:
+            b, a = report[key]["before"], report[key]["after"]
+            rows.append((label, _size(b), _size(a), ratio(b, a)))
+    for key, label in (
+        ("forward_tokens_per_s", "forward tokens/s"),
+        ("decode_tokens_per_s", "decode tokens/s"),
+    ):
+        if key in report:
+            b, a = report[key]["before"], report[key]["after"]
+            rows.append((label, f"{b:,.0f}", f"{a:,.0f}", ratio(b, a)))
+    if "weight_relative_error" in report:
+        rows.append(("weight error ‖W−Ŵ‖/‖W‖", "", f"{report['weight_relative_error']:.4f}", ""))
+    ppl = report["perplexity"]
+    if ppl["measured"]:
+        rows.append(
+            (
+                "perplexity",
+                f"{ppl['before']:.3f}",
+                f"{ppl['after']:.3f}",
+                f"{100 * ppl['relative_change']:+.2f}%",
+            )
+        )
+    head = (
+        f"{method}: {report['modules']} linear layers, "
+        f"{report['quantized_parameters']:,} of {report['parameters']:,} parameters quantized"
+    )
+    widths = [max(len(r[i]) for r in [("", "before", "after", "change"), *rows]) for i in range(4)]
+    lines = [head]
+    for r in [("", "before", "after", "change"), *rows]:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    if not ppl["measured"]:
+        lines.append(f"perplexity not measured: {ppl['reason']}")
+    if "outlier_column_share" in report:
+        lines.append(
+            f"outlier columns (|x| > {report['threshold']:g}): "
+            f"{100 * report['outlier_column_share']:.3f}% of input features"
+        )
+    if "int8_backend" in report:
+        lines.append(f"int8 backend: {report['int8_backend']}")
+    return "\n".join(lines)
