@@ -585,8 +585,11 @@ def test_forward_flops_match_torch_flop_counter(kw, monkeypatch):
     model = Transformer(c).eval()
     b, t = 2, 32
 
-    def math_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    def math_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
         """Attention as plain matmuls, which the counter sees (its fused kernels it does not)."""
+        if enable_gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         w = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
         if is_causal:
             attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()

@@ -318,10 +318,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None and memory is None:
             k, v = cache.update(layer, k, v)
-        if cfg.n_kv_heads != cfg.n_heads:  # grouped-query: share each K/V head across a group
-            rep = cfg.n_heads // cfg.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         mask = ctx.mask[cfg.is_local(layer)] if memory is None else ctx.mask[False]
         y = F.scaled_dot_product_attention(
             q,
@@ -330,6 +326,9 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=ctx.is_causal and mask is None and t > 1,
             scale=cfg.attn_scale,
+            # grouped-query: each K/V head serves a group of query heads, without copying
+            # the keys per query head (the whole cache, every decode step)
+            enable_gqa=cfg.n_kv_heads != cfg.n_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
