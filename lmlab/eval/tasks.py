@@ -1,0 +1,458 @@
+"""Evaluation tasks in lm-evaluation-harness's YAML shape, run by lmlab itself, offline.
+
+A task file names its data (local JSONL / CSV / Parquet), how a document becomes a prompt
+(`doc_to_text`), its answer (`doc_to_target`) and, for multiple choice, its options
+(`doc_to_choice`): each a field name, a Jinja template, or a literal, with lm-eval's
+rules. `output_type` picks the scoring (Zhao et al. §7.1):
+
+- `multiple_choice`: the log-likelihood of each option after the prompt; `acc`,
+  `acc_norm` (log-likelihood per character, as lm-eval) and `acc_mutual_info`
+  (log p(option | prompt) - log p(option): calibrated scoring).
+- `loglikelihood_rolling`: a whole document scored in disjoint windows of maximal
+  context; `word_perplexity`, `byte_perplexity`, `bits_per_byte`.
+- `generate_until`: greedy generation up to the stop strings, `filter_list` answer
+  extraction (regex, take_first, lowercase, strip), then `exact_match`.
+
+Tokenization follows lm-eval's HFLM (trailing spaces of a context move to the
+continuation; context and continuation are encoded together and split), so the same task
+scores the same numbers through `lm_eval --model lmlab` and here.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from lmlab.errors import UsageError
+from lmlab.eval.metrics import mean_stderr
+
+OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
+METRICS = {
+    "multiple_choice": ("acc", "acc_norm", "acc_mutual_info"),
+    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+    "generate_until": ("exact_match",),
+}
+
+
+@dataclass
+class Task:
+    name: str
+    output_type: str
+    data_files: dict[str, str]
+    test_split: str
+    doc_to_text: Any = None
+    doc_to_target: Any = None
+    doc_to_choice: Any = None
+    fewshot_split: str | None = None
+    num_fewshot: int = 0
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    description: str = ""
+    generation_kwargs: dict = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=list)
+    metric_kwargs: dict[str, dict] = field(default_factory=dict)
+    filters: list[dict] = field(default_factory=list)
+    source: Path | None = None
+    kind: str = "json"  # dataset_path: json, csv or parquet
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_task(path: str | Path) -> Task:
+    """Read one task YAML; data files are resolved relative to the YAML's directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"{path}: cannot read task ({e})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a task file is a mapping")
+    name = raw.get("task") or path.stem
+    out = raw.get("output_type", "generate_until")
+    if out not in OUTPUT_TYPES:
+        raise UsageError(f"{path}: output_type {out!r} (lmlab runs: {', '.join(OUTPUT_TYPES)})")
+    if raw.get("dataset_path") not in ("json", "csv", "parquet"):
+        raise UsageError(f"{path}: dataset_path must be json, csv or parquet (local files)")
+    files = (raw.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, str):
+        files = {"train": files}
+    if not isinstance(files, dict) or not files:
+        raise UsageError(f"{path}: dataset_kwargs.data_files must name the local data files")
+    files = {
+        k: str((path.parent / v) if not Path(v).is_absolute() else v) for k, v in files.items()
+    }
+    test_split = raw.get("test_split") or raw.get("validation_split")
+    if test_split not in files:
+        raise UsageError(f"{path}: test_split {test_split!r} is not in data_files {list(files)}")
+    entries = [m if isinstance(m, dict) else {"metric": m} for m in raw.get("metric_list", [])]
+    metrics = [m["metric"] for m in entries]
+    skip = ("metric", "aggregation", "higher_is_better")
+    metric_kwargs = {m["metric"]: {k: v for k, v in m.items() if k not in skip} for m in entries}
+    metrics = metrics or list(METRICS[out][:2] if out == "multiple_choice" else METRICS[out])
+    unknown = [m for m in metrics if m not in METRICS[out]]
+    if unknown:
+        raise UsageError(f"{path}: metric {unknown[0]!r} (for {out}: {', '.join(METRICS[out])})")
+    return Task(
+        name=name,
+        output_type=out,
+        data_files=files,
+        test_split=test_split,
+        doc_to_text=raw.get("doc_to_text"),
+        doc_to_target=raw.get("doc_to_target"),
+        doc_to_choice=raw.get("doc_to_choice"),
+        fewshot_split=raw.get("fewshot_split") or raw.get("training_split"),
+        num_fewshot=int(raw.get("num_fewshot", 0)),
+        target_delimiter=raw.get("target_delimiter", " "),
+        fewshot_delimiter=raw.get("fewshot_delimiter", "\n\n"),
+        description=raw.get("description", ""),
+        generation_kwargs=raw.get("generation_kwargs") or {},
+        metrics=metrics,
+        metric_kwargs=metric_kwargs,
+        filters=(raw.get("filter_list") or [{}])[0].get("filter", []),
+        source=path,
+        kind=raw["dataset_path"],
+    )
+
+
+def read_docs(path: str | Path, kind: str) -> list[dict]:
+    """Rows of a local JSONL / CSV / Parquet file, as dicts."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such data file")
+    try:
+        if kind == "json":
+            df = pd.read_json(p, lines=p.suffix in (".jsonl", ".ndjson") or None)
+        elif kind == "csv":
+            df = pd.read_csv(p)
+        else:
+            df = pd.read_parquet(p)
+    except ValueError as e:
+        raise UsageError(f"{p}: cannot read as {kind} ({e})") from None
+    return [{k: _plain(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+# --- lm-eval's document rules ---------------------------------------------------------------
+
+_ENV = None
+
+
+def render(template: str, doc: dict) -> str:
+    global _ENV
+    if _ENV is None:
+        from jinja2 import BaseLoader, Environment, StrictUndefined
+
+        _ENV = Environment(
+            loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True
+        )
+    return _ENV.from_string(template).render(**doc)
+
+
+def doc_value(spec: Any, doc: dict, has_choices: bool, kind: str) -> Any:
+    """A field name, a Jinja template (digits become an index when there are choices;
+    `[...]` a list for targets), or a literal, as lm-eval resolves them."""
+    if isinstance(spec, (int, list)):
+        return spec
+    if not isinstance(spec, str):
+        raise UsageError(f"doc_to_{kind}: expected a field, a template or a literal")
+    if spec in doc:
+        return doc[spec]
+    text = render(spec, doc)
+    if kind == "choice":
+        return ast.literal_eval(text)
+    if text.isdigit() and has_choices:
+        return int(text)
+    if kind == "target" and len(text) >= 2 and text[0] == "[" and text[-1] == "]":
+        try:
+            return ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            return text
+    return text
+
+
+def choices_of(task: Task, doc: dict) -> list[str]:
+    return [str(c) for c in doc_value(task.doc_to_choice, doc, True, "choice")]
+
+
+def target_text(task: Task, doc: dict) -> str:
+    """The answer as text (an index resolved through the choices)."""
+    t = doc_value(task.doc_to_target, doc, task.doc_to_choice is not None, "target")
+    if isinstance(t, list):
+        t = t[0]
+    if isinstance(t, int) and task.doc_to_choice is not None:
+        return choices_of(task, doc)[t]
+    return str(t)
+
+
+def gold_index(task: Task, doc: dict) -> int:
+    t = doc_value(task.doc_to_target, doc, True, "target")
+    if isinstance(t, int):
+        return t
+    return choices_of(task, doc).index(str(t))
+
+
+def context_of(task: Task, doc: dict, shots: list[dict]) -> str:
+    """Description, then the demonstrations with their answers, then the prompt."""
+    demos = [
+        doc_value(task.doc_to_text, s, task.doc_to_choice is not None, "text")
+        + task.target_delimiter
+        + target_text(task, s)
+        for s in shots
+    ]
+    text = doc_value(task.doc_to_text, doc, task.doc_to_choice is not None, "text")
+    head = task.description
+    return head + task.fewshot_delimiter.join([*demos, str(text)]) if demos else head + str(text)
+
+
+# --- log-likelihoods -------------------------------------------------------------------------
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """HFLM's split: trailing spaces move to the continuation; encode whole, then split."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation).ids
+    ctx = tok.encode(context).ids
+    return ctx, whole[len(ctx) :]
+
+
+def prefix_token(tok) -> int:
+    """What an empty context is conditioned on: the end-of-text token (as HFLM's EOT)."""
+    from lmlab.tokenizer import EOS, special_id
+
+    return special_id(tok, EOS)
+
+
+def _tokens(tok, ctx: str, cont: str) -> tuple[list[int], list[int]]:
+    if ctx:
+        c, k = encode_pair(tok, ctx, cont)
+    else:
+        c, k = [prefix_token(tok)], tok.encode(cont).ids
+    if not k:
+        raise UsageError(f"empty continuation after tokenization: {cont!r}")
+    return c, k
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model, tok, requests: list[tuple[str, str]], batch_size: int = 8
+) -> list[tuple[float, bool]]:
+    """For each (context, continuation): the sum of the continuation's log-probs and
+    whether every continuation token is the greedy choice. Inputs keep the last
+    max_seq_len tokens, as lm-eval's left truncation."""
+    max_len = model.cfg.max_seq_len
+    items = []  # (model input, continuation tokens)
+    for ctx, cont in requests:
+        c, k = _tokens(tok, ctx, cont)
+        full = (c + k)[-(max_len + 1) :]
+        items.append((full[:-1], k[-(len(full) - 1) :]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(items[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):  # right-padded: causal rows never see the padding
+            ids[r, : len(items[i][0])] = torch.tensor(items[i][0])
+        logp = model(ids).float().log_softmax(-1)
+        for r, i in enumerate(idx):
+            inp, k = items[i]
+            tgt = torch.tensor(k)
+            rows = logp[r, len(inp) - len(k) : len(inp)]
+            lp = rows.gather(-1, tgt[:, None]).squeeze(-1)
+            out[i] = (float(lp.sum()), bool((rows.argmax(-1) == tgt).all()))
+    return out
+
+
+@torch.no_grad()
+def rolling_loglikelihood(model, tok, text: str) -> float:
+    """A whole document's log-likelihood: disjoint windows, each predicted with the
+    longest context that fits (lm-eval's rolling windows), the first after the prefix."""
+    max_len = model.cfg.max_seq_len
+    tokens = tok.encode(text).ids
+    if not tokens:
+        return 0.0
+    seq = [prefix_token(tok)] + tokens  # seq[j] predicts tokens[j]
+    total, done = 0.0, 0
+    while done < len(tokens):
+        end = min(done + max_len, len(tokens))
+        start_in = max(0, end - max_len)  # input seq[start_in:end] predicts tokens[start_in:end]
+        inp = torch.tensor([seq[start_in:end]])
+        logp = model(inp).float().log_softmax(-1)[0]
+        tgt = torch.tensor(tokens[done:end])
+        rows = logp[done - start_in :]
+        total += float(rows.gather(-1, tgt[:, None]).sum())
+        done = end
+    return total
+
+
+# --- filters and the runner -------------------------------------------------------------------
+
+
+def apply_filters(text: str, steps: list[dict]) -> str:
+    """lm-eval's answer extraction steps, in order: regex (a capture group, the first
+    match by default, `[invalid]` when nothing matches), take_first, lowercase,
+    uppercase, remove_whitespace / strip."""
+    for step in steps:
+        fn = step.get("function")
+        if fn == "regex":
+            pattern = step.get("regex_pattern", r"#### (\-?[0-9\.\,]+)")
+            matches = re.findall(pattern, text)
+            if not matches:
+                text = step.get("fallback", "[invalid]")
+                continue
+            m = matches[step.get("group_select", 0)]
+            text = (next((g for g in m if g), m[0]) if isinstance(m, tuple) else m).strip()
+        elif fn == "take_first":
+            continue  # one generation per request here: already the first
+        elif fn == "lowercase":
+            text = text.lower()
+        elif fn == "uppercase":
+            text = text.upper()
+        elif fn in ("remove_whitespace", "strip"):
+            text = text.lstrip() if fn == "remove_whitespace" else text.strip()
+        else:
+            raise UsageError(
+                f"filter function {fn!r} (lmlab runs: regex, take_first, "
+                "lowercase, uppercase, remove_whitespace, strip)"
+            )
+    return text
+
+
+def exact_match(
+    pred: str,
+    gold: str,
+    ignore_case: bool = False,
+    ignore_punctuation: bool = False,
+    regexes_to_ignore: list[str] | None = None,
+) -> float:
+    """HF evaluate's exact_match, the metric lm-eval tasks name."""
+    import string
+
+    for rx in regexes_to_ignore or []:
+        pred, gold = re.sub(rx, "", pred), re.sub(rx, "", gold)
+    if ignore_case:
+        pred, gold = pred.lower(), gold.lower()
+    if ignore_punctuation:
+        table = str.maketrans("", "", string.punctuation)
+        pred, gold = pred.translate(table), gold.translate(table)
+    return float(pred == gold)
+
+
+def fewshot_docs(task: Task, rng: np.random.Generator, exclude: dict | None) -> list[dict]:
+    if task.num_fewshot == 0:
+        return []
+    if task.fewshot_split is None or task.fewshot_split not in task.data_files:
+        raise UsageError(f"{task.name}: num_fewshot > 0 needs a fewshot_split in data_files")
+    pool = [d for d in read_docs(task.data_files[task.fewshot_split], task.kind) if d != exclude]
+    if len(pool) < task.num_fewshot:
+        raise UsageError(f"{task.name}: {task.num_fewshot} shots but {len(pool)} fewshot docs")
+    return [pool[i] for i in rng.choice(len(pool), task.num_fewshot, replace=False)]
+
+
+def run_task(
+    model, tok, task: Task, limit: int | None = None, seed: int = 0, batch_size: int = 8
+) -> dict:
+    """Score a task: {metric: {value, stderr}} plus one record per document."""
+    docs = read_docs(task.data_files[task.test_split], task.kind)[:limit]
+    rng = np.random.default_rng(seed)
+    records: list[dict] = []
+    if task.output_type == "multiple_choice":
+        for doc in docs:
+            ctx = context_of(task, doc, fewshot_docs(task, rng, doc))
+            choices = choices_of(task, doc)
+            reqs = [(ctx, task.target_delimiter + c) for c in choices]
+            if "acc_mutual_info" in task.metrics:
+                reqs += [("", task.target_delimiter + c) for c in choices]
+            lls = np.array([ll for ll, _ in loglikelihoods(model, tok, reqs, batch_size)])
+            cond = lls[: len(choices)]
+            gold = gold_index(task, doc)
+            rec = {
+                "context": ctx,
+                "choices": choices,
+                "gold": gold,
+                "loglikelihoods": cond.tolist(),
+            }
+            scores = {
+                "acc": float(np.argmax(cond) == gold),
+                "acc_norm": float(np.argmax(cond / np.array([len(c) for c in choices])) == gold),
+            }
+            if "acc_mutual_info" in task.metrics:
+                scores["acc_mutual_info"] = float(np.argmax(cond - lls[len(choices) :]) == gold)
+            probs = np.exp(cond - cond.max())
+            rec["confidence"] = float(probs.max() / probs.sum())  # for calibration
+            rec.update({m: scores[m] for m in task.metrics})
+            records.append(rec)
+        results = {m: _mean(records, m) for m in task.metrics}
+    elif task.output_type == "loglikelihood_rolling":
+        totals = {"ll": 0.0, "words": 0, "bytes": 0}
+        for doc in docs:
+            text = str(doc_value(task.doc_to_text, doc, False, "text"))
+            ll = rolling_loglikelihood(model, tok, text)
+            words, nbytes = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
+            totals["ll"] += ll
+            totals["words"] += words
+            totals["bytes"] += nbytes
+            records.append({"loglikelihood": ll, "words": words, "bytes": nbytes})
+        results = {}
+        for m in task.metrics:  # weighted over the corpus, as lm-eval aggregates them
+            if m == "word_perplexity":
+                v = math.exp(-totals["ll"] / totals["words"])
+            elif m == "byte_perplexity":
+                v = math.exp(-totals["ll"] / totals["bytes"])
+            else:
+                v = -totals["ll"] / totals["bytes"] / math.log(2)
+            results[m] = {"value": v, "stderr": None}
+    else:
+        from lmlab.infer import GenerationConfig, generate_batch
+
+        kw = task.generation_kwargs
+        until = kw.get("until", [task.fewshot_delimiter])
+        until = [until] if isinstance(until, str) else list(until)
+        cfg = GenerationConfig(
+            max_new_tokens=int(kw.get("max_gen_toks", 256)),
+            temperature=float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0,
+            stop_strings=until,
+            seed=seed,
+        )
+        prompts = [context_of(task, d, fewshot_docs(task, rng, d)) for d in docs]
+        comps = generate_batch(model, [tok.encode(p).ids for p in prompts], cfg, tokenizer=tok)
+        for doc, prompt, c in zip(docs, prompts, comps, strict=True):
+            pred = apply_filters(c.text or "", task.filters)
+            gold = target_text(task, doc)
+            em = exact_match(pred, gold, **task.metric_kwargs.get("exact_match", {}))
+            records.append(
+                {
+                    "prompt": prompt,
+                    "generation": c.text,
+                    "filtered": pred,
+                    "target": gold,
+                    "exact_match": em,
+                }
+            )
+        results = {"exact_match": _mean(records, "exact_match")}
+    return {"task": task.name, "n": len(docs), "results": results, "records": records}
+
+
+def _mean(records: list[dict], key: str) -> dict:
+    value, stderr = mean_stderr([r[key] for r in records])
+    return {"value": value, "stderr": stderr}
