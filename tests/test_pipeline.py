@@ -78,6 +78,7 @@ def test_report_has_plot_tables_and_samples(smoke_run):
     md = (smoke_run / "report.md").read_text()
     for heading in (
         "Loss curves",
+        "Learning rate and throughput",
         "Data",
         "Stage timings",
         "Language modelling",
@@ -87,6 +88,7 @@ def test_report_has_plot_tables_and_samples(smoke_run):
     ):
         assert f"## {heading}" in md
     assert (smoke_run / "report/loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (smoke_run / "report/schedule.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in (smoke_run / "report.html").read_text()
 
 

@@ -53,6 +53,40 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
     return True
 
 
+def plot_schedule(run_dir: Path, out_png: Path) -> bool:
+    """Pre-training's learning rate and throughput (tokens/s, MFU) against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    rows = [r for r in _read_jsonl(run_dir / "pretrain" / "metrics.jsonl") if "lr" in r]
+    if not rows:
+        return False
+    x = [r["tokens"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].plot(x, [r["lr"] for r in rows], lw=1.2)
+    axes[0].set_title("learning rate")
+    axes[0].set_ylabel("lr")
+    axes[1].plot(x, [r.get("tokens_per_s", float("nan")) for r in rows], lw=1.2)
+    axes[1].set_title("throughput")
+    axes[1].set_ylabel("tokens/s")
+    if any("mfu" in r for r in rows):
+        twin = axes[1].twinx()
+        twin.plot(x, [100 * r.get("mfu", float("nan")) for r in rows], lw=0.8, color="gray")
+        twin.set_ylabel("MFU (%)", color="gray")
+    for ax in axes:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _fmt(v, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
@@ -193,6 +227,9 @@ def write_report(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     png = run_dir / "report" / "loss.png"
     plots: list[Section] = [("Loss curves", png)] if plot_losses(run_dir, png) else []
+    sched = run_dir / "report" / "schedule.png"
+    if plot_schedule(run_dir, sched):
+        plots.append(("Learning rate and throughput", sched))
     title = f"lmlab run report: {run_dir.name}"
     return write_pages(run_dir, "report", title, plots + build_sections(run_dir))
 
