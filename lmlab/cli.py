@@ -84,11 +84,52 @@ for _stage, _what in [
     ("tokenizer", "Train the byte-level BPE tokenizer and write the token shards."),
     ("pretrain", "Pre-train the model (resumes from its last checkpoint)."),
     ("sft", "Instruction-tune the pre-trained model on corpus question/answer pairs."),
-    ("eval", "Evaluate the base and SFT models."),
 ]:
     _stage_command(
         _stage, _stage, f"{_what} Runs (or reuses) the stages before it, as `lmlab run` does."
     )
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[
+        str, typer.Argument(help="A recipe (the run's eval stage) or, with --tasks, a model.")
+    ] = "tiny",
+    tasks: Annotated[
+        list[str] | None, typer.Option("--tasks", help="Task YAML file (repeatable).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where results go (with --tasks).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Items per task (with --tasks).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for few-shot sampling.")] = 0,
+    train_docs: Annotated[
+        list[Path] | None,
+        typer.Option(help="Training documents (JSONL) to check items for contamination."),
+    ] = None,
+    config: ConfigOpt = None,
+    name: NameOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate the base and SFT models of a recipe's run (runs or reuses the stages before
+    it), or, with --tasks, score a model on task files (lm-evaluation-harness YAML shape)."""
+    if not tasks:
+        if config is not None:
+            if target != "tiny":
+                raise UsageError(f"give the recipe once: {target!r} or --config {config}")
+            target = str(config)
+        print(_run(target, name, set_, force, runs_dir, quiet, "eval") / "eval")
+        return
+    from lmlab.eval.harness import evaluate, format_results
+
+    set_quiet(quiet)
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be >= 1")
+    out_dir = out or Path(target) / "eval-tasks"
+    results = evaluate(target, tasks, out_dir, limit=limit, seed=seed, train_docs=train_docs)
+    print(format_results(results))
+    print(f"results: {out_dir / 'results.json'}")
 
 
 data_app = typer.Typer(
