@@ -32,7 +32,8 @@ import torch
 import yaml
 
 from lmlab.errors import UsageError
-from lmlab.eval.metrics import mean_stderr
+from lmlab.eval.metrics import INVALID, extract_regex
+from lmlab.eval.stats import summarize
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
 METRICS = {
@@ -316,12 +317,8 @@ def apply_filters(text: str, steps: list[dict]) -> str:
         fn = step.get("function")
         if fn == "regex":
             pattern = step.get("regex_pattern", r"#### (\-?[0-9\.\,]+)")
-            matches = re.findall(pattern, text)
-            if not matches:
-                text = step.get("fallback", "[invalid]")
-                continue
-            m = matches[step.get("group_select", 0)]
-            text = (next((g for g in m if g), m[0]) if isinstance(m, tuple) else m).strip()
+            group = step.get("group_select", 0)
+            text = extract_regex(text, pattern, group, step.get("fallback", INVALID)).strip()
         elif fn == "take_first":
             continue  # one generation per request here: already the first
         elif fn == "lowercase":
@@ -454,5 +451,7 @@ def run_task(
 
 
 def _mean(records: list[dict], key: str) -> dict:
-    value, stderr = mean_stderr([r[key] for r in records])
-    return {"value": value, "stderr": stderr}
+    """Accuracy-like 0/1 scores get a binomial error and a Wilson interval."""
+    values = [float(r[key]) for r in records]
+    binary = all(v in (0.0, 1.0) for v in values)
+    return summarize(values, "proportion" if binary else "mean")
