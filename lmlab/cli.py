@@ -96,7 +96,11 @@ def eval_cmd(
         str, typer.Argument(help="A recipe (the run's eval stage) or, with --tasks, a model.")
     ] = "tiny",
     tasks: Annotated[
-        list[str] | None, typer.Option("--tasks", help="Task YAML file (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--tasks",
+            help="Task YAML file, synthetic:TASK[:DIFFICULTY] or code[:FILE] (repeatable).",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Where results go (with --tasks).")] = None,
     limit: Annotated[int | None, typer.Option(help="Items per task (with --tasks).")] = None,
@@ -105,6 +109,9 @@ def eval_cmd(
         list[Path] | None,
         typer.Option(help="Training documents (JSONL) to check items for contamination."),
     ] = None,
+    chat: Annotated[
+        bool, typer.Option(help="Built-in suites: prompt through the chat template.")
+    ] = False,
     config: ConfigOpt = None,
     name: NameOpt = None,
     set_: SetOpt = None,
@@ -127,7 +134,9 @@ def eval_cmd(
     if limit is not None and limit < 1:
         raise UsageError("--limit must be >= 1")
     out_dir = out or Path(target) / "eval-tasks"
-    results = evaluate(target, tasks, out_dir, limit=limit, seed=seed, train_docs=train_docs)
+    results = evaluate(
+        target, tasks, out_dir, limit=limit, seed=seed, train_docs=train_docs, chat=chat
+    )
     print(format_results(results))
     print(f"results: {out_dir / 'results.json'}")
 

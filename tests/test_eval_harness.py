@@ -39,5 +39,37 @@ def test_eval_tasks_from_the_command_line_with_contamination(smoke_run, tmp_path
     samples = [json.loads(x) for x in (out / "samples" / "mc.jsonl").read_text().splitlines()]
     assert [s["contaminated"] for s in samples] == [s["id"] in cont["items"] for s in samples]
     assert all("loglikelihoods" in s for s in samples)
+    cal = entry["calibration"]
+    assert 0 <= cal["ece"] <= cal["mce"] <= 1 and 0 <= cal["brier"] <= 1
+    assert (out / "calibration" / "mc.png").read_bytes()[:4] == b"\x89PNG"
     bad = lmlab_cmd("eval", str(smoke_run), "--tasks", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr
+
+
+def test_eval_builtin_suites(smoke_run, tmp_path):
+    out = tmp_path / "res"
+    p = lmlab_cmd(
+        "eval",
+        str(smoke_run),
+        "--tasks",
+        "synthetic:addition:2",
+        "--tasks",
+        "code",
+        "--limit",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        cwd=tmp_path,
+        check=True,
+    )
+    res = json.loads((out / "results.json").read_text())
+    add = res["tasks"]["synthetic_addition_d2"]
+    assert add["n"] == 2 and 0 <= add["results"]["accuracy"]["value"] <= 1
+    code = res["tasks"]["code"]
+    assert code["n"] == 2 and set(code["results"]) == {"pass@1", "pass@5"}
+    assert sum(code["statuses"].values()) == 10  # 2 tasks x 5 samples, each run sandboxed
+    assert (out / "samples" / "code.jsonl").is_file()
+    assert "synthetic_addition_d2" in p.stdout
+    bad = lmlab_cmd("eval", str(smoke_run), "--tasks", "synthetic:juggling", cwd=tmp_path)
+    assert bad.returncode == 2 and "juggling" in bad.stderr

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.eval.contamination import contaminated_items, split_by_contamination
@@ -25,6 +27,108 @@ def item_text(rec: dict) -> str:
     if "choices" in rec and "gold" in rec:
         parts.append(rec["choices"][rec["gold"]])
     return "\n".join(str(p) for p in parts if p)
+
+
+BUILTIN_HELP = (
+    "a task YAML file, synthetic:TASK[:DIFFICULTY] (coin_flip, last_letter, reverse_list, "
+    "addition, multiplication, sort_words) or code[:FILE.jsonl]"
+)
+
+
+def parse_task(name: str):
+    """A task YAML (a `Task`), or a built-in suite as ("synthetic", task, difficulty) /
+    ("code", file or None)."""
+    from lmlab.eval.synthetic import TASKS
+
+    if Path(name).is_file():
+        return load_task(name)
+    kind, _, rest = name.partition(":")
+    if kind == "synthetic":
+        task, _, diff = rest.partition(":")
+        if task not in TASKS:
+            raise UsageError(f"eval: synthetic task {task!r} (known: {', '.join(TASKS)})")
+        if diff and not diff.isdigit():
+            raise UsageError(f"eval: {name}: the difficulty must be a positive integer")
+        return ("synthetic", task, int(diff) if diff else 2)
+    if kind == "code":
+        if rest and not Path(rest).is_file():
+            raise UsageError(f"eval: code task file {rest} does not exist")
+        return ("code", rest or None)
+    raise UsageError(f"eval: task {name!r} is not {BUILTIN_HELP}")
+
+
+def run_builtin(spec: tuple, model, tok, limit: int | None, seed: int, chat: bool):
+    """Run a built-in suite; returns (results entry, per-item records)."""
+    if spec[0] == "synthetic":
+        from lmlab.eval.synthetic import evaluate_synthetic
+
+        _, task, diff = spec
+        name = f"synthetic_{task}_d{diff}"
+        log(f"eval: {name}")
+        r = evaluate_synthetic(
+            model,
+            tok,
+            task,
+            n_items=limit or 50,
+            difficulty=diff,
+            shots=3,
+            cot=True,
+            seed=seed,
+            chat=chat,
+        )
+        entry = {
+            "name": name,
+            "n": r["n"],
+            "output_type": "generate_until",
+            "results": {"accuracy": {"value": r["accuracy"], "stderr": _finite(r["accuracy_se"])}},
+            "config": {k: v for k, v in r.items() if k not in ("items", "accuracy", "accuracy_se")},
+        }
+        return entry, r["items"]
+    from lmlab.eval.code import evaluate_code, load_tasks
+
+    tasks = load_tasks(spec[1])[:limit]
+    log(f"eval: code ({len(tasks)} tasks)")
+    r = evaluate_code(model, tok, tasks, n=5, k=(1, 5), seed=seed)
+    metrics = {
+        f"pass@{k}": {"value": r[f"pass@{k}"], "stderr": _finite(r[f"pass@{k}_se"])} for k in r["k"]
+    }
+    entry = {
+        "name": "code",
+        "n": r["num_tasks"],
+        "output_type": "code",
+        "results": metrics,
+        "statuses": r["statuses"],
+    }
+    return entry, r["tasks"]
+
+
+def calibration(records: list[dict], stem: Path) -> dict:
+    """ECE / MCE / Brier of the chosen option's probability (softmax over the options'
+    log-likelihoods) against correctness, and a reliability plot beside the results."""
+    from lmlab.eval.calibration import (
+        brier_score,
+        expected_calibration_error,
+        maximum_calibration_error,
+        reliability_plot,
+    )
+
+    conf = [r["confidence"] for r in records]
+    correct = [
+        r["acc"] if "acc" in r else float(np.argmax(r["loglikelihoods"]) == r["gold"])
+        for r in records
+    ]
+    png = stem.with_suffix(".png")
+    reliability_plot(conf, correct, png)
+    return {
+        "ece": expected_calibration_error(conf, correct),
+        "mce": maximum_calibration_error(conf, correct),
+        "brier": brier_score(conf, correct),
+        "plot": str(png),
+    }
+
+
+def _finite(x):
+    return x if x is not None and x == x else None  # NaN (one item) is not valid JSON
 
 
 def default_train_docs(model_path: Path) -> list[Path]:
@@ -45,6 +149,7 @@ def evaluate(
     train_docs: list[str | Path] | None = None,
     ngram: int = 13,
     batch_size: int = 8,
+    chat: bool = False,
 ) -> dict:
     from lmlab import load_model, load_tokenizer
     from lmlab.model.checkpoint import resolve_checkpoint
@@ -53,11 +158,7 @@ def evaluate(
         raise UsageError("eval: name at least one task (--tasks FILE.yaml)")
     ckpt = resolve_checkpoint(model_path)
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
-    specs = []
-    for t in tasks:
-        if not Path(t).is_file():
-            raise UsageError(f"eval: task {t!r} is not a task YAML file")
-        specs.append(load_task(t))
+    specs = [parse_task(t) for t in tasks]  # all checked before any model time is spent
     docs = [Path(p) for p in train_docs] if train_docs else default_train_docs(Path(model_path))
     out = Path(out_dir)
     config = {
@@ -68,6 +169,7 @@ def evaluate(
         "batch_size": batch_size,
         "train_docs": [str(d) for d in docs],
         "ngram": ngram,
+        "chat": chat,
     }
     results: dict = {
         "config": config,
@@ -76,10 +178,17 @@ def evaluate(
         "tasks": {},
     }
     for spec in specs:
+        if isinstance(spec, tuple):  # a built-in suite
+            entry, records = run_builtin(spec, model, tok, limit, seed, chat)
+            results["tasks"][entry["name"]] = entry
+            write_jsonl(out / "samples" / f"{entry['name']}.jsonl", records)
+            continue
         log(f"eval: {spec.name} ({spec.output_type})")
         res = run_task(model, tok, spec, limit=limit, seed=seed, batch_size=batch_size)
         ids = [f"{spec.name}:{i}" for i in range(len(res["records"]))]
         entry = {"n": res["n"], "output_type": spec.output_type, "results": res["results"]}
+        if spec.output_type == "multiple_choice" and res["records"]:
+            entry["calibration"] = calibration(res["records"], out / "calibration" / spec.name)
         if docs and spec.output_type != "loglikelihood_rolling":
             found = contaminated_items(
                 [(i, item_text(r)) for i, r in zip(ids, res["records"], strict=True)],
