@@ -85,6 +85,7 @@ def test_report_has_plot_tables_and_samples(smoke_run):
         "Held-out questions",
         "Sample answers",
         "Verdict",
+        "Evaluation tasks (± standard error)",
     ):
         assert f"## {heading}" in md
     assert (smoke_run / "report/loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -230,3 +230,42 @@ def format_results(results: dict) -> str:
                 f"| {name} | {metric} | {d['value']:.4f} | {se} | {entry['n']} | {clean} |"
             )
     return "\n".join(lines)
+
+
+def item_scores(records: list[dict], metric: str) -> list[float]:
+    """Per-item values of a metric from a task's records (synthetic tasks: `correct`)."""
+    key = metric if records and metric in records[0] else "correct"
+    return [float(r[key]) for r in records]
+
+
+def paired_comparison(dir_a: str | Path, dir_b: str | Path) -> dict:
+    """B minus A on every task and metric both results hold, paired over the same items
+    (paired t-test: mean difference, standard error, 95% interval, p-value)."""
+    from lmlab.eval.stats import paired_t_test
+    from lmlab.utils import read_json
+
+    a, b = Path(dir_a), Path(dir_b)
+    ra, rb = read_json(a / "results.json"), read_json(b / "results.json")
+    out: dict = {}
+    for task, entry in rb["tasks"].items():
+        if task not in ra["tasks"]:
+            continue
+        rec_a = _read_records(a / "samples" / f"{task}.jsonl")
+        rec_b = _read_records(b / "samples" / f"{task}.jsonl")
+        if len(rec_a) != len(rec_b) or not rec_a:
+            continue
+        for metric in entry["results"]:
+            try:
+                sa, sb = item_scores(rec_a, metric), item_scores(rec_b, metric)
+            except KeyError:
+                continue  # corpus-level metrics (perplexity, pass@k) have no per-item pairs
+            out.setdefault(task, {})[metric] = paired_t_test(sa, sb).to_dict()
+    return out
+
+
+def _read_records(path: Path) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]

@@ -61,6 +61,10 @@ class EvalConfig:
     questions: PosInt = 100  # held-out questions asked of the base and the SFT model
     shots: NonNegInt = 3  # few-shot examples in the base model's prompt
     max_new_tokens: PosInt = 48
+    # evaluation tasks for both models (`lmlab eval --tasks` names: a YAML file,
+    # synthetic:TASK[:DIFFICULTY], code[:FILE]); results per model under eval/tasks/
+    tasks: list[str] = field(default_factory=list)
+    task_limit: PosInt = 50  # items per task
 
 
 @dataclass

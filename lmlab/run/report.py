@@ -211,6 +211,7 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
                     f"items). {verdict}",
                 )
             )
+    sections += task_sections(run_dir)
     samples = _read_jsonl(run_dir / "eval" / "samples.jsonl")[:8]
     if samples:
         rows = [["question", "reference", "base (few-shot)", "SFT"]]
@@ -245,3 +246,49 @@ def _architecture_rows(model: dict) -> list[list[str]]:
         return []
     keep = ("preset", "family", "normalization", "positions", "attention", "feed-forward")
     return [[k, desc[k]] for k in keep]
+
+
+def task_sections(run_dir: Path) -> list:
+    """The evaluation tasks of both models: value ± standard error, the paired SFT − base
+    difference, calibration plots and a few generations."""
+    task_dir = run_dir / "eval" / "tasks"
+    base, sft = task_dir / "base" / "results.json", task_dir / "sft" / "results.json"
+    if not (base.is_file() and sft.is_file()):
+        return []
+    rb, rs = read_json(base), read_json(sft)
+    paired = read_json(run_dir / "eval" / "results.json").get("tasks", {})
+    rows = [["task", "metric", "n", "base", "SFT", "SFT − base (paired)", "p"]]
+    for task, entry in rs["tasks"].items():
+        for metric, d in entry["results"].items():
+            b = rb["tasks"].get(task, {}).get("results", {}).get(metric, {})
+            diff = paired.get(task, {}).get(metric, {})
+            rows.append(
+                [
+                    task,
+                    metric,
+                    str(entry["n"]),
+                    _value_se(b),
+                    _value_se(d),
+                    _value_se({"value": diff.get("diff"), "stderr": diff.get("stderr")}),
+                    _fmt(diff.get("p_value"), 3) if diff.get("p_value") is not None else "",
+                ]
+            )
+    out: list = [("Evaluation tasks (± standard error)", rows)]
+    for png in sorted(task_dir.glob("*/calibration/*.png")):
+        out.append((f"Calibration: {png.parent.parent.name} model, {png.stem}", png))
+    examples = [["task", "model", "generation (end)", "correct"]]
+    for name in ("base", "sft"):
+        for path in sorted((task_dir / name / "samples").glob("synthetic_*.jsonl"))[:2]:
+            for rec in _read_jsonl(path)[:2]:
+                gen = (rec.get("generations") or [""])[0]
+                examples.append([path.stem, name, gen[-160:], str(rec.get("correct"))])
+    if len(examples) > 1:
+        out.append(("Sample generations on the reasoning tasks", examples))
+    return out
+
+
+def _value_se(d: dict) -> str:
+    if not d or d.get("value") is None:
+        return ""
+    se = d.get("stderr")
+    return f"{d['value']:.3f}" + (f" ± {se:.3f}" if se is not None else "")

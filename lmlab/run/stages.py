@@ -175,6 +175,22 @@ def stage_eval(run: Run) -> dict:
         results["qa"]["shots"] = shots
     else:
         log("eval: no held-out questions (corpus too small or held_out_fraction 0)")
+    if cfg.tasks:  # the harness on both models, the SFT one through its chat template
+        from lmlab.eval.harness import evaluate, paired_comparison
+
+        task_dir = run.stage_dir("eval") / "tasks"
+        train_docs = [run.stage_dir("data") / "documents" / "train.jsonl"]
+        for name in models:
+            evaluate(
+                run.stage_dir("pretrain" if name == "base" else "sft") / "model",
+                cfg.tasks,
+                task_dir / name,
+                limit=cfg.task_limit,
+                seed=run.recipe.seed,
+                train_docs=[d for d in train_docs if d.is_file()],
+                chat=name == "sft",
+            )
+        results["tasks"] = paired_comparison(task_dir / "base", task_dir / "sft")
     write_json(run.stage_dir("eval") / "results.json", results)
     return {
         "lm": {
