@@ -545,3 +545,20 @@ def test_compiled_model_trains_to_the_same_losses(shards, tmp_path):
         )
         losses[compiled] = [loss for _, loss in _losses(out)]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_a_measured_peak_below_the_sustained_rate_is_raised(shards, tmp_path, monkeypatch):
+    """A peak timed on a busy machine must not make MFU read above 100%: the FLOP rate a
+    run sustains is a lower bound on the device's, and the cache learns it."""
+    from lmlab.train.mfu import device_name
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    key = f"{device_name(torch.device('cpu'))}|torch.float32|threads={torch.get_num_threads()}"
+    (tmp_path / "cache" / "lmlab").mkdir(parents=True)
+    (tmp_path / "cache" / "lmlab" / "peak_flops.json").write_text(json.dumps({key: 1000.0}))
+    out = tmp_path / "o"
+    _run_pretrain_loop(shards, out, _cfg(max_steps=4))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] <= 1 for r in rows if "mfu" in r)
+    raised = json.loads((tmp_path / "cache" / "lmlab" / "peak_flops.json").read_text())[key]
+    assert raised > 1000.0

@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -487,6 +487,12 @@ def train(
                 if pos.step % cfg.log_every == 0 or pos.step == 1:
                     tps = (pos.tokens - tok_log) / max(now - t_log, 1e-9)
                     t_log, tok_log = now, pos.tokens
+                    if tps * flops_per_token / d.world > peak:
+                        # the measured peak was low (timed on a busy machine): the
+                        # FLOP rate this run sustains is a lower bound on the real one
+                        peak = raise_cached_peak(
+                            d.device, precision, tps * flops_per_token / d.world
+                        )
                     row = {
                         "step": pos.step,
                         "tokens": pos.tokens,
@@ -571,11 +577,40 @@ def train(
     return summary
 
 
+def _precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def _flop_rates(model, batch: Batch, precision: str, d: Dist) -> tuple[float, float]:
     """Model FLOPs per trained token at this sequence length, and the device's peak."""
     fpt = float(model.cfg.flops_per_token(batch.inputs.shape[1], training=True))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return fpt, cached_peak_flops(d.device, dtype)
+    return fpt, cached_peak_flops(d.device, _precision_dtype(precision))
+
+
+def _peak_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmlab"
+
+
+def raise_cached_peak(device: torch.device, precision: str, achieved: float) -> float:
+    """Raise a measured (not spec-sheet) peak to a FLOP rate actually sustained, in the
+    cache too, so MFU never reads above 100% and later runs start from the better value."""
+    from lmlab.train.mfu import device_name, spec_peak_flops
+
+    dtype = _precision_dtype(precision)
+    name = device_name(device)
+    if spec_peak_flops(name, dtype) is not None:
+        return cached_peak_flops(device, dtype)  # a spec sheet is a true upper bound
+    key = f"{name}|{dtype}|threads={torch.get_num_threads()}"
+    path = _peak_cache() / "peak_flops.json"
+    try:
+        known = read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = max(float(known.get(key, 0.0)), achieved)
+    with suppress(OSError):  # a read-only home: keep the raised value for this run only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, known)
+    return known[key]
 
 
 def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -588,7 +623,7 @@ def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if spec_peak_flops(name, dtype) is not None:
         return peak_flops(device, dtype).flops
     key = f"{name}|{dtype}|threads={torch.get_num_threads()}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmlab"
+    cache = _peak_cache()
     path = cache / "peak_flops.json"
     try:
         known = read_json(path) if path.is_file() else {}
