@@ -112,6 +112,10 @@ def eval_cmd(
     chat: Annotated[
         bool, typer.Option(help="Built-in suites: prompt through the chat template.")
     ] = False,
+    robustness: Annotated[
+        bool,
+        typer.Option(help="Synthetic suites: spread over prompt templates, drop under typos."),
+    ] = False,
     config: ConfigOpt = None,
     name: NameOpt = None,
     set_: SetOpt = None,
@@ -135,7 +139,14 @@ def eval_cmd(
         raise UsageError("--limit must be >= 1")
     out_dir = out or Path(target) / "eval-tasks"
     results = evaluate(
-        target, tasks, out_dir, limit=limit, seed=seed, train_docs=train_docs, chat=chat
+        target,
+        tasks,
+        out_dir,
+        limit=limit,
+        seed=seed,
+        train_docs=train_docs,
+        chat=chat,
+        robustness=robustness,
     )
     print(format_results(results))
     print(f"results: {out_dir / 'results.json'}")

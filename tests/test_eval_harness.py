@@ -73,3 +73,30 @@ def test_eval_builtin_suites(smoke_run, tmp_path):
     assert "synthetic_addition_d2" in p.stdout
     bad = lmlab_cmd("eval", str(smoke_run), "--tasks", "synthetic:juggling", cwd=tmp_path)
     assert bad.returncode == 2 and "juggling" in bad.stderr
+
+
+def test_eval_robustness_reports_template_spread_and_perturbation_drop(smoke_run, tmp_path):
+    out = tmp_path / "res"
+    p = lmlab_cmd(
+        "eval",
+        str(smoke_run),
+        "--tasks",
+        "synthetic:coin_flip:1",
+        "--limit",
+        "1",
+        "--robustness",
+        "--out",
+        str(out),
+        "--quiet",
+        cwd=tmp_path,
+        check=True,
+    )
+    add = json.loads((out / "results.json").read_text())["tasks"]["synthetic_coin_flip_d1"]
+    rob = add["robustness"]
+    assert len(rob["templates"]["templates"]) == 4 and rob["templates"]["spread"] >= 0
+    assert [r["kind"] for r in rob["perturbations"]["perturbed"]] == [
+        "typos",
+        "random_case",
+        "whitespace",
+    ]
+    assert "spread over 4 templates" in p.stdout

@@ -57,7 +57,33 @@ def parse_task(name: str):
     raise UsageError(f"eval: task {name!r} is not {BUILTIN_HELP}")
 
 
-def run_builtin(spec: tuple, model, tok, limit: int | None, seed: int, chat: bool):
+TEMPLATES = (  # the same question, phrased k ways: Kaddour et al.'s brittle prompts
+    "Q: {question}\nA:",
+    "Question: {question}\nAnswer:",
+    "{question}\nThe answer:",
+    "Solve this.\n{question}\n",
+)
+PERTURBATIONS = (("typos", 0.05), ("random_case", 0.2), ("whitespace", 0.3))
+
+
+def robustness(model, tok, task: str, diff: int, n: int, seed: int, chat: bool) -> dict:
+    """Accuracy under each prompt template (and the spread), and the drop under seeded
+    typos, casing and whitespace perturbations of the questions."""
+    from lmlab.eval.perturb import Perturbation, evaluate_perturbed, evaluate_templates
+    from lmlab.eval.synthetic import make_items, score_fn_for
+
+    items = make_items(task, n, diff, seed=seed)
+    score = score_fn_for(model, tok, task, diff, shots=3, cot=True, seed=seed, chat=chat)
+    perturbations = [Perturbation(kind, rate) for kind, rate in PERTURBATIONS]
+    return {
+        "templates": evaluate_templates(items, list(TEMPLATES), score),
+        "perturbations": evaluate_perturbed(items, score, perturbations, seed=seed),
+    }
+
+
+def run_builtin(
+    spec: tuple, model, tok, limit: int | None, seed: int, chat: bool, robust: bool = False
+):
     """Run a built-in suite; returns (results entry, per-item records)."""
     if spec[0] == "synthetic":
         from lmlab.eval.synthetic import evaluate_synthetic
@@ -83,6 +109,8 @@ def run_builtin(spec: tuple, model, tok, limit: int | None, seed: int, chat: boo
             "results": {"accuracy": {"value": r["accuracy"], "stderr": _finite(r["accuracy_se"])}},
             "config": {k: v for k, v in r.items() if k not in ("items", "accuracy", "accuracy_se")},
         }
+        if robust:
+            entry["robustness"] = robustness(model, tok, task, diff, limit or 50, seed, chat)
         return entry, r["items"]
     from lmlab.eval.code import evaluate_code, load_tasks
 
@@ -150,6 +178,7 @@ def evaluate(
     ngram: int = 13,
     batch_size: int = 8,
     chat: bool = False,
+    robustness: bool = False,
 ) -> dict:
     from lmlab import load_model, load_tokenizer
     from lmlab.model.checkpoint import resolve_checkpoint
@@ -170,6 +199,7 @@ def evaluate(
         "train_docs": [str(d) for d in docs],
         "ngram": ngram,
         "chat": chat,
+        "robustness": robustness,
     }
     results: dict = {
         "config": config,
@@ -179,7 +209,7 @@ def evaluate(
     }
     for spec in specs:
         if isinstance(spec, tuple):  # a built-in suite
-            entry, records = run_builtin(spec, model, tok, limit, seed, chat)
+            entry, records = run_builtin(spec, model, tok, limit, seed, chat, robustness)
             results["tasks"][entry["name"]] = entry
             write_jsonl(out / "samples" / f"{entry['name']}.jsonl", records)
             continue
@@ -228,6 +258,18 @@ def format_results(results: dict) -> str:
                 clean = f"{sub['clean']['value']:.4f} ({sub['clean']['n']})"
             lines.append(
                 f"| {name} | {metric} | {d['value']:.4f} | {se} | {entry['n']} | {clean} |"
+            )
+    for name, entry in results["tasks"].items():
+        rob = entry.get("robustness")
+        if rob:
+            t = rob["templates"]
+            drops = ", ".join(
+                f"{r['name']} {r['drop']:+.3f} ± {r['drop_se']:.3f}"
+                for r in rob["perturbations"]["perturbed"]
+            )
+            lines.append(
+                f"\n{name}: spread over {len(TEMPLATES)} templates {t['spread']:.3f} "
+                f"(std {t['std']:.3f}); drop under {drops}"
             )
     return "\n".join(lines)
 
