@@ -196,3 +196,32 @@ def test_lm_eval_scores_the_same_task_the_same(smoke, tmp_path):
         assert res["lmlab_mc"][f"{m},none"] == pytest.approx(ours_mc[m]["value"])
     for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert res["lmlab_roll"][f"{m},none"] == pytest.approx(ours_roll[m]["value"], rel=1e-4)
+
+
+def test_generation_metrics_f1_bleu_chrf_rouge_match_their_references(smoke, tmp_path):
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    _, model, tok = smoke
+    body = GEN_BODY.replace(
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n",
+        "metric_list:\n  - metric: f1\n  - metric: bleu\n  - metric: chrf\n  - metric: rougeL\n",
+    ).replace(
+        "filter_list:\n  - name: first-word\n    filter:\n      - function: regex\n"
+        '        regex_pattern: "([A-Za-z_]+)"\n      - function: take_first\n',
+        "",
+    )
+    task = load_task(write_task(tmp_path, "gen2", GEN_DOCS, body))
+    out = run_task(model, tok, task)
+    preds = [r["filtered"] for r in out["records"]]
+    golds = [r["target"] for r in out["records"]]
+    res = out["results"]
+    assert res["bleu"]["value"] == pytest.approx(sacrebleu.corpus_bleu(preds, [golds]).score)
+    assert res["chrf"]["value"] == pytest.approx(sacrebleu.corpus_chrf(preds, [golds]).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = zip(preds, golds, strict=True)
+    ref_rouge = np.mean([scorer.score(g, p)["rougeL"].fmeasure for p, g in pairs])
+    assert res["rougeL"]["value"] == pytest.approx(ref_rouge)
+    assert 0 <= res["f1"]["value"] <= 1 and res["bleu"]["method"] == "bootstrap"
+    roll = run_task(model, tok, load_task(write_task(tmp_path, "r2", TEXT_DOCS, ROLLING_BODY)))
+    assert roll["results"]["bits_per_byte"]["stderr"] > 0  # bootstrap over documents

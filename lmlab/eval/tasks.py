@@ -39,7 +39,7 @@ OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
 METRICS = {
     "multiple_choice": ("acc", "acc_norm", "acc_mutual_info"),
     "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-    "generate_until": ("exact_match",),
+    "generate_until": ("exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL"),
 }
 
 
@@ -98,7 +98,9 @@ def load_task(path: str | Path) -> Task:
     metrics = [m["metric"] for m in entries]
     skip = ("metric", "aggregation", "higher_is_better")
     metric_kwargs = {m["metric"]: {k: v for k, v in m.items() if k not in skip} for m in entries}
-    metrics = metrics or list(METRICS[out][:2] if out == "multiple_choice" else METRICS[out])
+    metrics = metrics or list(METRICS[out][:2] if out != "loglikelihood_rolling" else METRICS[out])
+    if out == "generate_until" and not entries:
+        metrics = ["exact_match"]
     unknown = [m for m in metrics if m not in METRICS[out]]
     if unknown:
         raise UsageError(f"{path}: metric {unknown[0]!r} (for {out}: {', '.join(METRICS[out])})")
@@ -401,24 +403,14 @@ def run_task(
             records.append(rec)
         results = {m: _mean(records, m) for m in task.metrics}
     elif task.output_type == "loglikelihood_rolling":
-        totals = {"ll": 0.0, "words": 0, "bytes": 0}
         for doc in docs:
             text = str(doc_value(task.doc_to_text, doc, False, "text"))
             ll = rolling_loglikelihood(model, tok, text)
             words, nbytes = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
-            totals["ll"] += ll
-            totals["words"] += words
-            totals["bytes"] += nbytes
             records.append({"loglikelihood": ll, "words": words, "bytes": nbytes})
         results = {}
         for m in task.metrics:  # weighted over the corpus, as lm-eval aggregates them
-            if m == "word_perplexity":
-                v = math.exp(-totals["ll"] / totals["words"])
-            elif m == "byte_perplexity":
-                v = math.exp(-totals["ll"] / totals["bytes"])
-            else:
-                v = -totals["ll"] / totals["bytes"] / math.log(2)
-            results[m] = {"value": v, "stderr": None}
+            results[m] = rolling_metric(records, m, seed)
     else:
         from lmlab.infer import GenerationConfig, generate_batch
 
@@ -436,18 +428,83 @@ def run_task(
         for doc, prompt, c in zip(docs, prompts, comps, strict=True):
             pred = apply_filters(c.text or "", task.filters)
             gold = target_text(task, doc)
-            em = exact_match(pred, gold, **task.metric_kwargs.get("exact_match", {}))
-            records.append(
-                {
-                    "prompt": prompt,
-                    "generation": c.text,
-                    "filtered": pred,
-                    "target": gold,
-                    "exact_match": em,
-                }
-            )
-        results = {"exact_match": _mean(records, "exact_match")}
+            rec = {"prompt": prompt, "generation": c.text, "filtered": pred, "target": gold}
+            rec.update(generation_scores(pred, gold, task))
+            records.append(rec)
+        results = {}
+        for m in task.metrics:
+            if m in ("bleu", "chrf"):  # corpus statistics: bootstrap over items
+                results[m] = corpus_score(records, m, seed)
+            else:
+                results[m] = _mean(records, m)
     return {"task": task.name, "n": len(docs), "results": results, "records": records}
+
+
+def _rolling_value(recs, metric: str) -> float:
+    ll = sum(r["loglikelihood"] for r in recs)
+    if metric == "word_perplexity":
+        return math.exp(-ll / sum(r["words"] for r in recs))
+    if metric == "byte_perplexity":
+        return math.exp(-ll / sum(r["bytes"] for r in recs))
+    return -ll / sum(r["bytes"] for r in recs) / math.log(2)
+
+
+def rolling_metric(records: list[dict], metric: str, seed: int) -> dict:
+    """A corpus-weighted perplexity, with a bootstrap standard error over documents (there
+    is no closed form for a ratio of sums)."""
+    from lmlab.eval.stats import bootstrap
+
+    value = _rolling_value(records, metric)
+    if len(records) < 2:
+        return {"value": value, "stderr": None}
+    b = bootstrap(records, lambda s: _rolling_value(s, metric), n_boot=200, seed=seed)
+    return {
+        "value": value,
+        "stderr": b.stderr,
+        "ci95": list(b.ci),
+        "n": len(records),
+        "method": "bootstrap",
+    }
+
+
+def generation_scores(pred: str, gold: str, task: Task) -> dict[str, float]:
+    """Per-item scores of one generation (BLEU/chrF per item too, for paired tests)."""
+    from lmlab.eval import metrics as M
+
+    out: dict[str, float] = {}
+    for m in task.metrics:
+        if m == "exact_match":
+            out[m] = exact_match(pred, gold, **task.metric_kwargs.get(m, {}))
+        elif m == "f1":
+            out[m] = M.token_f1(pred, gold)
+        elif m == "bleu":
+            out[m] = M.sentence_bleu(pred, gold)
+        elif m == "chrf":
+            out[m] = M.sentence_chrf(pred, gold)
+        else:
+            out[m] = M.rouge(pred, gold)[m]
+    return out
+
+
+def corpus_score(records: list[dict], metric: str, seed: int) -> dict:
+    """Corpus BLEU / chrF (sacrebleu) with a bootstrap standard error over items."""
+    from lmlab.eval import metrics as M
+    from lmlab.eval.stats import bootstrap
+
+    fn = M.corpus_bleu if metric == "bleu" else M.corpus_chrf
+    pairs = [(r["filtered"], r["target"]) for r in records]
+
+    def score(sample):
+        return fn([p for p, _ in sample], [g for _, g in sample])
+
+    b = bootstrap(pairs, score, n_boot=200, seed=seed)
+    return {
+        "value": b.value,
+        "stderr": b.stderr,
+        "ci95": list(b.ci),
+        "n": b.n,
+        "method": "bootstrap",
+    }
 
 
 def _mean(records: list[dict], key: str) -> dict:
