@@ -588,6 +588,39 @@ def quantize(
     print(format_report(report))
 
 
+@app.command()
+def judge(
+    judge_model: Annotated[str, typer.Option("--judge", help="The judge checkpoint.")],
+    model: Annotated[list[str], typer.Option(help="A checkpoint to rate (repeat, >= 2).")],
+    questions: Annotated[Path, typer.Option(help="JSONL with a 'question' field per line.")],
+    out: Annotated[Path, typer.Option(help="Where judge.json goes.")] = Path("judge.json"),
+    limit: Annotated[int | None, typer.Option(help="Questions to use.")] = None,
+    chat: Annotated[bool, typer.Option(help="Ask through the chat template.")] = False,
+    max_new_tokens: MaxNew = 64,
+) -> None:
+    """Model-based evaluation: every model answers, a judge model compares every pair in
+    both orders (position bias cancels), and the models get Elo and Bradley-Terry ratings."""
+    import json
+
+    from lmlab.eval.judge import format_ratings, judge_models
+    from lmlab.utils import write_json
+
+    if not questions.is_file():
+        raise UsageError(f"--questions {questions}: no such file")
+    qs = []
+    for i, line in enumerate(questions.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            qs.append(str(json.loads(line)["question"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{questions}:{i}: expected a JSON object with 'question'") from None
+    res = judge_models(judge_model, model, qs[:limit], chat=chat, max_new_tokens=max_new_tokens)
+    write_json(out, res)
+    print(format_ratings(res))
+    print(f"verdicts: {out}")
+
+
 bench_app = typer.Typer(help="Measure speed on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

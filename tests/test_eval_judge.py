@@ -59,3 +59,44 @@ def test_a_real_judge_model_gives_probabilities(smoke_run):
     assert 0.0 < p < 1.0
     v = compare(judge, "q", {"a": "the number of items", "b": "a banana"}, "a", "b")
     assert v.p_a == pytest.approx((v.p_a_first + v.p_a_second) / 2)
+
+
+def test_judge_command_rates_checkpoints(smoke_run, tmp_path):
+    import json
+
+    from .conftest import lmlab_cmd
+
+    qs = tmp_path / "q.jsonl"
+    qs.write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in ("What is len?", "What is os?"))
+    )
+    out = tmp_path / "judge.json"
+    base, sft = smoke_run / "pretrain" / "model", smoke_run / "sft" / "model"
+    p = lmlab_cmd(
+        "judge",
+        "--judge",
+        str(sft),
+        "--model",
+        str(base),
+        "--model",
+        str(sft),
+        "--questions",
+        str(qs),
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        check=True,
+    )
+    res = json.loads(out.read_text())
+    assert len(res["verdicts"]) == 2  # one pair, two questions
+    for v in res["verdicts"]:
+        assert v["p_a"] == pytest.approx((v["p_a_first"] + v["p_a_second"]) / 2)
+    games = sum(r["wins"] + r["ties"] + r["losses"] for r in res["record"].values())
+    assert games == 4 and set(res["elo"]) == {str(base), str(sft)}
+    assert "Bradley-Terry" in p.stdout
+    bad = lmlab_cmd(
+        "judge", "--judge", str(sft), "--model", str(base), "--questions", str(qs), cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "two" in bad.stderr

@@ -153,3 +153,74 @@ def bradley_terry(
     ratings = 400 * np.log10(p)
     ratings += base - ratings.mean()
     return {n: float(ratings[ix[n]]) for n in names}
+
+
+def answer_questions(model, tok, questions: Sequence[str], chat: bool, max_new_tokens: int):
+    """Greedy answers, through the chat template when `chat` (an instruction-tuned model)."""
+    from lmlab.infer import GenerationConfig, generate_batch
+    from lmlab.tokenizer import END, EOS, format_chat, special_id
+
+    stops = [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else [])
+    prompts = [
+        format_chat([{"role": "user", "content": q}]) if chat else f"Question: {q}\nAnswer:"
+        for q in questions
+    ]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stops, stop_strings=["\n\n"])
+    comps = generate_batch(model, [tok.encode(p).ids for p in prompts], cfg, tokenizer=tok)
+    return [c.text.strip() for c in comps]
+
+
+def judge_models(
+    judge_path: str,
+    model_paths: Sequence[str],
+    questions: Sequence[str],
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    margin: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """Every model answers every question; the judge compares every pair, both orders;
+    returns the verdicts, win/tie/loss counts, and Elo and Bradley-Terry ratings."""
+    from lmlab import load_model, load_tokenizer
+
+    if len(set(model_paths)) < 2:
+        raise UsageError("judge: give at least two different --model checkpoints")
+    if not questions:
+        raise UsageError("judge: no questions")
+    answers = {}
+    for path in model_paths:
+        m, t = load_model(path), load_tokenizer(path)
+        answers[str(path)] = answer_questions(m, t, questions, chat, max_new_tokens)
+    judge = model_judge(load_model(judge_path), load_tokenizer(judge_path))
+    verdicts = tournament(judge, questions, answers, margin)
+    matches = outcomes(verdicts)
+    record = {n: {"wins": 0, "ties": 0, "losses": 0} for n in answers}
+    for a, b, score in matches:
+        key_a = "wins" if score == 1 else "ties" if score == 0.5 else "losses"
+        key_b = {"wins": "losses", "losses": "wins", "ties": "ties"}[key_a]
+        record[a][key_a] += 1
+        record[b][key_b] += 1
+    return {
+        "judge": str(judge_path),
+        "models": list(answers),
+        "questions": list(questions),
+        "answers": answers,
+        "verdicts": [v.__dict__ for v in verdicts],
+        "record": record,
+        "elo": elo(matches, seed=seed),
+        "bradley_terry": bradley_terry(matches),
+    }
+
+
+def format_ratings(res: dict) -> str:
+    lines = [
+        "| model | Elo | Bradley-Terry | wins | ties | losses |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in sorted(res["models"], key=lambda n: -res["bradley_terry"][n]):
+        r = res["record"][n]
+        lines.append(
+            f"| {n} | {res['elo'][n]:.0f} | {res['bradley_terry'][n]:.0f} | {r['wins']} "
+            f"| {r['ties']} | {r['losses']} |"
+        )
+    return "\n".join(lines)
