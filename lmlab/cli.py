@@ -116,6 +116,13 @@ def eval_cmd(
         bool,
         typer.Option(help="Synthetic suites: spread over prompt templates, drop under typos."),
     ] = False,
+    self_consistency: Annotated[
+        int, typer.Option(help="Synthetic suites: samples per item, majority vote.")
+    ] = 1,
+    compare_to: Annotated[
+        Path | None,
+        typer.Option(help="Another `lmlab eval` output: paired differences on shared tasks."),
+    ] = None,
     config: ConfigOpt = None,
     name: NameOpt = None,
     set_: SetOpt = None,
@@ -137,6 +144,8 @@ def eval_cmd(
     set_quiet(quiet)
     if limit is not None and limit < 1:
         raise UsageError("--limit must be >= 1")
+    if self_consistency < 1:
+        raise UsageError("--self-consistency must be >= 1")
     out_dir = out or Path(target) / "eval-tasks"
     results = evaluate(
         target,
@@ -147,8 +156,23 @@ def eval_cmd(
         train_docs=train_docs,
         chat=chat,
         robustness=robustness,
+        self_consistency=self_consistency,
     )
     print(format_results(results))
+    if compare_to is not None:
+        from lmlab.eval.harness import paired_comparison
+        from lmlab.utils import write_json
+
+        if not (compare_to / "results.json").is_file():
+            raise UsageError(f"--compare-to {compare_to}: no results.json (an `lmlab eval` output)")
+        diff = paired_comparison(compare_to, out_dir)
+        write_json(out_dir / "paired.json", diff)
+        for task, metrics in diff.items():
+            for m, d in metrics.items():
+                print(
+                    f"{task} {m}: this − other {d['diff']:+.4f} ± {d['stderr'] or 0:.4f} "
+                    f"(p {d['p_value'] if d['p_value'] is not None else float('nan'):.3f})"
+                )
     print(f"results: {out_dir / 'results.json'}")
 
 

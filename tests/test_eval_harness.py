@@ -100,3 +100,40 @@ def test_eval_robustness_reports_template_spread_and_perturbation_drop(smoke_run
         "whitespace",
     ]
     assert "spread over 4 templates" in p.stdout
+
+
+def test_eval_compare_to_another_model_and_self_consistency(smoke_run, tmp_path):
+    task = write_task(tmp_path, "mc", MC_DOCS, MC_BODY)
+    base, sft = tmp_path / "base", tmp_path / "sft"
+    for model, out in (
+        (smoke_run / "pretrain" / "model", base),
+        (smoke_run / "sft" / "model", sft),
+    ):
+        lmlab_cmd(
+            "eval",
+            str(model),
+            "--tasks",
+            task,
+            "--tasks",
+            "synthetic:coin_flip:1",
+            "--limit",
+            "2",
+            "--self-consistency",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            *(["--compare-to", str(base)] if out == sft else []),
+            cwd=tmp_path,
+            check=True,
+        )
+    paired = json.loads((sft / "paired.json").read_text())
+    assert set(paired) == {"mc", "synthetic_coin_flip_d1"}
+    assert paired["mc"]["acc"]["n"] == 2 and paired["mc"]["acc"]["method"] == "paired-t"
+    res = json.loads((sft / "results.json").read_text())
+    assert res["config"]["self_consistency"] == 2
+    samples = [
+        json.loads(x)
+        for x in (sft / "samples" / "synthetic_coin_flip_d1.jsonl").read_text().splitlines()
+    ]
+    assert all(len(s["generations"]) == 2 for s in samples)  # two samples, one vote

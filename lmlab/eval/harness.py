@@ -82,7 +82,14 @@ def robustness(model, tok, task: str, diff: int, n: int, seed: int, chat: bool) 
 
 
 def run_builtin(
-    spec: tuple, model, tok, limit: int | None, seed: int, chat: bool, robust: bool = False
+    spec: tuple,
+    model,
+    tok,
+    limit: int | None,
+    seed: int,
+    chat: bool,
+    robust: bool = False,
+    self_consistency: int = 1,
 ):
     """Run a built-in suite; returns (results entry, per-item records)."""
     if spec[0] == "synthetic":
@@ -101,6 +108,7 @@ def run_builtin(
             cot=True,
             seed=seed,
             chat=chat,
+            self_consistency=self_consistency,
         )
         entry = {
             "name": name,
@@ -179,6 +187,7 @@ def evaluate(
     batch_size: int = 8,
     chat: bool = False,
     robustness: bool = False,
+    self_consistency: int = 1,
 ) -> dict:
     from lmlab import load_model, load_tokenizer
     from lmlab.model.checkpoint import resolve_checkpoint
@@ -200,6 +209,7 @@ def evaluate(
         "ngram": ngram,
         "chat": chat,
         "robustness": robustness,
+        "self_consistency": self_consistency,
     }
     results: dict = {
         "config": config,
@@ -209,7 +219,9 @@ def evaluate(
     }
     for spec in specs:
         if isinstance(spec, tuple):  # a built-in suite
-            entry, records = run_builtin(spec, model, tok, limit, seed, chat, robustness)
+            entry, records = run_builtin(
+                spec, model, tok, limit, seed, chat, robustness, self_consistency
+            )
             results["tasks"][entry["name"]] = entry
             write_jsonl(out / "samples" / f"{entry['name']}.jsonl", records)
             continue
