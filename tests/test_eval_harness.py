@@ -137,3 +137,27 @@ def test_eval_compare_to_another_model_and_self_consistency(smoke_run, tmp_path)
         for x in (sft / "samples" / "synthetic_coin_flip_d1.jsonl").read_text().splitlines()
     ]
     assert all(len(s["generations"]) == 2 for s in samples)  # two samples, one vote
+
+
+def test_builtin_multiple_choice_task_with_chat_and_calibration(smoke_run, tmp_path):
+    out = tmp_path / "res"
+    sft = smoke_run / "sft" / "model"
+    lmlab_cmd(
+        "eval",
+        str(sft),
+        "--tasks",
+        "python_mc",
+        "--chat",
+        "--limit",
+        "6",
+        "--out",
+        str(out),
+        "--quiet",
+        cwd=tmp_path,
+        check=True,
+    )
+    res = json.loads((out / "results.json").read_text())["tasks"]["python_mc"]
+    assert res["n"] == 6 and set(res["results"]) == {"acc", "acc_norm", "acc_mutual_info"}
+    assert (out / "calibration" / "python_mc.png").is_file()
+    first = json.loads((out / "samples" / "python_mc.jsonl").read_text().splitlines()[0])
+    assert first["context"].startswith("<|user|>") and first["context"].endswith("<|assistant|>")

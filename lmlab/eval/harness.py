@@ -29,9 +29,11 @@ def item_text(rec: dict) -> str:
     return "\n".join(str(p) for p in parts if p)
 
 
+BUILTIN_TASKS = Path(__file__).parent / "data" / "tasks"  # built-in task YAMLs, by name
 BUILTIN_HELP = (
-    "a task YAML file, synthetic:TASK[:DIFFICULTY] (coin_flip, last_letter, reverse_list, "
-    "addition, multiplication, sort_words) or code[:FILE.jsonl]"
+    "a task YAML file, a built-in task (python_mc), synthetic:TASK[:DIFFICULTY] "
+    "(coin_flip, last_letter, reverse_list, addition, multiplication, sort_words) "
+    "or code[:FILE.jsonl]"
 )
 
 
@@ -42,6 +44,8 @@ def parse_task(name: str):
 
     if Path(name).is_file():
         return load_task(name)
+    if (BUILTIN_TASKS / f"{name}.yaml").is_file():
+        return load_task(BUILTIN_TASKS / f"{name}.yaml")
     kind, _, rest = name.partition(":")
     if kind == "synthetic":
         task, _, diff = rest.partition(":")
@@ -226,7 +230,7 @@ def evaluate(
             write_jsonl(out / "samples" / f"{entry['name']}.jsonl", records)
             continue
         log(f"eval: {spec.name} ({spec.output_type})")
-        res = run_task(model, tok, spec, limit=limit, seed=seed, batch_size=batch_size)
+        res = run_task(model, tok, spec, limit=limit, seed=seed, batch_size=batch_size, chat=chat)
         ids = [f"{spec.name}:{i}" for i in range(len(res["records"]))]
         entry = {"n": res["n"], "output_type": spec.output_type, "results": res["results"]}
         if spec.output_type == "multiple_choice" and res["records"]:

@@ -88,9 +88,7 @@ def load_task(path: str | Path) -> Task:
         files = {"train": files}
     if not isinstance(files, dict) or not files:
         raise UsageError(f"{path}: dataset_kwargs.data_files must name the local data files")
-    files = {
-        k: str((path.parent / v) if not Path(v).is_absolute() else v) for k, v in files.items()
-    }
+    files = {k: str(_data_path(path, v)) for k, v in files.items()}
     test_split = raw.get("test_split") or raw.get("validation_split")
     if test_split not in files:
         raise UsageError(f"{path}: test_split {test_split!r} is not in data_files {list(files)}")
@@ -124,6 +122,16 @@ def load_task(path: str | Path) -> Task:
         source=path,
         kind=raw["dataset_path"],
     )
+
+
+def _data_path(task_file: Path, name: str) -> Path:
+    """A data file relative to the task YAML, else to the current directory (where
+    lm-eval's `datasets` looks), so one task file serves both tools."""
+    p = Path(name)
+    if p.is_absolute():
+        return p
+    beside = task_file.parent / p
+    return beside if beside.is_file() or not p.is_file() else p
 
 
 def read_docs(path: str | Path, kind: str) -> list[dict]:
@@ -369,15 +377,29 @@ def fewshot_docs(task: Task, rng: np.random.Generator, exclude: dict | None) -> 
 
 
 def run_task(
-    model, tok, task: Task, limit: int | None = None, seed: int = 0, batch_size: int = 8
+    model,
+    tok,
+    task: Task,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat: bool = False,
 ) -> dict:
-    """Score a task: {metric: {value, stderr}} plus one record per document."""
+    """Score a task: {metric: {value, stderr}} plus one record per document. With `chat`,
+    each prompt becomes a user turn and the answer is scored or generated as the
+    assistant's (an instruction-tuned model's format, as lm-eval's apply_chat_template)."""
+    from lmlab.tokenizer import format_chat
+
+    def prompt_of(doc: dict) -> str:
+        ctx = context_of(task, doc, fewshot_docs(task, rng, doc))
+        return format_chat([{"role": "user", "content": ctx}]) if chat else ctx
+
     docs = read_docs(task.data_files[task.test_split], task.kind)[:limit]
     rng = np.random.default_rng(seed)
     records: list[dict] = []
     if task.output_type == "multiple_choice":
         for doc in docs:
-            ctx = context_of(task, doc, fewshot_docs(task, rng, doc))
+            ctx = prompt_of(doc)
             choices = choices_of(task, doc)
             reqs = [(ctx, task.target_delimiter + c) for c in choices]
             if "acc_mutual_info" in task.metrics:
@@ -423,7 +445,7 @@ def run_task(
             stop_strings=until,
             seed=seed,
         )
-        prompts = [context_of(task, d, fewshot_docs(task, rng, d)) for d in docs]
+        prompts = [prompt_of(d) for d in docs]
         comps = generate_batch(model, [tok.encode(p).ids for p in prompts], cfg, tokenizer=tok)
         for doc, prompt, c in zip(docs, prompts, comps, strict=True):
             pred = apply_filters(c.text or "", task.filters)
