@@ -48,6 +48,15 @@ def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str
     return run_dir
 
 
+def _recipe_arg(recipe: str, config: Path | None) -> str:
+    """The recipe named positionally or by --config (not both)."""
+    if config is None:
+        return recipe
+    if recipe != "tiny":
+        raise UsageError(f"give the recipe once: {recipe!r} or --config {config}")
+    return str(config)
+
+
 def _stage_command(command_name: str, until: str, doc: str, group: typer.Typer = app) -> None:
     """Register `lmlab [GROUP] COMMAND [RECIPE]`: the pipeline up to and including `until`."""
 
@@ -60,11 +69,7 @@ def _stage_command(command_name: str, until: str, doc: str, group: typer.Typer =
         runs_dir: RunsDirOpt = Path("runs"),
         quiet: Quiet = False,
     ) -> None:
-        if config is not None:
-            if recipe != "tiny":
-                raise UsageError(f"give the recipe once: {recipe!r} or --config {config}")
-            recipe = str(config)
-        run_dir = _run(recipe, name, set_, force, runs_dir, quiet, until)
+        run_dir = _run(_recipe_arg(recipe, config), name, set_, force, runs_dir, quiet, until)
         if until == "report":
             print(f"report: {run_dir / 'report.html'}  (markdown: {run_dir / 'report.md'})")
         else:
@@ -133,11 +138,8 @@ def eval_cmd(
     """Evaluate the base and SFT models of a recipe's run (runs or reuses the stages before
     it), or, with --tasks, score a model on task files (lm-evaluation-harness YAML shape)."""
     if not tasks:
-        if config is not None:
-            if target != "tiny":
-                raise UsageError(f"give the recipe once: {target!r} or --config {config}")
-            target = str(config)
-        print(_run(target, name, set_, force, runs_dir, quiet, "eval") / "eval")
+        recipe = _recipe_arg(target, config)
+        print(_run(recipe, name, set_, force, runs_dir, quiet, "eval") / "eval")
         return
     from lmlab.eval.harness import evaluate, format_results
 
