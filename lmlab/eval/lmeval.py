@@ -58,6 +58,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lmlab.errors import UsageError
+from lmlab.eval.tasks import score_continuations
 
 __all__ = ["LmlabLM", "main"]
 
@@ -219,54 +220,20 @@ class LmlabLM(TemplateLM):
 
     # --- scoring ------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _logprobs(self, rows: list[list[int]], n_context: list[int]) -> torch.Tensor:
-        """Log-softmax of the model over right-padded rows, [B, T, V] in float32. A prefix
-        decoder reads each row's context tokens as its bidirectional prefix."""
-        width = max(len(r) for r in rows)
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, : len(r)] = torch.tensor(r)
-        kwargs = {}
-        if self.cfg.family == "prefix":
-            kwargs["prefix_len"] = torch.tensor(n_context, device=self._device)
-        out = self.model(x.to(self._device), **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
-
     def _loglikelihood_tokens(
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kw
     ) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probs, whether greedy decoding yields it) for each
-        (cache key, context ids, continuation ids); longest first, in batches."""
-        for key, ctx, cont in requests:
-            if not ctx or not cont or len(cont) > self._max_length:
-                raise UsageError(
-                    f"lm-eval request {key!r}: needs a non-empty context and a continuation "
-                    f"of 1 to {self._max_length} tokens (has {len(ctx)} and {len(cont)})"
-                )
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in range(0, len(order), self._batch_size):
-            idx = order[start : start + self._batch_size]
-            rows, n_ctx = [], []
-            for i in idx:
-                _, ctx, cont = requests[i]
-                row = (ctx + cont)[-(self._max_length + 1) :][:-1]  # left-truncated
-                rows.append(row)
-                n_ctx.append(len(row) - len(cont) + 1)
-            logp = self._logprobs(rows, n_ctx)
-            for b, i in enumerate(idx):
-                key, _, cont = requests[i]
-                n = len(rows[b])
-                lp = logp[b, n - len(cont) : n]
-                target = torch.tensor(cont)
-                ll = float(lp.gather(-1, target[:, None]).sum())
-                greedy = bool((lp.argmax(-1) == target).all())
-                out[i] = (ll, greedy)
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, out[i])
-        return out  # type: ignore[return-value]
+        (cache key, context ids, continuation ids), by lmlab's shared scorer."""
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        try:
+            out = score_continuations(self.model, pairs, self._batch_size, self._max_length)
+        except UsageError as e:
+            raise UsageError(f"lm-eval request: {e}") from None
+        for (key, _, _), res in zip(requests, out, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's total log-likelihood over disjoint windows of `max_length` tokens:

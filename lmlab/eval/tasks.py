@@ -264,56 +264,62 @@ def _tokens(tok, ctx: str, cont: str) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def loglikelihoods(
-    model, tok, requests: list[tuple[str, str]], batch_size: int = 8
+def score_continuations(
+    model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8, max_len: int = 0
 ) -> list[tuple[float, bool]]:
-    """For each (context, continuation): the sum of the continuation's log-probs and
-    whether every continuation token is the greedy choice. Inputs keep the last
-    max_seq_len tokens, as lm-eval's left truncation."""
-    max_len = model.cfg.max_seq_len
-    items = []  # (model input, continuation tokens)
-    for ctx, cont in requests:
-        c, k = _tokens(tok, ctx, cont)
-        full = (c + k)[-(max_len + 1) :]
-        items.append((full[:-1], k[-(len(full) - 1) :]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    """For each (context ids, continuation ids): the sum of the continuation's log-probs
+    and whether every continuation token is the greedy choice. Rows keep their last
+    max_len tokens (lm-eval's left truncation), run longest first in right-padded batches
+    (causal rows never see the padding); a prefix decoder reads the context as its
+    bidirectional prefix. Shared by the task runner and lm-eval's `LmlabLM`."""
+    max_len = max_len or model.cfg.max_seq_len
+    for ctx, cont in pairs:
+        if not ctx or not 1 <= len(cont) <= max_len:
+            raise UsageError(
+                f"scoring: needs a non-empty context and a continuation of 1 to {max_len} "
+                f"tokens (has {len(ctx)} and {len(cont)})"
+            )
+    rows = [(c + k)[-(max_len + 1) :][:-1] for c, k in pairs]
+    device = next(model.parameters()).device
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        width = max(len(items[i][0]) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):  # right-padded: causal rows never see the padding
-            ids[r, : len(items[i][0])] = torch.tensor(items[i][0])
-        logp = model(ids).float().log_softmax(-1)
+        ids = torch.zeros(len(idx), max(len(rows[i]) for i in idx), dtype=torch.long)
         for r, i in enumerate(idx):
-            inp, k = items[i]
-            tgt = torch.tensor(k)
-            rows = logp[r, len(inp) - len(k) : len(inp)]
-            lp = rows.gather(-1, tgt[:, None]).squeeze(-1)
-            out[i] = (float(lp.sum()), bool((rows.argmax(-1) == tgt).all()))
+            ids[r, : len(rows[i])] = torch.tensor(rows[i])
+        kwargs = {}
+        if model.cfg.family == "prefix":
+            n_ctx = [len(rows[i]) - len(pairs[i][1]) + 1 for i in idx]
+            kwargs["prefix_len"] = torch.tensor(n_ctx, device=device)
+        res = model(ids.to(device), **kwargs)
+        logp = (res.logits if hasattr(res, "logits") else res).float().log_softmax(-1).cpu()
+        for r, i in enumerate(idx):
+            n, tgt = len(rows[i]), torch.tensor(pairs[i][1])
+            lp = logp[r, n - len(tgt) : n]
+            out[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
     return out
 
 
-@torch.no_grad()
-def rolling_loglikelihood(model, tok, text: str) -> float:
+def loglikelihoods(
+    model, tok, requests: list[tuple[str, str]], batch_size: int = 8
+) -> list[tuple[float, bool]]:
+    """`score_continuations` of (context, continuation) strings, tokenized as HFLM does."""
+    return score_continuations(model, [_tokens(tok, c, k) for c, k in requests], batch_size)
+
+
+def rolling_loglikelihood(model, tok, text: str, batch_size: int = 8) -> float:
     """A whole document's log-likelihood: disjoint windows, each predicted with the
     longest context that fits (lm-eval's rolling windows), the first after the prefix."""
     max_len = model.cfg.max_seq_len
     tokens = tok.encode(text).ids
-    if not tokens:
-        return 0.0
-    seq = [prefix_token(tok)] + tokens  # seq[j] predicts tokens[j]
-    total, done = 0.0, 0
-    while done < len(tokens):
+    seq = [prefix_token(tok)] + tokens  # seq[j] predicts tokens[j] = seq[j + 1]
+    windows = []
+    for done in range(0, len(tokens), max_len):
         end = min(done + max_len, len(tokens))
-        start_in = max(0, end - max_len)  # input seq[start_in:end] predicts tokens[start_in:end]
-        inp = torch.tensor([seq[start_in:end]])
-        logp = model(inp).float().log_softmax(-1)[0]
-        tgt = torch.tensor(tokens[done:end])
-        rows = logp[done - start_in :]
-        total += float(rows.gather(-1, tgt[:, None]).sum())
-        done = end
-    return total
+        start = max(0, end - max_len)  # the input is seq[start:end]
+        windows.append((seq[start : done + 1], seq[done + 1 : end + 1]))
+    return sum(ll for ll, _ in score_continuations(model, windows, batch_size))
 
 
 # --- filters and the runner -------------------------------------------------------------------
