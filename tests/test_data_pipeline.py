@@ -385,3 +385,156 @@ def test_small_files_are_packed_into_tasks_without_changing_the_output(tmp_path)
     stats = prepare(one_each, tmp_path / "one_each")
     assert sum(s["tasks"] for s in stats["sources"].values()) == 12
     assert _tree(tmp_path / "packed") == _tree(tmp_path / "one_each")
+
+
+# --- a killed run takes its workers with it --------------------------------------------
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """Live descendants of `pid` and their parents, from /proc."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parent_of[int(entry.name)] = int(fields[1])
+    found: dict[int, int] = {}
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent_of.items() if pp == p]
+        found.update(dict.fromkeys(kids, p))
+        frontier += kids
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """The pids still running (a zombie has exited: it only waits to be reaped)."""
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.append(pid)
+    return left
+
+
+def _signal_when(proc, kill, ready) -> tuple[list[int], str]:
+    """Once `ready()`, `kill(pid)` the main process. Returns the processes it had started
+    that are still running 5 s later, and its stderr. Those are then killed by pid, so the
+    test leaks nothing."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 120
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the workers have taken their first tasks
+    assert proc.poll() is None, proc.communicate()[1]
+    tree = _descendants(proc.pid)
+    # the pool's workers are the fork server's children, not the main process's
+    assert any(parent != proc.pid for parent in tree.values()), tree
+    kill(proc.pid)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while _alive(list(tree)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _alive(list(tree))
+    for pid in left:
+        os.kill(pid, 9)
+    return left, proc.communicate(timeout=30)[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_workers_die_with_a_killed_parent_without_tracebacks(sig):
+    """Tasks that would run 60 s: the workers must not outlive the killed parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from lmlab.data.executor import run_tasks\n"
+        "run_tasks(time.sleep, [60.0] * 6, workers=3)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    left, err = _signal_when(
+        proc,
+        lambda pid: os.kill(pid, getattr(signal, sig)),
+        lambda: len(_descendants(proc.pid)) >= 5,  # resource tracker, fork server, 3 workers
+    )
+    assert left == []
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    if sig == "SIGTERM":  # stopped like Ctrl-C: the pool is torn down, nothing is printed
+        assert proc.returncode == 128 + signal.SIGTERM and err == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_of_data_prepare_leaves_no_worker_behind(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    rng = random.Random(12)
+    files = [
+        str(write_jsonl(tmp_path / "in" / f"p{i}.jsonl", [{"text": page(rng)} for _ in range(150)]))
+        for i in range(8)
+    ]
+    cfg_file = tmp_path / "tasks.yaml"
+    cfg_file.write_text("task_mb: 0.001\n")  # one task per file
+    out = tmp_path / "out"
+    args = ["data", "prepare", *files, "--workers", "2", "--config", str(cfg_file)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab.cli", *args, "--out", str(out)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    marker = out / "work" / "filter" / "00000.done.json"
+    left, err = _signal_when(proc, lambda pid: os.kill(pid, signal.SIGKILL), marker.exists)
+    assert not (out / "stats.json").exists()  # killed mid-run
+    assert left == []
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_is_handled_once_by_the_parent():
+    """Ctrl-C signals the whole process group; only the parent may react to it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from lmlab.data.executor import run_tasks\n"
+        "try:\n"
+        "    run_tasks(time.sleep, [60.0] * 6, workers=3)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    left, err = _signal_when(
+        proc,
+        lambda pid: os.killpg(pid, signal.SIGINT),
+        lambda: len(_descendants(proc.pid)) >= 5,
+    )
+    assert left == [] and proc.returncode == 0
+    assert err == "", err  # no KeyboardInterrupt traceback from any worker

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,11 +76,74 @@ def run_tasks(
             ctx.set_forkserver_preload([fn.__module__])
         else:
             ctx = mp.get_context("spawn")
-        with ctx.Pool(min(workers, len(tasks))) as pool:
-            for i, res in pool.imap_unordered(_indexed, [(fn, i, t) for i, t in enumerate(tasks)]):
-                results[i] = res
-                bar.update(advance=1)
+        # The workers get the read end; this process keeps the only write end, which the
+        # kernel closes when it dies, however it dies (see _exit_with_parent).
+        alive_r, alive_w = ctx.Pipe(duplex=False)
+        try:
+            with (
+                _sigterm_exits(),
+                ctx.Pool(min(workers, len(tasks)), _init_worker, (alive_r,)) as pool,
+            ):
+                jobs = [(fn, i, t) for i, t in enumerate(tasks)]
+                for i, res in pool.imap_unordered(_indexed, jobs):
+                    results[i] = res
+                    bar.update(advance=1)
+        finally:
+            alive_r.close()
+            alive_w.close()
     return results
+
+
+def _init_worker(parent: Connection) -> None:
+    """Pool initializer: workers leave Ctrl-C to the parent and die when it does.
+
+    Ctrl-C reaches the whole process group; the parent alone handles it and stops the
+    pool, instead of every worker printing a KeyboardInterrupt traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch = threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True)
+    watch.start()
+
+
+def _exit_with_parent(parent: Connection) -> None:
+    """Exit quietly as soon as the parent process is gone.
+
+    A killed parent (SIGKILL, or SIGTERM) would otherwise leave its workers running
+    until their current task ends, then failing to send the result with BrokenPipeError
+    tracebacks on the terminal. PR_SET_PDEATHSIG does not help here: the workers are
+    children of the fork server, which stays up as long as they hold its "alive" pipe.
+    The parent holds the only write end of `parent`, so a read returns EOF exactly when
+    no process can write to it any more.
+    """
+    with suppress(EOFError, OSError):
+        parent.recv_bytes()
+    os._exit(1)
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM stops the run the way Ctrl-C does: the pool is torn down on the way out.
+
+    Left to the default action, SIGTERM kills this process at once; the workers follow
+    (see _exit_with_parent), but the pool's semaphores are left for multiprocessing's
+    resource tracker, which warns about them on the terminal. A handler set by the
+    caller, or a run off the main thread, is left alone.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _indexed(args: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
