@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lmlab.errors import UsageError
 from lmlab.eval.metrics import mean_stderr, pass_at_k
-from lmlab.eval.sandbox import run_many
+from lmlab.eval.sandbox import resolve_isolation, run_many
 
 BUILTIN_TASKS = Path(__file__).parent / "data" / "code_tasks.jsonl"
 # HumanEval's stop sequences (Chen et al. 2021), plus the end of a Markdown code fence
@@ -105,8 +105,10 @@ def score_completions(
     timeout_s: float = 5,
     memory_mb: int = 512,
     workers: int = 2,
+    isolation: str | None = None,
 ) -> dict:
-    """Run every task's completions (raw generated text, n per task) against its tests.
+    """Run every task's completions (raw generated text, n per task) against its tests,
+    each in a sandbox (`isolation`: see `lmlab.eval.sandbox.resolve_isolation`).
 
     Returns pass@k per task and averaged over tasks (with standard errors), the status
     counts, and every sample's completion, status and stderr tail."""
@@ -118,7 +120,9 @@ def score_completions(
     n = counts.pop()
     ks = _check_k(n, k)
     jobs = [(program(t, c), t.test) for t, cs in zip(tasks, completions, strict=True) for c in cs]
-    results = run_many(jobs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+    results = run_many(
+        jobs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation
+    )
     rows = []
     for ti, task in enumerate(tasks):
         res = results[ti * n : (ti + 1) * n]
@@ -191,14 +195,17 @@ def evaluate_code(
     timeout_s: float = 5,
     memory_mb: int = 512,
     workers: int = 2,
+    isolation: str | None = None,
 ) -> dict:
     """Sample n completions per task with `lmlab.infer.generate_batch` and score pass@k;
-    the result carries the resolved settings under "config"."""
+    the result carries the resolved settings under "config". Without a sandbox to run the
+    samples in, it refuses (UsageError) before any sampling."""
     _check_k(n, k)
+    isolation = resolve_isolation(isolation)
     completions = sample_completions(
         model, tokenizer, tasks, n, temperature, top_p, seed, max_new_tokens
     )
-    res = score_completions(tasks, completions, k, timeout_s, memory_mb, workers)
+    res = score_completions(tasks, completions, k, timeout_s, memory_mb, workers, isolation)
     res["config"] = {
         "n": n,
         "k": list(k),
@@ -208,6 +215,7 @@ def evaluate_code(
         "max_new_tokens": max_new_tokens,
         "timeout_s": timeout_s,
         "memory_mb": memory_mb,
+        "isolation": isolation,
         "stop_sequences": STOP_SEQUENCES,
         "task_ids": [t.task_id for t in tasks],
     }

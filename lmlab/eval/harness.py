@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.console import log
+from lmlab.console import log, warn
 from lmlab.errors import UsageError
 from lmlab.eval.contamination import contaminated_items, split_by_contamination
 from lmlab.eval.tasks import load_task, run_task
@@ -223,6 +223,14 @@ def evaluate(
     }
     for spec in specs:
         if isinstance(spec, tuple):  # a built-in suite
+            if spec[0] == "code":
+                from lmlab.eval.sandbox import resolve_isolation
+
+                try:
+                    resolve_isolation()
+                except UsageError as e:  # no sandbox here: skipped, never run unsandboxed
+                    warn(f"eval: code task skipped: {e}")
+                    continue
             entry, records = run_builtin(
                 spec, model, tok, limit, seed, chat, robustness, self_consistency
             )
