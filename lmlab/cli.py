@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lmlab.console import console, log, set_quiet
+from lmlab.console import console, interrupt_hint, log, resumable, set_quiet
 from lmlab.errors import UsageError
 
 app = typer.Typer(
@@ -33,6 +34,10 @@ RunsDirOpt = Annotated[Path, typer.Option(help="Where run directories go.")]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="A recipe YAML file (same as RECIPE).")
 ]
+Overwrite = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace --out if it is this command's own earlier output."),
+]
 
 
 def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str) -> Path:
@@ -40,6 +45,7 @@ def _run(recipe: str, name, set_, force, runs_dir: Path, quiet: bool, until: str
     from lmlab.run.runner import run_recipe
 
     set_quiet(quiet)
+    resumable()
     r = load_recipe(recipe, set_ or [])
     run_dir = run_recipe(r, runs_dir, name, force, until=until)
     if r.variants and until not in ("data", "tokenizer"):
@@ -128,6 +134,14 @@ def eval_cmd(
         Path | None,
         typer.Option(help="Another `lmlab eval` output: paired differences on shared tasks."),
     ] = None,
+    overwrite: Overwrite = False,
+    unsafe_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-sandbox",
+            help="Code tasks without bubblewrap: the weak, audit-hook-only sandbox (unsafe).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     name: NameOpt = None,
     set_: SetOpt = None,
@@ -144,6 +158,10 @@ def eval_cmd(
     from lmlab.eval.harness import evaluate, format_results
 
     set_quiet(quiet)
+    if unsafe_sandbox:
+        from lmlab.eval.sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "1"
     if limit is not None and limit < 1:
         raise UsageError("--limit must be >= 1")
     if self_consistency < 1:
@@ -159,6 +177,7 @@ def eval_cmd(
         chat=chat,
         robustness=robustness,
         self_consistency=self_consistency,
+        overwrite=overwrite,
     )
     print(format_results(results))
     if compare_to is not None:
@@ -230,6 +249,7 @@ def data_prepare(
     from lmlab.data.pipeline import cli_config, prepare
 
     set_quiet(quiet)
+    resumable()
     cfg = cli_config(
         inputs or [],
         config,
@@ -266,6 +286,7 @@ def data_index(
     config: Annotated[
         Path | None, typer.Option("--config", help="Pipeline YAML: sources and minhash settings.")
     ] = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Build a de-duplication index of a dataset, for `dedup_index` steps of later runs."""
@@ -273,7 +294,7 @@ def data_index(
 
     set_quiet(quiet)
     cfg = cli_config(inputs or [], config)
-    n = build_dedup_index(cfg, out)
+    n = build_dedup_index(cfg, out, overwrite=overwrite)
     print(f"{out}  ({n:,} documents)")
 
 
@@ -338,12 +359,13 @@ def convert(
     src: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
     out: Annotated[Path, typer.Option("--out", help="The lmlab checkpoint to write.")],
     from_hf: Annotated[bool, typer.Option("--from-hf", help="Convert from Hugging Face.")] = True,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a Hugging Face model (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, OPT, BLOOM, T5)
     into an lmlab checkpoint."""
     from lmlab.model.hf import convert_from_hf
 
-    print(convert_from_hf(src, out))
+    print(convert_from_hf(src, out, overwrite=overwrite))
 
 
 @app.command()
@@ -355,6 +377,10 @@ def export(
         str | None, typer.Option(help="HF family (default: the one the config matches).")
     ] = None,
     qtype: Annotated[str, typer.Option(help="GGUF tensor type: f32, f16, q8_0 or q4_0.")] = "f16",
+    no_tokenizer: Annotated[
+        bool, typer.Option("--no-tokenizer", help="hf: export a checkpoint that has none.")
+    ] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*) or a
     GGUF file for llama.cpp (LLaMA-family checkpoints)."""
@@ -363,13 +389,21 @@ def export(
     if to == "gguf":
         from lmlab.infer.gguf import export_gguf
 
-        print(export_gguf(resolve_checkpoint(ckpt), out, qtype))
+        print(export_gguf(resolve_checkpoint(ckpt), out, qtype, overwrite=overwrite))
         return
     if to != "hf":
         raise UsageError(f"--to {to}: unknown format (known: hf, gguf)")
     from lmlab.model.hf import export_to_hf
 
-    print(export_to_hf(resolve_checkpoint(ckpt), out, family=family))
+    print(
+        export_to_hf(
+            resolve_checkpoint(ckpt),
+            out,
+            family=family,
+            overwrite=overwrite,
+            tokenizer=not no_tokenizer,
+        )
+    )
 
 
 @app.command()
@@ -415,16 +449,21 @@ def _load_for_generation(path: str, stop_at_end_of_turn: bool, **options):
     return m, tok, cfg, ckpt
 
 
-def _stream_reply(model, tok, prompt_ids: list[int], cfg, **kw) -> list[int]:
-    """Generate, writing text to stdout as it comes; returns the generated ids."""
+def _stream_reply(
+    model, tok, prompt_ids: list[int], cfg, out: list[int] | None = None, **kw
+) -> list[int]:
+    """Generate, writing text to stdout as it comes; returns the generated ids (also
+    appended to `out` as they come, so an interrupted caller keeps the part said)."""
     from lmlab.infer.generate import TextStreamer, stream
 
     streamer = TextStreamer(tok)
+    ids = out if out is not None else []
     for t in stream(model, prompt_ids, cfg, tokenizer=tok, **kw):
+        ids.append(t)
         sys.stdout.write(streamer.push(t))
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return streamer.ids
+    return ids
 
 
 @app.command()
@@ -464,11 +503,10 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per output.")] = False,
 ) -> None:
-    """Continue prompts with any decoding strategy; a single plain prompt streams its text."""
-    import json
-
+    """Continue prompts with any decoding strategy; a single plain prompt streams its text.
+    Interrupted, it prints the outputs that had finished."""
     from lmlab import load_model
-    from lmlab.infer.generate import Contrast, generate_batch
+    from lmlab.infer.generate import Contrast, finish_text, generate_batch
     from lmlab.infer.speculative import speculative_generate
     from lmlab.tokenizer import format_chat
 
@@ -510,7 +548,22 @@ def generate(
         comp, stats = speculative_generate(m, load_model(draft), ids[0], cfg, gamma, tok)
         comps = [comp]
     else:
-        comps = generate_batch(m, ids, cfg, tokenizer=tok, contrast=contrast)
+        comps = []
+        try:
+            generate_batch(m, ids, cfg, tokenizer=tok, contrast=contrast, out=comps)
+        except KeyboardInterrupt:  # print what finished, then report the interrupt
+            comps = [c for c in comps if c.finish_reason == "stop"]
+            finish_text(comps, tok, cfg)
+            _print_completions(comps, prompt, tok, chat, json_out)
+            raise
+    _print_completions(comps, prompt, tok, chat, json_out)
+    if stats is not None:
+        log("speculative: " + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
+
+
+def _print_completions(comps, prompt: list[str], tok, chat: bool, json_out: bool) -> None:
+    import json
+
     for c in comps:
         if json_out:
             row = {
@@ -533,8 +586,6 @@ def generate(
             print(f"{head} {prompt[c.prompt_index] if not chat else ''}{c.text}")
             if c.logprobs is not None:
                 print(f"  logprob sum {sum(c.logprobs):.4f}")
-    if stats is not None:
-        log("speculative: " + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
 
 
 @app.command()
@@ -546,7 +597,8 @@ def chat(
     max_new_tokens: MaxNew = 100,
     seed: Seed = None,
 ) -> None:
-    """Talk to a model, several turns, through its chat template. /reset clears, /exit quits."""
+    """Talk to a model, several turns, through its chat template. /reset clears, /history
+    shows the conversation, /exit quits. Ctrl-C stops a reply; at the prompt it quits."""
     from lmlab.tokenizer import format_chat
 
     m, tok, cfg, ckpt = _load_for_generation(
@@ -558,14 +610,21 @@ def chat(
         max_new_tokens=max_new_tokens,
         seed=seed,
     )
-    log(f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /exit")
+    log(
+        f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /history, /exit; "
+        "Ctrl-C stops a reply, Ctrl-C at the prompt quits"
+    )
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     while True:
-        if interactive:
-            sys.stdout.write("you> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
+        try:
+            if interactive:
+                sys.stdout.write("you> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # at the prompt: the user is leaving
+            sys.stdout.write("\n")
+            break
         if not line:
             break
         line = line.strip()
@@ -574,11 +633,20 @@ def chat(
         if line == "/reset":
             history = []
             continue
+        if line == "/history":
+            for turn in history:
+                print(f"[{turn['role']}] {turn['content']}")
+            continue
         if not line:
             continue
         history.append({"role": "user", "content": line})
         sys.stdout.write("model> ")
-        reply = _stream_reply(m, tok, tok.encode(format_chat(history)).ids, cfg)
+        sys.stdout.flush()
+        reply: list[int] = []
+        try:
+            _stream_reply(m, tok, tok.encode(format_chat(history)).ids, cfg, out=reply)
+        except KeyboardInterrupt:  # stop this reply only; what it said stays in the history
+            sys.stdout.write(" [stopped]\n")
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
@@ -594,6 +662,7 @@ def quantize(
         Path | None, typer.Option(help="Token shards or a run for the perplexity check.")
     ] = None,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 50_000,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Post-training weight quantization, with a size / memory / speed / perplexity report."""
@@ -610,6 +679,7 @@ def quantize(
         eval_tokens=eval_tokens,
         progress=not quiet,
         eval_data=eval_data,
+        overwrite=overwrite,
     )
     print(format_report(report))
 
@@ -623,16 +693,18 @@ def judge(
     limit: Annotated[int | None, typer.Option(help="Questions to use.")] = None,
     chat: Annotated[bool, typer.Option(help="Ask through the chat template.")] = False,
     max_new_tokens: MaxNew = 64,
+    overwrite: Overwrite = False,
 ) -> None:
     """Model-based evaluation: every model answers, a judge model compares every pair in
     both orders (position bias cancels), and the models get Elo and Bradley-Terry ratings."""
     import json
 
     from lmlab.eval.judge import format_ratings, judge_models
-    from lmlab.utils import write_json
+    from lmlab.utils import claim_output_file, json_with, write_json
 
     if not questions.is_file():
         raise UsageError(f"--questions {questions}: no such file")
+    claim_output_file(out, "judge results", json_with("verdicts"), overwrite=overwrite)
     qs = []
     for i, line in enumerate(questions.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -669,8 +741,10 @@ def bench_infer_cmd(
 
     from lmlab import load_model
     from lmlab.infer.bench import bench_infer, format_bench
-    from lmlab.utils import write_json
+    from lmlab.utils import claim_output_file, json_with, write_json
 
+    if json_out is not None:  # its own earlier report is replaced; any other file is kept
+        claim_output_file(json_out, "bench report", json_with("threads", "results"), True, "--json")
     if threads is not None:
         if threads < 1:
             raise UsageError("--threads must be >= 1")
@@ -688,10 +762,13 @@ def bench_infer_cmd(
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Render report.md and report.html for a run from the files it holds."""
     from lmlab.run.report import write_report
+    from lmlab.utils import dir_lock
 
     if not (run_dir / "manifest.json").is_file():
         raise UsageError(f"{run_dir}: not a run directory (no manifest.json)")
-    for p in write_report(run_dir):
+    with dir_lock(run_dir):  # not while a run is writing it
+        paths = write_report(run_dir)
+    for p in paths:
         print(p)
 
 
@@ -699,14 +776,14 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # returns 130 when the command was interrupted
         if rc == 130:
-            console.print("interrupted; run the same command again to resume")
+            console.print(interrupt_hint())
         if isinstance(rc, int):
             sys.exit(rc)
     except UsageError as e:
         console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to resume")
+        console.print(interrupt_hint())
         sys.exit(130)
     except SystemExit:
         raise

@@ -18,8 +18,22 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-_state = {"quiet": False}
+_state: dict = {"quiet": False}
 console = Console(stderr=True, highlight=False)
+
+
+RESUME_HINT = "interrupted; run the same command again to resume"
+_state["interrupt_hint"] = "interrupted"
+
+
+def resumable() -> None:
+    """Say that the running command resumes when run again, so an interrupt says so (and
+    only then: a hint to rerun where nothing resumes would mislead)."""
+    _state["interrupt_hint"] = RESUME_HINT
+
+
+def interrupt_hint() -> str:
+    return _state["interrupt_hint"]
 
 
 def set_quiet(quiet: bool) -> None:

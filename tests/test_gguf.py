@@ -407,7 +407,7 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, ckpts, monkeypatch):
 
     monkeypatch.setattr(mod, "encode_tensor", failing)
     with pytest.raises(OSError, match="disk full"):
-        export_gguf(ckpts["mha-tied"], out, "f16")
+        export_gguf(ckpts["mha-tied"], out, "f16", overwrite=True)
     assert out.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.gguf"]  # no temporary file left behind
 

@@ -294,7 +294,7 @@ def test_export_round_trip(case, tmp_path):
     agrees with lmlab; converting the export back gives identical tensors."""
     _, src = make_hf(case, tmp_path)
     ckpt = convert_from_hf(src, tmp_path / "ckpt")
-    out = export_to_hf(ckpt, tmp_path / "export")
+    out = export_to_hf(ckpt, tmp_path / "export", tokenizer=False)
     family = case.split("-")[0]
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     back, info = _hf_class(case).from_pretrained(
@@ -334,7 +334,7 @@ def test_lmlab_preset_exports_to_its_family(name, tmp_path):
     assert choose_family(cfg) == family
     model = randomize_(build_model(cfg).eval(), seed=3)
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
-    out = export_to_hf(ckpt, tmp_path / "export")
+    out = export_to_hf(ckpt, tmp_path / "export", tokenizer=False)
     back = _hf_class(family).from_pretrained(out, attn_implementation="eager").float().eval()
     assert_close(*logits_pair(family, back, model))
 
@@ -344,7 +344,7 @@ def test_dtype_is_kept(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(src)
     ckpt = convert_from_hf(src, tmp_path / "ckpt")
     assert {t.dtype for t in load_file(ckpt / "model.safetensors").values()} == {torch.bfloat16}
-    out = export_to_hf(ckpt, tmp_path / "export")
+    out = export_to_hf(ckpt, tmp_path / "export", tokenizer=False)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -462,7 +462,7 @@ def test_config_with_no_hf_family_says_what_blocks_each(tmp_path):
     cfg = resolve_model({"preset": "glm", "layers": 1, "width": 64, "vocab_size": VOCAB})
     ckpt = save_checkpoint(build_model(cfg), tmp_path / "glm")
     with pytest.raises(UsageError) as e:
-        export_to_hf(ckpt, tmp_path / "out")
+        export_to_hf(ckpt, tmp_path / "out", tokenizer=False)
     msg = str(e.value)
     assert all(f"{fam}:" in msg for fam in FAMILIES)
     assert "family='prefix'" in msg and "norm_position='post'" in msg

@@ -366,6 +366,7 @@ def test_checkpoint_outside_a_run(smoke_run, tmp_path):
         eval_tokens=2000,
         progress=False,
         measure_speed=False,
+        overwrite=True,
     )
     assert report["perplexity"]["measured"] and report["perplexity"]["tokens"] <= 2000
     report = quantize_checkpoint(  # a run directory names its held-out shards too
@@ -376,6 +377,7 @@ def test_checkpoint_outside_a_run(smoke_run, tmp_path):
         eval_tokens=2000,
         progress=False,
         measure_speed=False,
+        overwrite=True,
     )
     assert report["perplexity"]["data"] == str(tokens)
     with pytest.raises(UsageError, match="refusing to replace it"):

@@ -657,32 +657,34 @@ def test_without_bubblewrap_generated_code_is_refused(monkeypatch, tmp_path):
         run_code(ADD, ADD_TESTS, isolation="os")
 
 
-def test_eval_skips_the_code_task_without_bubblewrap(smoke_run, tmp_path, monkeypatch):
-    """The recipe's eval stage and `lmlab eval` share this path: the code task is skipped
-    with one line saying why and how to enable it; the other tasks still run."""
+def test_without_bubblewrap_eval_refuses_and_a_recipe_skips_the_code_task(
+    smoke_run, tmp_path, monkeypatch
+):
+    """`lmlab eval --tasks code` refuses (exit 2, one line saying how to enable it) before
+    any model time; a recipe's eval stage skips the code task with one warning line, and
+    the other tasks still run."""
+    from lmlab.eval.harness import evaluate
+
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("LMLAB_UNSAFE_SANDBOX", raising=False)
     out = tmp_path / "res"
-    p = lmlab_cmd(
-        "eval",
-        str(smoke_run),
-        "--tasks",
-        "code",
-        "--tasks",
-        "synthetic:addition:1",
-        "--limit",
-        "1",
-        "--out",
-        str(out),
-        "--quiet",
-        cwd=tmp_path,
-        check=True,
+    args = ["eval", str(smoke_run), "--tasks", "code", "--tasks", "synthetic:addition:1"]
+    p = lmlab_cmd(*args, "--limit", "1", "--out", str(out), "--quiet", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "bubblewrap" in p.stderr and "--unsafe-sandbox" in p.stderr
+    assert not out.exists()
+    warnings: list[str] = []
+    monkeypatch.setattr("lmlab.eval.harness.warn", warnings.append)
+    res = evaluate(
+        smoke_run,
+        ["code", "synthetic:addition:1"],
+        out,
+        limit=1,
+        skip_unsandboxed=True,
     )
-    res = json.loads((out / "results.json").read_text())
     assert set(res["tasks"]) == {"synthetic_addition_d1"}
-    skipped = [line for line in p.stderr.splitlines() if "code task skipped" in line]
-    assert len(skipped) == 1
-    assert "bubblewrap" in skipped[0] and "LMLAB_UNSAFE_SANDBOX=1" in skipped[0]
+    assert len(warnings) == 1 and "code task skipped" in warnings[0]
+    assert "bubblewrap" in warnings[0] and "LMLAB_UNSAFE_SANDBOX=1" in warnings[0]
 
 
 # --- many at once ---------------------------------------------------------------------------

@@ -569,6 +569,15 @@ def build_index(
     return DedupIndex(exact, keys, cfg, int(bands.shape[0]), str(path))
 
 
+def is_index(path: str | Path) -> bool:
+    """Whether `path` is a de-duplication index written by `build_index`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "meta" in z.files and json.loads(str(z["meta"])).get("scheme") == SCHEME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_index(path: str | Path, cfg: MinHashConfig | None = None) -> DedupIndex:
     """Load an index; with `cfg`, refuse one built with other MinHash settings."""
     try:

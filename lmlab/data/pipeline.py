@@ -45,7 +45,15 @@ from lmlab.data.sources import ReadStats, SourceConfig, list_tasks, read_task
 from lmlab.data.steps import MAX_FINDINGS, REGISTRY, Step, StepStats, dump_steps, parse_steps
 from lmlab.errors import UsageError
 from lmlab.tokenizer import load_tokenizer
-from lmlab.utils import atomic_path, hash_obj, read_json, write_json
+from lmlab.utils import (
+    atomic_path,
+    claim_output_dir,
+    claim_output_file,
+    hash_obj,
+    mark_output,
+    read_json,
+    write_json,
+)
 
 DEFAULT_STEPS: dict[str, list[Any]] = {
     "web": [
@@ -617,8 +625,12 @@ def prepare(
     out_dir: str | Path,
     tokenizer: str | Path | None = None,
     card: bool = True,
+    check_out: bool = True,
 ) -> dict:
-    """Run the whole pipeline into `out_dir`; returns the merged stats."""
+    """Run the whole pipeline into `out_dir`; returns the merged stats.
+
+    `out_dir` must be new, empty, or this function's earlier output (which it resumes);
+    `check_out=False` is for a caller that owns the directory (a run's data stage)."""
     from lmlab.data.card import write_card
     from lmlab.data.mixture import write_token_shards
 
@@ -627,6 +639,8 @@ def prepare(
     start = time.monotonic()
     steps = cfg.parsed_steps()
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # fail before any work
+    if check_out:
+        claim_output_dir(out_dir, "data-prepare", resume=True)  # its own output resumes
     tasks = [(i, t) for i, s in enumerate(cfg.sources) for t in list_tasks(s)]
     if not tasks:
         raise UsageError("no input files found in the sources' paths")
@@ -645,6 +659,7 @@ def prepare(
         if old != key:
             shutil.rmtree(work)  # a different pipeline or changed inputs: start over
     work.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "data-prepare")
     write_json(work / "config.json", dataclasses.asdict(cfg))
     write_json(work / "key.json", {"key": key})
     resources: dict = {}
@@ -827,13 +842,15 @@ def cli_config(
     return load_config(data, where)
 
 
-def build_dedup_index(cfg: PipelineConfig, out: str | Path) -> int:
+def build_dedup_index(cfg: PipelineConfig, out: str | Path, overwrite: bool = False) -> int:
     """Index a reference dataset (exact hashes + MinHash band keys) for `dedup_index` steps.
 
     Documents are read and normalized exactly as `prepare` does, with the MinHash
     settings of the config's `minhash` step (or the defaults), so later runs compare like
-    with like. Returns the number of documents indexed.
+    with like. Returns the number of documents indexed. An existing `out` is replaced only
+    when it is an index and `overwrite`.
     """
+    claim_output_file(out, "de-duplication index", dedup.is_index, overwrite=overwrite)
     steps = {s.name: s.config for s in cfg.parsed_steps()}
     mh = steps.get("minhash") or REGISTRY["minhash"].config()
     exact: list[int] = []

@@ -10,6 +10,7 @@ also reported on the clean items alone.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -192,15 +193,24 @@ def evaluate(
     chat: bool = False,
     robustness: bool = False,
     self_consistency: int = 1,
+    overwrite: bool = False,
+    skip_unsandboxed: bool = False,
 ) -> dict:
+    """Score the model at `model_path` on `tasks` into `out_dir` (results.json, samples/,
+    calibration/). An existing `out_dir` is replaced only when it is an earlier `eval`
+    output and `overwrite`. Code tasks need the sandbox: without it they are refused
+    (UsageError), or skipped with a warning when `skip_unsandboxed` (a recipe's eval)."""
     from lmlab import load_model, load_tokenizer
     from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.utils import claim_output_dir, mark_output
 
     if not tasks:
         raise UsageError("eval: name at least one task (--tasks FILE.yaml)")
     ckpt = resolve_checkpoint(model_path)
+    claim_output_dir(out_dir, "eval", overwrite=overwrite)
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     specs = [parse_task(t) for t in tasks]  # all checked before any model time is spent
+    specs = _sandbox_or_skip(specs, skip_unsandboxed)
     docs = [Path(p) for p in train_docs] if train_docs else default_train_docs(Path(model_path))
     out = Path(out_dir)
     config = {
@@ -215,6 +225,10 @@ def evaluate(
         "robustness": robustness,
         "self_consistency": self_consistency,
     }
+    if out.is_dir() and any(out.iterdir()):  # an earlier output, claimed above: none of
+        shutil.rmtree(out)  # its files may linger
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "eval")
     results: dict = {
         "config": config,
         "model_hash": hash_obj(hash_tree(ckpt)),
@@ -223,14 +237,6 @@ def evaluate(
     }
     for spec in specs:
         if isinstance(spec, tuple):  # a built-in suite
-            if spec[0] == "code":
-                from lmlab.eval.sandbox import resolve_isolation
-
-                try:
-                    resolve_isolation()
-                except UsageError as e:  # no sandbox here: skipped, never run unsandboxed
-                    warn(f"eval: code task skipped: {e}")
-                    continue
             entry, records = run_builtin(
                 spec, model, tok, limit, seed, chat, robustness, self_consistency
             )
@@ -265,6 +271,23 @@ def evaluate(
         )
     write_json(out / "results.json", results)
     return results
+
+
+def _sandbox_or_skip(specs: list, skip: bool) -> list:
+    """The specs to run: code tasks only where the sandbox can run them (never unsandboxed
+    unasked); refused or, with `skip`, dropped with one line saying why and how."""
+    if not any(isinstance(s, tuple) and s[0] == "code" for s in specs):
+        return specs
+    from lmlab.eval.sandbox import resolve_isolation
+
+    try:
+        resolve_isolation()
+    except UsageError as e:
+        if not skip:
+            raise
+        warn(f"eval: code task skipped: {e}")
+        return [s for s in specs if not (isinstance(s, tuple) and s[0] == "code")]
+    return specs
 
 
 def format_results(results: dict) -> str:

@@ -102,7 +102,8 @@ NOBODY = 65534
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
     "bubblewrap; where unprivileged user namespaces are restricted, as on Ubuntu 24.04, allow "
-    f"them for bwrap), or set {UNSAFE_ENV}=1 (or pass isolation='weak') to run generated code "
+    f"them for bwrap), or set {UNSAFE_ENV}=1 (`lmlab eval --unsafe-sandbox`; in Python, "
+    "isolation='weak') to run generated code "
     "in the weaker audit-hook sandbox, which does not hold against hostile code"
 )
 

@@ -290,8 +290,14 @@ def _events(
         if amateur is not None:
             a_logits = amateur.step(chosen)
     if tokenizer is not None:
-        for c in comps:
-            c.text = stop_strings.cut(tokenizer.decode(c.tokens, skip_special_tokens=True))
+        finish_text(comps, tokenizer, cfg)
+
+
+def finish_text(comps: list[Completion], tokenizer, cfg: GenerationConfig) -> None:
+    """Fill each completion's `text`: its tokens decoded, cut before a stop string."""
+    stop_strings = StopStrings(tokenizer, cfg.stop_strings)
+    for c in comps:
+        c.text = stop_strings.cut(tokenizer.decode(c.tokens, skip_special_tokens=True))
 
 
 def generate_batch(
@@ -301,24 +307,25 @@ def generate_batch(
     tokenizer=None,
     on_token: Callable[[int, int], None] | None = None,
     contrast: Contrast | None = None,
+    out: list[Completion] | None = None,
 ) -> list[Completion]:
     """Generate for every prompt (n completions each, or the n-best beams) in one batch.
 
     `on_token(completion_index, token)` streams tokens as they are chosen; `tokenizer`
     enables stop strings and fills `Completion.text`; `contrast` switches the scores to
-    contrastive decoding against an amateur model."""
+    contrastive decoding against an amateur model. `out` receives the completions as they
+    grow, so a caller interrupted mid-batch still has those that finished."""
+    comps: list[Completion] = out if out is not None else []
     if cfg.num_beams > 1:
         from lmlab.infer.beam import beam_search
 
         if contrast is not None:
             raise UsageError("generate: beam search and contrastive decoding do not combine")
-        comps = []
         for i, p in enumerate(prompts):
             for c in beam_search(model, p, cfg, tokenizer):
                 c.prompt_index = i
                 comps.append(c)
         return comps
-    comps: list[Completion] = []
     for i, t in _events(model, prompts, cfg, tokenizer, contrast, comps):
         if on_token is not None:
             on_token(i, t)

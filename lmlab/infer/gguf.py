@@ -36,7 +36,7 @@ import torch
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.tokenizer import END
-from lmlab.utils import atomic_path
+from lmlab.utils import atomic_path, claim_output_file
 
 # qtype -> (ggml tensor type name, llama file type, bits per weight incl. block scales)
 QTYPES: dict[str, tuple[str, int, float]] = {
@@ -344,19 +344,30 @@ def _rope_base(cfg: ModelConfig) -> float:
     return theta
 
 
-def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, qtype: str = "f16") -> Path:
+def is_gguf(path: Path) -> bool:
+    """Whether `path` starts with GGUF's magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def export_gguf(
+    checkpoint_dir: str | Path, out_path: str | Path, qtype: str = "f16", overwrite: bool = False
+) -> Path:
     """Write an lmlab checkpoint (or a run's newest model) as a llama.cpp GGUF file.
 
     `qtype`: f32, f16, q8_0 or q4_0 for the weight matrices (norms stay f32). The file
-    appears under `out_path` only once complete."""
+    appears under `out_path` only once complete; an existing file is replaced only when it
+    is a GGUF file and `overwrite`."""
     from safetensors import safe_open
 
     from lmlab.model.checkpoint import FORMAT, read_config, resolve_checkpoint
 
     if qtype not in QTYPES:
         raise UsageError(f"qtype {qtype!r} is not supported; choose from {', '.join(QTYPES)}")
-    if Path(out_path).is_dir():
-        raise UsageError(f"{out_path}: is a directory; --out names the .gguf file to write")
+    claim_output_file(out_path, "GGUF", is_gguf, overwrite=overwrite)
     gguf = _gguf()
     ckpt = resolve_checkpoint(checkpoint_dir)
     cfg_json = read_config(ckpt)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import CheckpointError, UsageError
+from lmlab.utils import claim_output_dir
 
 METHODS = ("int8", "int4", "llm_int8")
 GROUP_SIZES = (32, 64, 128)
@@ -504,6 +505,7 @@ def save_quantized(
     tokenizer_dir: str | Path | None = None,
     extra: dict | None = None,
     write_extra=None,
+    kind: str | None = None,
 ) -> Path:
     """Write a quantized model as an lmlab checkpoint with its `quantization` block."""
     from lmlab.model.checkpoint import save_checkpoint
@@ -512,7 +514,9 @@ def save_quantized(
     if not spec:
         raise UsageError("save_quantized: the model is not quantized (call quantize_model)")
     extra = {**(extra or {}), "quantization": spec}
-    return save_checkpoint(model, out, tokenizer_dir, extra=extra, write_extra=write_extra)
+    return save_checkpoint(
+        model, out, tokenizer_dir, extra=extra, write_extra=write_extra, kind=kind
+    )
 
 
 # --- measuring ---------------------------------------------------------------------------
@@ -683,13 +687,15 @@ def quantize_checkpoint(
     eval_data: str | Path | None = None,
     decode_tokens: int = 32,
     measure_speed: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Quantize the checkpoint (or run's model) `src` into the checkpoint directory `out`,
     written atomically with `quantization.json`; returns that report.
 
     The report compares the model before and after: weights file size, parameter memory,
     forward and greedy-decode tokens/s (at the process's thread count) and validation
-    perplexity on the first `eval_tokens` held-out tokens (see `find_eval_tokens`)."""
+    perplexity on the first `eval_tokens` held-out tokens (see `find_eval_tokens`). An
+    existing `out` is replaced only when it is an earlier `quantize` output and `overwrite`."""
     from lmlab.console import is_quiet, log, set_quiet
     from lmlab.model.checkpoint import FORMAT, load_model, read_config, resolve_checkpoint
     from lmlab.model.encdec import EncoderDecoder
@@ -701,7 +707,9 @@ def quantize_checkpoint(
         raise UsageError(f"eval_tokens {eval_tokens!r}: must be a positive number of tokens")
     ckpt = resolve_checkpoint(src)
     out = Path(out)
-    _check_out(ckpt, out)
+    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise UsageError(f"--out {out}: would replace the checkpoint being quantized")
+    claim_output_dir(out, "quantize", overwrite=overwrite)
     raw = read_config(ckpt)
     if raw.get("quantization"):
         raise UsageError(f"{ckpt}: already quantized ({raw['quantization'].get('method')})")
@@ -752,7 +760,9 @@ def quantize_checkpoint(
         else:  # a Hugging Face directory, converted on load
             extra = {"converted_from": "huggingface"}
         extra["quantized_from"] = str(ckpt)
-        save_quantized(model, out, tokenizer_dir=ckpt, extra=extra, write_extra=finish)
+        save_quantized(
+            model, out, tokenizer_dir=ckpt, extra=extra, write_extra=finish, kind="quantize"
+        )
         log(f"quantize: wrote {out}")
     finally:
         set_quiet(quiet_before)
@@ -768,26 +778,6 @@ def weight_error(fp: nn.Module, quantized: nn.Module, names: list[str]) -> float
         err += (quantized.get_submodule(name).dequantized() - w).pow(2).sum().item()
         ref += w.pow(2).sum().item()
     return math.sqrt(err / ref) if ref else 0.0
-
-
-def _check_out(ckpt: Path, out: Path) -> None:
-    """`out` is replaced whole: never the source, nor a directory that holds other work."""
-    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
-        raise UsageError(f"--out {out}: would replace the checkpoint being quantized")
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a directory")
-        if any(out.iterdir()) and not _is_quantized_checkpoint(out):
-            raise UsageError(
-                f"--out {out}: exists and is not a quantized checkpoint; refusing to replace it"
-            )
-
-
-def _is_quantized_checkpoint(path: Path) -> bool:
-    try:
-        return "quantization" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def _weight_bytes(lin: nn.Linear) -> int:

@@ -33,13 +33,15 @@ def save_checkpoint(
     extra: dict | None = None,
     write_extra: Callable[[Path], None] | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    kind: str | None = None,
 ) -> Path:
     """Write the model (and the tokenizer beside it) atomically to `out_dir`.
 
     `state` replaces `model.state_dict()` when the caller already gathered full tensors
-    (a sharded FSDP model holds only its slice of each parameter)."""
+    (a sharded FSDP model holds only its slice of each parameter). `kind` marks the
+    directory as that command's output (see `lmlab.utils.claim_output_dir`)."""
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=kind) as tmp:
         state = state if state is not None else model.state_dict()
         state = {k: v.detach().contiguous() for k, v in state.items()}
         if model.cfg.tie_embeddings:
@@ -101,12 +103,26 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
         return model.to(device).eval()
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{weights}: weights do not match config.json ({first})") from None
+    problem = state_mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{weights}: weights do not match config.json: {problem}")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def state_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """The first way `state` does not fit `model` (a missing, unexpected or wrongly shaped
+    tensor, with both shapes), or None. Said directly, where torch's load error buries it
+    under a header line and lists every tensor."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in want.items():
+        if name not in state:
+            return f"tensor {name!r} is missing"
+        got = tuple(state[name].shape)
+        if got != shape:
+            return f"tensor {name!r} has shape {list(got)}, the config implies {list(shape)}"
+    extra = sorted(set(state) - set(want))
+    return f"tensor {extra[0]!r} has no place in the model" if extra else None
 
 
 def _load_quantized(model: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from lmlab.config import STRICT, NonNegInt, PosFloat, PosInt
+from lmlab.config import STRICT, Float, Int, NonNegInt, PosFloat, PosInt
 from lmlab.errors import UsageError
 
 Family = Literal["decoder", "prefix", "encoder_decoder"]
@@ -33,7 +33,7 @@ class ModelConfig:
 
     preset: str | None = None  # the preset this came from; informative only
     family: Family = "decoder"
-    vocab_size: int = 4096  # in a recipe, taken from the trained tokenizer
+    vocab_size: Int = 4096  # in a recipe, taken from the trained tokenizer
     n_layers: PosInt = 4  # encoder layers for encoder_decoder
     n_decoder_layers: PosInt | None = None  # encoder_decoder only; None = n_layers
     decoder_start_id: NonNegInt = 0  # encoder_decoder: the first decoder input (T5: pad, 0)
@@ -68,7 +68,7 @@ class ModelConfig:
     n_experts: NonNegInt = 0  # > 0: mixture-of-experts FFN in every layer
     experts_top_k: PosInt = 2
     capacity_factor: PosFloat | None = None  # None = no token is ever dropped
-    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch)
+    moe_aux_loss_coef: Float = 0.01  # weight of the load-balancing loss (Switch)
     # attention
     sliding_window: PosInt | None = None  # local attention over the last w keys
     sliding_window_every: PosInt = 1  # every k-th layer is local (GPT-3 alternates: 2)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.config import GATED, ModelConfig
 from lmlab.model.encdec import build_model
-from lmlab.utils import atomic_dir
+from lmlab.utils import atomic_dir, claim_output_dir
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "bloom", "t5")
 
@@ -937,16 +937,23 @@ def _merge_qkv(parts: list[torch.Tensor], how: str, cfg: ModelConfig) -> torch.T
 # --- the three entry points -----------------------------------------------------------
 
 
-def convert_from_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert an HF model directory to an lmlab checkpoint (written atomically)."""
+def convert_from_hf(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Convert an HF model directory to an lmlab checkpoint (written atomically). An
+    existing `out_dir` is replaced only when it is an earlier conversion and `overwrite`."""
     from lmlab.model.checkpoint import save_checkpoint
 
     src = Path(src_dir)
+    claim_output_dir(out_dir, "convert", overwrite=overwrite)
     model, hf = _load_lmlab_from_hf(src, keep_dtype=True)
     extra = {"converted_from": {"model_type": hf["model_type"], "path": str(src)}}
-    return save_checkpoint(
-        model, out_dir, extra=extra, write_extra=lambda d: _copy_tokenizer(src, d)
+    save_checkpoint(
+        model,
+        out_dir,
+        extra=extra,
+        write_extra=lambda d: _copy_tokenizer(src, d),
+        kind="convert",
     )
+    return Path(out_dir)
 
 
 def load_hf_model(src_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
@@ -970,11 +977,12 @@ def _load_lmlab_from_hf(src: Path, keep_dtype: bool) -> tuple[torch.nn.Module, d
     state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):  # no second copy of the weights, no random init to discard
         model = build_model(cfg)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{src}: weights do not match config.json ({detail})") from None
+    from lmlab.model.checkpoint import state_mismatch
+
+    problem = state_mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{src}: weights do not match config.json: {problem}")
+    model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:  # assign gave the head its own Parameter; share it again
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval(), hf
@@ -1020,12 +1028,28 @@ def _resolve_head(
     return state
 
 
-def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, family: str | None = None) -> Path:
+def export_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    family: str | None = None,
+    overwrite: bool = False,
+    tokenizer: bool = True,
+) -> Path:
     """Write an lmlab checkpoint as an HF model directory (atomically): config.json,
-    model.safetensors with HF names, tokenizer files and generation_config.json."""
+    model.safetensors with HF names, tokenizer files and generation_config.json.
+
+    A checkpoint without tokenizer.json is refused (transformers could not use the
+    export) unless `tokenizer=False`; an existing `out_dir` is replaced only when it is an
+    earlier export and `overwrite`."""
     from lmlab.model.checkpoint import FORMAT, read_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(ckpt_dir)
+    claim_output_dir(out_dir, "export-hf", overwrite=overwrite)
+    if tokenizer and not (ckpt / "tokenizer.json").is_file():
+        raise UsageError(
+            f"{ckpt}: no tokenizer.json, so transformers could not use the export; "
+            "pass --no-tokenizer to export the weights alone"
+        )
     cfg_json = read_config(ckpt)
     if cfg_json.get("format") != FORMAT:
         raise UsageError(f"{ckpt / 'config.json'}: not an lmlab checkpoint (format != {FORMAT})")
@@ -1045,14 +1069,15 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, family: str | None =
     dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")
     special = _special_token_ids(ckpt)
     hf_cfg = config_to_hf(fam, cfg, dtype, special)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="export-hf") as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_cfg)
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         if fam == "t5":
             gen["decoder_start_token_id"] = hf_cfg["decoder_start_token_id"]
         _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-        _export_tokenizer(ckpt, tmp)
+        if tokenizer:
+            _export_tokenizer(ckpt, tmp)
     return Path(out_dir)
 
 

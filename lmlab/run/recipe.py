@@ -29,12 +29,13 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from lmlab.adapt.sft import SFTConfig
-from lmlab.config import STRICT, NonNegInt, PosInt
+from lmlab.config import STRICT, Int, NonNegInt, PosInt
 from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import SIZE_KEYS, resolve_fields
 from lmlab.train.loop import TrainConfig
+from lmlab.train.objectives import check_objective
 from lmlab.train.pretrain import PretrainConfig
 
 
@@ -82,7 +83,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "tiny"
-    seed: int = 1337
+    seed: Int = 1337
     threads: PosInt | None = None  # torch CPU threads; None = all cores
     data: PipelineConfig = Field(
         default_factory=lambda: PipelineConfig(profile="code", val_fraction=0.05)
@@ -121,6 +122,30 @@ class Recipe(BaseModel):
         recipe = handler(data)
         recipe._variant_models = models
         return recipe
+
+    @model_validator(mode="after")
+    def _fits_across_stages(self) -> Recipe:
+        """Constraints between stages, checked here so that no stage runs (and writes)
+        before a later one would fail on them."""
+        models = {"model": self.model}
+        models.update({f"variants.{k}": m for k, m in self._variant_models.items()})
+        for where, m in models.items():
+            span_only = m.family == "encoder_decoder"  # windows become encoder/decoder halves
+            if self.pretrain.seq_len > m.max_seq_len and not span_only:
+                raise ValueError(
+                    f"pretrain.seq_len: {self.pretrain.seq_len} exceeds {where}.max_seq_len="
+                    f"{m.max_seq_len}; lower one or raise the other"
+                )
+            try:
+                check_objective(self.pretrain.objective, m.family)
+            except UsageError as e:
+                raise ValueError(f"{e} (the family of {where})") from None
+        if not self.variants and self.sft.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"sft.train.seq_len: {self.sft.train.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}"
+            )
+        return self
 
     def variant_models(self) -> dict[str, ModelConfig]:
         """Each variant's model (vocab_size still the default: the tokenizer sets it)."""
@@ -281,7 +306,7 @@ def describe_error(e: ValidationError) -> str:
         msg = msg[len("Value error, ") :]
     given = err.get("input")
     shown = "" if isinstance(given, dict) or err["type"] == "value_error" else f" (got {given!r})"
-    if msg.startswith((f"{key}.", f"{key}:")):  # the message already names the key
+    if not key or msg.startswith((f"{key}.", f"{key}:")):  # the message names the key
         return msg
     return f"{key}: {msg}{shown}"
 

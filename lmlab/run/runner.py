@@ -12,6 +12,7 @@ then `lmlab.run.compare` pre-trains every variant (sft and eval do not run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -26,7 +27,17 @@ from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.run.recipe import Recipe
 from lmlab.train import distributed as dist_
-from lmlab.utils import git_commit, hash_obj, hash_tree, read_json, versions, write_json
+from lmlab.utils import (
+    LOCK_FILE,
+    check_name,
+    dir_lock,
+    git_commit,
+    hash_obj,
+    hash_tree,
+    read_json,
+    versions,
+    write_json,
+)
 
 STAGES = ["data", "tokenizer", "pretrain", "sft", "eval", "report"]
 # Under torchrun every rank runs the training stages together; rank 0 alone runs the
@@ -100,17 +111,41 @@ def run_recipe(
     force: str | None = None,
     until: str = "report",
 ) -> Path:
-    """Run the stages up to and including `until`; returns the run directory."""
-    from lmlab.run import stages
+    """Run the stages up to and including `until`; returns the run directory.
 
+    The run name must be one directory name; the run directory is locked for the whole run,
+    so a second run of it exits with the holder's PID instead of corrupting it."""
     if until not in STAGES:
         raise UsageError(f"unknown stage {until!r} (stages: {', '.join(STAGES)})")
     if force is not None and force not in STAGES:
         raise UsageError(f"--force {force!r}: not a stage (stages: {', '.join(STAGES)})")
-    run = Run(recipe, Path(runs_dir) / (name or recipe.name))
+    run = Run(recipe, Path(runs_dir) / check_name(name or recipe.name))
+    check_run_dir(run.dir)
     d = dist_.setup() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else dist_.Dist()
-    if d.main:
-        run.dir.mkdir(parents=True, exist_ok=True)
+    # one writer per run directory: rank 0 holds the lock (its ranks work in step with it)
+    with dir_lock(run.dir) if d.main else contextlib.nullcontext():
+        return _run_stages(run, d, force, until)
+
+
+RUN_MARKERS = ("manifest.json", "sweep.json")  # a run's, a scaling sweep's
+
+
+def check_run_dir(path: Path) -> None:
+    """A run may write `path` only if it is new, empty, or a run directory already."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path}: exists and is not a directory; choose another --name")
+    ours = any((path / m).is_file() for m in RUN_MARKERS)
+    if path.is_dir() and not ours and any(p.name != LOCK_FILE for p in path.iterdir()):
+        raise UsageError(
+            f"{path}: exists and is not a run directory (no manifest.json); refusing to "
+            "write into it (choose another --name or --runs-dir)"
+        )
+
+
+def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
+    from lmlab.run import stages
+
+    recipe = run.recipe
     torch.set_num_threads(recipe.threads or _default_threads())
     manifest_path = run.dir / "manifest.json"
     manifest = {
@@ -126,6 +161,8 @@ def run_recipe(
         manifest["world_size"] = d.world
     if manifest_path.is_file():  # keep the original creation time across re-runs
         manifest["created"] = read_json(manifest_path).get("created", manifest["created"])
+    if d.main:  # first of all: it marks the directory as a run's
+        write_json(manifest_path, manifest)
     forced = STAGES[STAGES.index(force) :] if force else []
     outputs: dict[str, dict[str, str]] = {}
     if d.main:

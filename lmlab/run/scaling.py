@@ -48,7 +48,7 @@ import typer
 
 from lmlab.console import log
 from lmlab.errors import UsageError
-from lmlab.utils import hash_obj, read_json, write_json
+from lmlab.utils import check_name, dir_lock, hash_obj, read_json, write_json
 
 # The default sweep (docs/scaling.md): 4 sizes × 3 budgets on the `tiny` data, then a
 # model 2× the largest size on 2× the largest budget.
@@ -232,7 +232,7 @@ def run_sweep(
 ) -> Path:
     """The whole sweep (module docstring); returns the sweep's directory."""
     from lmlab.run.recipe import load_recipe
-    from lmlab.run.runner import cached_record, run_recipe
+    from lmlab.run.runner import check_run_dir
     from lmlab.train.scaling import FORMS
 
     size_list = parse_counts(sizes, "--sizes")
@@ -248,7 +248,15 @@ def run_sweep(
     recipe = load_recipe(recipe_ref, sets or [])
     if recipe.variants:
         raise UsageError(f"recipe {recipe_ref!r} has variants; a sweep takes a single model")
-    run_dir = Path(runs_dir) / (name or f"{recipe.name}-scaling")
+    run_dir = Path(runs_dir) / check_name(name or f"{recipe.name}-scaling", "sweep name")
+    check_run_dir(run_dir)
+    with dir_lock(run_dir, "sweep directory"):
+        return _sweep(recipe, recipe_ref, sets, size_list, token_list, target_nd, run_dir)
+
+
+def _sweep(recipe, recipe_ref, sets, size_list, token_list, target_nd, run_dir: Path) -> Path:
+    from lmlab.run.runner import cached_record, run_recipe
+
     t_start = time.monotonic()
     created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     spec_path = run_dir / "sweep.json"
@@ -896,9 +904,10 @@ def cli_run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
 ) -> None:
     """Train a grid of sizes × budgets, fit both laws, predict the target, train it, report."""
-    from lmlab.console import set_quiet
+    from lmlab.console import resumable, set_quiet
 
     set_quiet(quiet)
+    resumable()
     run_dir = run_sweep(recipe, set_ or [], sizes, tokens, target, runs_dir, name)
     print(f"report: {run_dir / 'scaling.html'}  (markdown: {run_dir / 'scaling.md'})")
 

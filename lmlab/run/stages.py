@@ -24,7 +24,7 @@ from lmlab.utils import hash_obj, write_json, write_jsonl
 
 
 def stage_data(run: Run) -> dict:
-    stats = prepare(run.recipe.data, run.stage_dir("data"))
+    stats = prepare(run.recipe.data, run.stage_dir("data"), check_out=False)
     if stats["kept"]["train"]["documents"] == 0:
         raise UsageError("data: no document survived the filters (see data/stats.json)")
     if stats["kept"]["val"]["documents"] == 0:
@@ -189,6 +189,8 @@ def stage_eval(run: Run) -> dict:
                 seed=run.recipe.seed,
                 train_docs=[d for d in train_docs if d.is_file()],
                 chat=name == "sft",
+                overwrite=True,  # the stage directory is the run's own
+                skip_unsandboxed=True,  # the default recipe runs wherever lmlab installs
             )
         results["tasks"] = paired_comparison(task_dir / "base", task_dir / "sft")
     write_json(run.stage_dir("eval") / "results.json", results)
