@@ -1,0 +1,153 @@
+"""`lmlab model`, `convert`, `export`, `quantize`: architectures and checkpoint formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmlab.cli.app import (
+    Overwrite,
+    Quiet,
+    app,
+)
+from lmlab.console import console, set_quiet
+from lmlab.errors import UsageError
+
+model_app = typer.Typer(no_args_is_help=True, help="Architectures: presets, sizes, costs.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("info")
+def model_info(
+    target: Annotated[str, typer.Argument(help="A preset name, or a checkpoint/run/HF dir.")],
+    size: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 10M.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Layers (with a preset).")] = None,
+    width: Annotated[int | None, typer.Option(help="Model width (with a preset).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Context for FLOPs and KV cache.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: --set norm=layernorm.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print an architecture with its parameters, FLOPs per token and KV-cache bytes."""
+    from lmlab.model.info import config_of, info_json, info_rows
+    from lmlab.run.recipe import parse_override
+
+    overrides = {}
+    for item in set_ or []:
+        keys, value = parse_override(item)
+        overrides[".".join(keys)] = value
+    cfg = config_of(target, size, layers, width, overrides)
+    if seq_len is not None and seq_len <= 0:
+        raise UsageError(f"--seq-len must be > 0, got {seq_len}")
+    if as_json:
+        print(info_json(cfg, seq_len))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"model {target}", show_header=False)
+    for k, v in info_rows(cfg, seq_len):
+        table.add_row(k, v)
+    console.print(table)
+
+
+@model_app.command("presets")
+def model_presets() -> None:
+    """List the presets and the architecture choices each fixes (Zhao et al. Table 3)."""
+    from rich.table import Table
+
+    from lmlab.model.info import PRESET_COLUMNS, preset_rows
+
+    table = Table(*PRESET_COLUMNS)
+    table.columns[0].no_wrap = True
+    for row in preset_rows():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="The lmlab checkpoint to write.")],
+    from_hf: Annotated[bool, typer.Option("--from-hf", help="Convert from Hugging Face.")] = True,
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert a Hugging Face model (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, OPT, BLOOM, T5)
+    into an lmlab checkpoint."""
+    from lmlab.model.hf import convert_from_hf
+
+    print(convert_from_hf(src, out, overwrite=overwrite))
+
+
+@app.command()
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="An lmlab checkpoint or run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="The directory (hf) or file (gguf).")],
+    to: Annotated[str, typer.Option("--to", "--format", help="Target format: hf or gguf.")] = "hf",
+    family: Annotated[
+        str | None, typer.Option(help="HF family (default: the one the config matches).")
+    ] = None,
+    qtype: Annotated[str, typer.Option(help="GGUF tensor type: f32, f16, q8_0 or q4_0.")] = "f16",
+    no_tokenizer: Annotated[
+        bool, typer.Option("--no-tokenizer", help="hf: export a checkpoint that has none.")
+    ] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*) or a
+    GGUF file for llama.cpp (LLaMA-family checkpoints)."""
+    from lmlab.model.checkpoint import resolve_checkpoint
+
+    if to == "gguf":
+        from lmlab.infer.gguf import export_gguf
+
+        print(export_gguf(resolve_checkpoint(ckpt), out, qtype, overwrite=overwrite))
+        return
+    if to != "hf":
+        raise UsageError(f"--to {to}: unknown format (known: hf, gguf)")
+    from lmlab.model.hf import export_to_hf
+
+    print(
+        export_to_hf(
+            resolve_checkpoint(ckpt),
+            out,
+            family=family,
+            overwrite=overwrite,
+            tokenizer=not no_tokenizer,
+        )
+    )
+
+
+@app.command()
+def quantize(
+    ckpt: Annotated[str, typer.Argument(help="A checkpoint or run directory.")],
+    method: Annotated[str, typer.Option(help="int8, int4 or llm_int8.")],
+    out: Annotated[Path, typer.Option("--out", help="The quantized checkpoint to write.")],
+    group_size: Annotated[int, typer.Option(help="int4: weights per scale (32/64/128).")] = 64,
+    threshold: Annotated[float, typer.Option(help="llm_int8: outlier magnitude.")] = 6.0,
+    include_lm_head: Annotated[bool, typer.Option(help="Quantize the output head too.")] = False,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Token shards or a run for the perplexity check.")
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 50_000,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Post-training weight quantization, with a size / memory / speed / perplexity report."""
+    from lmlab.infer.quant import format_report, quantize_checkpoint
+
+    set_quiet(quiet)
+    report = quantize_checkpoint(
+        ckpt,
+        out,
+        method,
+        group_size=group_size,
+        threshold=threshold,
+        include_lm_head=include_lm_head,
+        eval_tokens=eval_tokens,
+        progress=not quiet,
+        eval_data=eval_data,
+        overwrite=overwrite,
+    )
+    print(format_report(report))
