@@ -25,7 +25,6 @@ import pytest
 import torch
 
 from lmlab.errors import UsageError
-from lmlab.eval import sandbox
 from lmlab.eval.code import (
     STOP_SEQUENCES,
     evaluate_code,
@@ -35,7 +34,8 @@ from lmlab.eval.code import (
     sample_completions,
     score_completions,
 )
-from lmlab.eval.sandbox import (
+from lmlab.prompt import sandbox
+from lmlab.prompt.sandbox import (
     STATUSES,
     bwrap_argv,
     isolation_available,
@@ -613,7 +613,7 @@ def test_the_hosts_secrets_are_out_of_sight(tmp_path):
     home = str(Path.home())
     code = f"HOME = {home!r}\n" + LEAK
     script = (
-        "import sys\nfrom lmlab.eval.sandbox import run_code\n"
+        "import sys\nfrom lmlab.prompt.sandbox import run_code\n"
         f"r = run_code({code!r}, '', isolation='os')\n"
         "sys.stdout.write(r.status + '\\n' + r.stdout_tail)\n"
     )

@@ -82,7 +82,7 @@ def eval_cmd(
 
     set_quiet(quiet)
     if unsafe_sandbox:
-        from lmlab.eval.sandbox import UNSAFE_ENV
+        from lmlab.prompt.sandbox import UNSAFE_ENV
 
         os.environ[UNSAFE_ENV] = "1"
     if limit is not None and limit < 1:

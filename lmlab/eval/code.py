@@ -4,7 +4,7 @@ A task is a HumanEval-shaped record: `prompt` (a function signature and docstrin
 `canonical_solution` (its body), `test` (asserts that call `entry_point`). The model
 continues the prompt; the completion is cut where the function ends (HumanEval's stop
 sequences: a new top-level `def`, `class`, `if`, `print` or comment); prompt + completion
-then runs against the tests in `lmlab.eval.sandbox`. With n samples per task of which c
+then runs against the tests in `lmlab.prompt.sandbox`. With n samples per task of which c
 pass, pass@k is the unbiased estimate 1 - C(n-c, k) / C(n, k) of the chance that at least
 one of k samples passes, averaged over tasks with its standard error.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lmlab.errors import UsageError
 from lmlab.eval.metrics import mean_stderr, pass_at_k
-from lmlab.eval.sandbox import resolve_isolation, run_many
+from lmlab.prompt.sandbox import resolve_isolation, run_many
 
 BUILTIN_TASKS = Path(__file__).parent / "data" / "code_tasks.jsonl"
 # HumanEval's stop sequences (Chen et al. 2021), plus the end of a Markdown code fence
@@ -108,7 +108,7 @@ def score_completions(
     isolation: str | None = None,
 ) -> dict:
     """Run every task's completions (raw generated text, n per task) against its tests,
-    each in a sandbox (`isolation`: see `lmlab.eval.sandbox.resolve_isolation`).
+    each in a sandbox (`isolation`: see `lmlab.prompt.sandbox.resolve_isolation`).
 
     Returns pass@k per task and averaged over tasks (with standard errors), the status
     counts, and every sample's completion, status and stderr tail."""

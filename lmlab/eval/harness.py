@@ -278,7 +278,7 @@ def _sandbox_or_skip(specs: list, skip: bool) -> list:
     unasked); refused or, with `skip`, dropped with one line saying why and how."""
     if not any(isinstance(s, tuple) and s[0] == "code" for s in specs):
         return specs
-    from lmlab.eval.sandbox import resolve_isolation
+    from lmlab.prompt.sandbox import resolve_isolation
 
     try:
         resolve_isolation()
