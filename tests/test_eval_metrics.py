@@ -21,15 +21,9 @@ from lmlab.eval.calibration import (
     reliability_plot,
 )
 from lmlab.eval.metrics import (
-    INVALID,
-    canonical_number,
     corpus_bleu,
     corpus_chrf,
     exact_match,
-    extract_answer_is,
-    extract_number,
-    extract_regex,
-    majority_vote,
     mean_pass_at_k,
     mean_stderr,
     pass_at_k,
@@ -38,7 +32,6 @@ from lmlab.eval.metrics import (
     sentence_bleu,
     sentence_chrf,
     squad_exact_match,
-    strip_lower,
     token_f1,
 )
 from lmlab.eval.stats import (
@@ -120,71 +113,6 @@ def test_rouge_hand_case_and_reference():
         assert got == pytest.approx({k: want[k].fmeasure for k in got})
         assert got["rougeL"] == pytest.approx(rouge_l(p, r))
     assert rouge("a b", ["x y", "a b"])["rouge2"] == 1.0  # best over references
-
-
-# --- answer extraction ---------------------------------------------------------------------
-
-
-def test_extract_regex_matches_lm_eval_filter():
-    extraction = pytest.importorskip("lm_eval.filters.extraction")
-    texts = [
-        "so 3 + 4 = 7. #### 7",
-        "#### 1,234 and later #### -5",
-        "no answer here",
-        "The answer is (B) or maybe (C)",
-        "",
-    ]
-    cases = [
-        (r"#### (\-?[0-9\.\,]+)", 0),
-        (r"#### (\-?[0-9\.\,]+)", -1),
-        (r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1),  # lm-eval gsm8k "flexible-extract"
-        (r"\(([A-D])\)", 0),
-    ]
-    for pattern, group in cases:
-        theirs = extraction.RegexFilter(regex_pattern=pattern, group_select=group)
-        want = next(iter(theirs.apply([texts], [{}])))
-        assert [extract_regex(t, pattern, group) for t in texts] == want, pattern
-    assert extract_regex("#### 1", r"#### (\d)", group_select=3, fallback="none") == "none"
-    with pytest.raises(UsageError, match="invalid regex"):
-        extract_regex("x", "(")
-
-
-def test_extract_answer_is():
-    assert extract_answer_is("3 + 4 is 7. So the answer is 7.") == "7"
-    assert extract_answer_is("First the answer is 2. No wait, the answer is 3.5.") == "3.5"
-    assert extract_answer_is("The final answer is: **Paris**") == "Paris"
-    assert extract_answer_is("Answer: B\nExplanation: because") == "B"
-    assert extract_answer_is("I answered nothing") == INVALID
-    assert extract_answer_is("no idea", fallback="") == ""
-
-
-def test_extract_number():
-    assert extract_number("She paid $1,234.50 for 3 items") == "1234.5"
-    assert extract_number("It dropped to -12 degrees") == "-12"
-    assert extract_number("pages 3-4") == "3"
-    assert extract_number("x-5 is small") == "5"  # a hyphen inside a word is not a minus
-    assert extract_number("0.25 then 42.", which="last") == "42"
-    assert extract_number("total: 1,000,000 people") == "1000000"
-    assert extract_number("3.0 apples") == "3"
-    assert extract_number("no digits") == INVALID
-    assert canonical_number("1,000.00") == canonical_number("1000") == "1000"
-    assert canonical_number("-0") == "0" and canonical_number(" B ") == "B"
-    assert strip_lower("  Paris \n") == "paris"
-    with pytest.raises(UsageError, match="which"):
-        extract_number("1", which="middle")
-
-
-def test_majority_vote_ties_and_invalid():
-    assert majority_vote(["7", "8", "7", "8", "9"]) == "7"  # tie: the first-seen answer wins
-    assert majority_vote(["8", "7", "7", "8"]) == "8"
-    assert majority_vote([INVALID, INVALID, "3"]) == "3"  # failed extractions do not vote
-    assert majority_vote([INVALID, INVALID]) == INVALID
-    selection = pytest.importorskip("lm_eval.filters.selection")
-    for votes in (["a", "b", "b", "a"], ["x", "y", "z"], ["q", "r", "r"]):
-        want = next(iter(selection.MajorityVoteFilter().apply([votes], [{}])))[0]
-        assert majority_vote(votes) == want
-    with pytest.raises(UsageError):
-        majority_vote([])
 
 
 # --- pass@k ----------------------------------------------------------------------------------

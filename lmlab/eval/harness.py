@@ -19,6 +19,7 @@ from lmlab.console import log, warn
 from lmlab.errors import UsageError
 from lmlab.eval.contamination import contaminated_items, split_by_contamination
 from lmlab.eval.tasks import load_task, run_task
+from lmlab.prompt.templates import QUESTION_TEMPLATES
 from lmlab.utils import hash_obj, hash_tree, write_json, write_jsonl
 
 
@@ -62,12 +63,6 @@ def parse_task(name: str):
     raise UsageError(f"eval: task {name!r} is not {BUILTIN_HELP}")
 
 
-TEMPLATES = (  # the same question, phrased k ways: Kaddour et al.'s brittle prompts
-    "Q: {question}\nA:",
-    "Question: {question}\nAnswer:",
-    "{question}\nThe answer:",
-    "Solve this.\n{question}\n",
-)
 PERTURBATIONS = (("typos", 0.05), ("random_case", 0.2), ("whitespace", 0.3))
 
 
@@ -81,7 +76,7 @@ def robustness(model, tok, task: str, diff: int, n: int, seed: int, chat: bool) 
     score = score_fn_for(model, tok, task, diff, shots=3, cot=True, seed=seed, chat=chat)
     perturbations = [Perturbation(kind, rate) for kind, rate in PERTURBATIONS]
     return {
-        "templates": evaluate_templates(items, list(TEMPLATES), score),
+        "templates": evaluate_templates(items, list(QUESTION_TEMPLATES), score),
         "perturbations": evaluate_perturbed(items, score, perturbations, seed=seed),
     }
 
@@ -201,7 +196,7 @@ def evaluate(
     output and `overwrite`. Code tasks need the sandbox: without it they are refused
     (UsageError), or skipped with a warning when `skip_unsandboxed` (a recipe's eval)."""
     from lmlab import load_model, load_tokenizer
-    from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.model.loading import resolve_checkpoint
     from lmlab.utils import claim_output_dir, mark_output
 
     if not tasks:
@@ -315,7 +310,7 @@ def format_results(results: dict) -> str:
                 for r in rob["perturbations"]["perturbed"]
             )
             lines.append(
-                f"\n{name}: spread over {len(TEMPLATES)} templates {t['spread']:.3f} "
+                f"\n{name}: spread over {len(QUESTION_TEMPLATES)} templates {t['spread']:.3f} "
                 f"(std {t['std']:.3f}); drop under {drops}"
             )
     return "\n".join(lines)

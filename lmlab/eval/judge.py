@@ -158,11 +158,12 @@ def bradley_terry(
 def answer_questions(model, tok, questions: Sequence[str], chat: bool, max_new_tokens: int):
     """Greedy answers, through the chat template when `chat` (an instruction-tuned model)."""
     from lmlab.infer import GenerationConfig, generate_batch
+    from lmlab.prompt.fewshot import few_shot_prompt
     from lmlab.tokenizer import END, EOS, format_chat, special_id
 
     stops = [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else [])
     prompts = [
-        format_chat([{"role": "user", "content": q}]) if chat else f"Question: {q}\nAnswer:"
+        format_chat([{"role": "user", "content": q}]) if chat else few_shot_prompt(q, [])
         for q in questions
     ]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stops, stop_strings=["\n\n"])

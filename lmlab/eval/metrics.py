@@ -1,9 +1,10 @@
-"""Per-item metrics for generated text, answer-extraction filters and pass@k.
+"""Per-item metrics for generated text, and pass@k.
 
 Reference implementations wherever one exists: BLEU and chrF come from `sacrebleu`, ROUGE from
 `rouge-score`, so scores agree with published numbers and with lm-evaluation-harness. Token F1
 and exact match follow the SQuAD evaluation script; pass@k is the unbiased estimator of Chen
-et al. (2021). Error bars for any of these live in `lmlab.eval.stats`.
+et al. (2021). Error bars for any of these live in `lmlab.eval.stats`; reading the answer out
+of a generation (lm-eval's filters, "the answer is", numbers) lives in `lmlab.prompt.answers`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Collection, Sequence
-from decimal import Decimal, InvalidOperation
+from collections.abc import Sequence
 
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -23,9 +23,6 @@ from lmlab.errors import UsageError
 _PUNCT = str.maketrans("", "", string.punctuation)
 _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 _rouge_all = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-
-INVALID = "[invalid]"
-"""What an extraction filter returns when nothing matches (lm-evaluation-harness's fallback)."""
 
 
 def normalize_answer(s: str) -> str:
@@ -156,94 +153,6 @@ def rouge(prediction: str, references: str | Sequence[str]) -> dict[str, float]:
     over the references: {"rouge1", "rouge2", "rougeL"}."""
     scores = [_rouge_all.score(r, prediction) for r in _as_refs(references, "rouge")]
     return {k: max(s[k].fmeasure for s in scores) for k in ("rouge1", "rouge2", "rougeL")}
-
-
-# --- answer extraction (lm-evaluation-harness filters) ------------------------------------
-
-
-def extract_regex(
-    text: str, pattern: str | re.Pattern, group_select: int = 0, fallback: str = INVALID
-) -> str:
-    """lm-eval's `regex` filter: `findall` matches of `pattern`, pick one by index
-    (0 = first, -1 = last); with several groups the first non-empty one is kept; stripped.
-    Returns `fallback` when nothing matches or the index is out of range."""
-    try:
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-    except re.error as e:
-        raise UsageError(f"extract_regex: invalid regex {pattern!r}: {e}") from None
-    matches = regex.findall(text)
-    if not matches or not -len(matches) <= group_select < len(matches):
-        return fallback
-    match = matches[group_select]
-    if isinstance(match, tuple):
-        match = next((m for m in match if m), fallback)
-    return match.strip()
-
-
-_ANSWER_IS = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
-
-
-def extract_answer_is(text: str, fallback: str = INVALID) -> str:
-    """The X in "... the answer is X." (also "Answer: X"); the last such phrase wins, as
-    chain-of-thought output may restate intermediate answers. X ends at a sentence-ending
-    period, a newline or the end of text; surrounding quotes/asterisks/$ are dropped."""
-    matches = _ANSWER_IS.findall(text)
-    if not matches:
-        return fallback
-    answer = matches[-1].strip().strip("*\"'`$ ").strip()
-    return answer or fallback
-
-
-# A number: optional minus (not a hyphen inside a word), digits with optional thousands
-# commas, optional decimals. "$1,234.50" -> 1234.5; "x-5" -> 5; "3-4" -> 3.
-_NUMBER = re.compile(
-    r"(?:(?<![\w.])[-\u2212])?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-)
-
-
-def canonical_number(s: str) -> str:
-    """A number's canonical text, so that "1,000", "1000.00" and "1000" compare equal:
-    no commas, no trailing zeros, "-0" is "0". Non-numbers come back stripped, unchanged."""
-    text = s.strip().replace(",", "").replace("\u2212", "-").lstrip("$")
-    try:
-        d = Decimal(text)
-    except InvalidOperation:
-        return s.strip()
-    if not d.is_finite():
-        return s.strip()
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
-def extract_number(text: str, which: str = "first", fallback: str = INVALID) -> str:
-    """The first (or "last") number in the text, canonicalised by `canonical_number`.
-    Handles thousands commas, negatives and decimals; GSM8K-style chain-of-thought is
-    usually scored with "last"."""
-    if which not in ("first", "last"):
-        raise UsageError(f"extract_number: which must be 'first' or 'last', not {which!r}")
-    matches = _NUMBER.findall(text)
-    if not matches:
-        return fallback
-    return canonical_number(matches[0] if which == "first" else matches[-1])
-
-
-def strip_lower(text: str) -> str:
-    """lm-eval's `remove_whitespace` + `lowercase` filters in one."""
-    return text.strip().lower()
-
-
-def majority_vote(answers: Sequence[str], ignore: Collection[str] = (INVALID,)) -> str:
-    """Self-consistency (Wang et al. 2023): the most frequent extracted answer.
-
-    Ties go to the answer that appears first in `answers` (the order samples were drawn),
-    which is also what lm-eval's `majority_vote` filter does, so the vote is deterministic.
-    Answers in `ignore` (failed extractions) do not vote unless nothing else is left."""
-    if not answers:
-        raise UsageError("majority_vote: no answers to vote over")
-    valid = [a for a in answers if a not in ignore] or list(answers)
-    counts = Counter(valid)  # insertion-ordered: the first-seen answer wins a tie
-    return max(counts, key=counts.__getitem__)
 
 
 # --- pass@k --------------------------------------------------------------------------------

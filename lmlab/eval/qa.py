@@ -9,12 +9,8 @@ from tokenizers import Tokenizer
 from lmlab.console import progress
 from lmlab.eval.metrics import clean_generation, exact_match, mean_stderr, rouge_l
 from lmlab.infer.generate import GenerationConfig, stream
+from lmlab.prompt.fewshot import few_shot_prompt
 from lmlab.tokenizer import END, EOS, format_chat, special_id
-
-
-def few_shot_prompt(question: str, shots: list[dict]) -> str:
-    demos = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
-    return f"{demos}Question: {question}\nAnswer:"
 
 
 def answer(

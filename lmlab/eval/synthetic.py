@@ -23,24 +23,19 @@ print(res["accuracy"], res["accuracy_se"])
 
 from __future__ import annotations
 
-import dataclasses
 import random
-import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from lmlab.errors import UsageError
 from lmlab.eval.metrics import mean_stderr
-
-if TYPE_CHECKING:
-    from lmlab.infer import GenerationConfig
+from lmlab.prompt.answers import read_answer
+from lmlab.prompt.complete import GenerateFn, model_generate_fn
+from lmlab.prompt.fewshot import build_prompt, demo_answer
+from lmlab.prompt.reasoning import majority_vote
+from lmlab.prompt.templates import default_template
 
 TASKS = ("coin_flip", "last_letter", "reverse_list", "addition", "multiplication", "sort_words")
-DEFAULT_TEMPLATE = "Q: {question}\nA:"
-CHAT_TEMPLATE = "{question}"  # the chat template already marks whose turn it is
-ZERO_SHOT_COT = "Let's think step by step."  # Kojima et al. 2022
 
 # Common English words: lower-case letters only, all distinct (a test checks both).
 _WORD_TEXT = """
@@ -210,9 +205,24 @@ _GENERATORS: dict[str, Callable] = {
 _MAX_DIFFICULTY = {"last_letter": len(WORDS), "reverse_list": len(WORDS), "sort_words": len(WORDS)}
 
 
-def check_task(task: str, difficulty: int) -> None:
+# the shape of each task's answer, for reading it out of a generation
+ANSWER_FORMS = {
+    "coin_flip": "yes_no",
+    "last_letter": "word",
+    "reverse_list": "comma_list",
+    "addition": "integer",
+    "multiplication": "integer",
+    "sort_words": "word_list",
+}
+
+
+def _check_name(task: str) -> None:
     if task not in _GENERATORS:
         raise UsageError(f"synthetic: unknown task {task!r}; allowed: {', '.join(TASKS)}")
+
+
+def check_task(task: str, difficulty: int) -> None:
+    _check_name(task)
     top = _MAX_DIFFICULTY.get(task, 1000)
     if not isinstance(difficulty, int) or not 1 <= difficulty <= top:
         raise UsageError(f"synthetic: difficulty for {task} must be an integer in [1, {top}]")
@@ -264,121 +274,18 @@ def demo_pool(
     return make_items(task, size, difficulty, seed, "demo", exclude, unique=True)
 
 
-# --- prompts ----------------------------------------------------------------------------
-
-
-def _fill(template: str, question: str) -> str:
-    return template.replace("{question}", question)
-
-
-def demo_answer(item: Item, cot: bool) -> str:
-    return item.rationale if cot else f"The answer is {item.answer}."
-
-
-def build_prompt(
-    item: Item,
-    demos: Sequence[Item] = (),
-    cot: bool = False,
-    template: str | None = None,
-    chat: bool = False,
-) -> str | list[dict[str, str]]:
-    """The prompt for `item`: plain text, or chat messages with each demonstration as a
-    user/assistant turn. Zero-shot chain of thought appends "Let's think step by step.".
-    `template` (default "Q: {question}\nA:", or the bare question in chat) frames each
-    question."""
-    if template is None:
-        template = CHAT_TEMPLATE if chat else DEFAULT_TEMPLATE
-    if "{question}" not in template:
-        raise UsageError("synthetic: a prompt template must contain {question}")
-    cue = f" {ZERO_SHOT_COT}" if cot and not demos else ""
-    if chat:
-        msgs: list[dict[str, str]] = []
-        for d in demos:
-            msgs.append({"role": "user", "content": _fill(template, d.question).strip()})
-            msgs.append({"role": "assistant", "content": demo_answer(d, cot)})
-        msgs.append({"role": "user", "content": _fill(template, item.question).strip() + cue})
-        return msgs
-    shown = "".join(f"{_fill(template, d.question)} {demo_answer(d, cot)}\n\n" for d in demos)
-    return f"{shown}{_fill(template, item.question)}{cue}"
-
-
-# --- answer extraction --------------------------------------------------------------------
-
-_ANSWER_IS = re.compile(r"answer is\s*:?", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d(?:[\d,]*\d)?")
-_YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
-_WORD = re.compile(r"[a-z]+")
-_NUMERIC = ("addition", "multiplication")
-
-
-def _numbers(text: str) -> list[str]:
-    return [str(int(m.replace(",", ""))) for m in _NUMBER.findall(text)]
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def _canonical_words(task: str, words: list[str]) -> str | None:
-    if not words:
-        return None
-    if task == "last_letter":
-        return "".join(words)
-    return (", " if task == "reverse_list" else " ").join(words)
+# --- answers --------------------------------------------------------------------------------
 
 
 def extract_answer(task: str, text: str) -> str | None:
-    """The answer in `text` in the task's canonical form, or None.
-
-    The text after the first "answer is" (to the end of its line, or its sentence for
-    single-token answers) is read first; failing that, the last number (arithmetic), the
-    last yes/no (coin flip), the last word (last letters) or the last non-empty line's words
-    (lists)."""
-    if task not in _GENERATORS:
-        raise UsageError(f"synthetic: unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    m = _ANSWER_IS.search(text)
-    if m:
-        tail = text[m.end() :].split("\n")[0].strip()
-        if task in _NUMERIC:
-            nums = _numbers(tail)
-            if nums:
-                return nums[0]
-        elif task == "coin_flip":
-            yn = _YESNO.search(tail)
-            if yn:
-                return yn.group(1).lower()
-        else:
-            if task == "last_letter":  # one token: stop at the end of the sentence
-                tail = re.split(r"[.!?](?:\s|$)", tail)[0]
-            else:
-                tail = tail.rstrip(".!? ")
-            ans = _canonical_words(task, _words(tail))
-            if ans is not None:
-                return ans
-    if task in _NUMERIC:
-        nums = _numbers(text)
-        return nums[-1] if nums else None
-    if task == "coin_flip":
-        yn = _YESNO.findall(text)
-        return yn[-1].lower() if yn else None
-    words = _words(text)
-    if task == "last_letter":
-        return words[-1] if words else None
-    lines = [ln for ln in text.split("\n") if _words(ln)]
-    return _canonical_words(task, _words(lines[-1])) if lines else None
-
-
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most frequent extracted answer (Wang et al.'s self-consistency); samples with no
-    answer do not vote, and a tie goes to the answer that came first."""
-    votes = Counter(a for a in answers if a is not None)
-    return votes.most_common(1)[0][0] if votes else None
+    """The answer in `text` in the task's canonical form, or None: the text after the first
+    "answer is" first, else the last number, yes/no, word or line (`read_answer` with the
+    task's answer form)."""
+    _check_name(task)
+    return read_answer(text, ANSWER_FORMS[task])
 
 
 # --- evaluation -------------------------------------------------------------------------
-
-# prompts (text, or chat messages), the decoding config -> the n generations of each prompt
-GenerateFn = Callable[[list, "GenerationConfig"], list[list[str]]]
 
 
 def answer_budget(items: Sequence[Item], cot: bool, tokenizer=None) -> int:
@@ -390,27 +297,6 @@ def answer_budget(items: Sequence[Item], cot: bool, tokenizer=None) -> int:
 
     longest = max((size(demo_answer(it, cot)) for it in items), default=16)
     return min(2048, longest * 5 // 4 + 16)
-
-
-def model_generate_fn(model, tokenizer, chat: bool, batch_size: int = 16) -> GenerateFn:
-    """Generation through `lmlab.infer.generate_batch`, `batch_size` prompts at a time."""
-    from lmlab.infer import generate_batch
-    from lmlab.tokenizer import END, EOS, format_chat, special_id
-
-    stop = [special_id(tokenizer, EOS)] + ([special_id(tokenizer, END)] if chat else [])
-
-    def gen(prompts: list, cfg) -> list[list[str]]:
-        cfg = dataclasses.replace(cfg, stop_ids=stop)
-        out: list[list[str]] = [[] for _ in prompts]
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            texts = [format_chat(p) if chat else p for p in chunk]
-            ids = [tokenizer.encode(t).ids for t in texts]
-            for c in generate_batch(model, ids, cfg, tokenizer=tokenizer):
-                out[start + c.prompt_index].append(c.text or "")
-        return out
-
-    return gen
 
 
 def evaluate_synthetic(
@@ -442,7 +328,7 @@ def evaluate_synthetic(
     from lmlab.infer import GenerationConfig
 
     check_task(task, difficulty)
-    template = template or (CHAT_TEMPLATE if chat else DEFAULT_TEMPLATE)
+    template = template or default_template(chat)
     if shots < 0:
         raise UsageError("synthetic: shots must be >= 0")
     if self_consistency < 1:
@@ -478,7 +364,7 @@ def evaluate_synthetic(
     records = []
     for it, prompt, gens in zip(test, prompts, generations, strict=True):
         extracted = [extract_answer(task, g) for g in gens]
-        pred = majority_vote(extracted)
+        pred = majority_vote(extracted) if extracted else None
         records.append(
             {
                 "id": it.id,

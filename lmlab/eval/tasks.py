@@ -32,8 +32,10 @@ import torch
 import yaml
 
 from lmlab.errors import UsageError
-from lmlab.eval.metrics import INVALID, extract_regex
 from lmlab.eval.stats import summarize
+from lmlab.prompt.answers import INVALID, extract_regex
+from lmlab.prompt.fewshot import fewshot_context
+from lmlab.prompt.templates import render_jinja
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
 METRICS = {
@@ -163,19 +165,6 @@ def _plain(v):
 
 # --- lm-eval's document rules ---------------------------------------------------------------
 
-_ENV = None
-
-
-def render(template: str, doc: dict) -> str:
-    global _ENV
-    if _ENV is None:
-        from jinja2 import BaseLoader, Environment, StrictUndefined
-
-        _ENV = Environment(
-            loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True
-        )
-    return _ENV.from_string(template).render(**doc)
-
 
 def doc_value(spec: Any, doc: dict, has_choices: bool, kind: str) -> Any:
     """A field name, a Jinja template (digits become an index when there are choices;
@@ -186,7 +175,7 @@ def doc_value(spec: Any, doc: dict, has_choices: bool, kind: str) -> Any:
         raise UsageError(f"doc_to_{kind}: expected a field, a template or a literal")
     if spec in doc:
         return doc[spec]
-    text = render(spec, doc)
+    text = render_jinja(spec, doc)
     if kind == "choice":
         return ast.literal_eval(text)
     if text.isdigit() and has_choices:
@@ -222,15 +211,14 @@ def gold_index(task: Task, doc: dict) -> int:
 
 def context_of(task: Task, doc: dict, shots: list[dict]) -> str:
     """Description, then the demonstrations with their answers, then the prompt."""
+    has_choices = task.doc_to_choice is not None
     demos = [
-        doc_value(task.doc_to_text, s, task.doc_to_choice is not None, "text")
-        + task.target_delimiter
-        + target_text(task, s)
-        for s in shots
+        (doc_value(task.doc_to_text, s, has_choices, "text"), target_text(task, s)) for s in shots
     ]
-    text = doc_value(task.doc_to_text, doc, task.doc_to_choice is not None, "text")
-    head = task.description
-    return head + task.fewshot_delimiter.join([*demos, str(text)]) if demos else head + str(text)
+    text = doc_value(task.doc_to_text, doc, has_choices, "text")
+    return fewshot_context(
+        str(text), demos, task.description, task.target_delimiter, task.fewshot_delimiter
+    )
 
 
 # --- log-likelihoods -------------------------------------------------------------------------
