@@ -171,6 +171,14 @@ def answer_questions(model, tok, questions: Sequence[str], chat: bool, max_new_t
     return [c.text.strip() for c in comps]
 
 
+def check_inputs(model_paths: Sequence[str], questions: Sequence[str]) -> None:
+    """What a judging needs before any model loads: two models to compare, and questions."""
+    if len(set(model_paths)) < 2:
+        raise UsageError("judge: give at least two different --model checkpoints")
+    if not questions:
+        raise UsageError("judge: no questions")
+
+
 def judge_models(
     judge_path: str,
     model_paths: Sequence[str],
@@ -184,10 +192,7 @@ def judge_models(
     returns the verdicts, win/tie/loss counts, and Elo and Bradley-Terry ratings."""
     from lmlab import load_model, load_tokenizer
 
-    if len(set(model_paths)) < 2:
-        raise UsageError("judge: give at least two different --model checkpoints")
-    if not questions:
-        raise UsageError("judge: no questions")
+    check_inputs(model_paths, questions)
     answers = {}
     for path in model_paths:
         m, t = load_model(path), load_tokenizer(path)
