@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmlab.console import progress
-from lmlab.train.loop import autocast
+from lmlab.model.precision import autocast
 
 
 def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
