@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import UsageError
+from lmlab.version import __version__
 
 
 def _read_umask() -> int:
@@ -98,8 +99,6 @@ def _honour_umask(root: Path) -> None:
 def mark_output(path: str | Path, kind: str) -> None:
     """Mark the directory `path` as lmlab's `kind` output, so a later run of the same
     command may resume or (asked to) replace it, and no other command may."""
-    from lmlab import __version__
-
     write_json(Path(path) / OUTPUT_MARKER, {"kind": kind, "written_by": f"lmlab {__version__}"})
 
 
@@ -301,8 +300,6 @@ def versions() -> dict[str, str]:
     import numpy
     import tokenizers
     import torch
-
-    from lmlab import __version__
 
     return {
         "lmlab": __version__,
