@@ -3,7 +3,7 @@ int8, int4 (groups of 32, 64, 128) and LLM.int8 against the full-precision model
 
 Why: the survey's §5.4 claim to check at our scale is that 8-bit weights cost almost no
 perplexity and 4-bit groups a little, growing with the group size. Every method runs
-`lmlab.infer.quant.quantize_checkpoint`, the code behind `lmlab quantize`, so the table is
+`lmlab.infer.quantize.quantize_checkpoint`, the code behind `lmlab quantize`, so the table is
 what a user gets. Run:
 
     python benchmarks/quant_quality.py runs/NAME/pretrain/model
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import UsageError
-from lmlab.infer.quant import int8_backend_name, quantize_checkpoint
+from lmlab.infer.quantize import quantize_checkpoint
+from lmlab.model.quant import int8_backend_name
 
 CONFIGS = [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128), ("llm_int8", 64)]
 

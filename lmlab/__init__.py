@@ -1,11 +1,12 @@
 """lmlab: the whole life of a language model in one readable package."""
 
-__version__ = "0.1.0"
+from lmlab.version import __version__
 
 
 def load_model(path, device: str = "cpu"):
-    """Load an lmlab checkpoint directory (or a run directory) as a `torch.nn.Module`."""
-    from lmlab.model.checkpoint import load_model as _load
+    """Load a model in any form the loader registry knows (an lmlab or quantized checkpoint,
+    a Hugging Face directory) or a run directory's newest model, as a `torch.nn.Module`."""
+    from lmlab.model.loading import load_model as _load
 
     return _load(path, device=device)
 

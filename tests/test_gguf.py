@@ -31,8 +31,9 @@ from lmlab.infer.gguf import (
     permute_qk,
     unpermute_qk,
 )
-from lmlab.model.checkpoint import load_model, save_checkpoint
+from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
+from lmlab.model.loading import load_model
 from lmlab.model.transformer import Transformer, apply_rope, rope_tables
 from lmlab.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 

@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmlab.errors import CheckpointError, UsageError
-from lmlab.model.checkpoint import load_model, save_checkpoint
+from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.encdec import EncoderDecoder, build_model
 from lmlab.model.hf import FAMILIES, choose_family, convert_from_hf, export_to_hf
+from lmlab.model.loading import load_model
 from lmlab.model.presets import resolve_model
 from lmlab.model.transformer import KVCache, Transformer
 

@@ -13,26 +13,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmlab.errors import CheckpointError, UsageError
-from lmlab.infer import quant
-from lmlab.infer.quant import (
+from lmlab.infer.quantize import format_report, quantize_checkpoint
+from lmlab.model import quant
+from lmlab.model.config import ModelConfig
+from lmlab.model.encdec import build_model
+from lmlab.model.loading import load_model
+from lmlab.model.quant import (
     Int4Linear,
     QuantLinear,
     dequantize_int4,
     dequantize_int8,
-    format_report,
     int8_matmul,
     llm_int8_matmul,
     pack_int4,
-    quantize_checkpoint,
     quantize_int4,
     quantize_int8,
     quantize_model,
     save_quantized,
     unpack_int4,
 )
-from lmlab.model.checkpoint import load_model
-from lmlab.model.config import ModelConfig
-from lmlab.model.encdec import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

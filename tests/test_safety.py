@@ -107,7 +107,7 @@ def test_library_writers_refuse_a_users_folder(smoke_run, tmp_path):
     from lmlab.data.pipeline import NamedSource, PipelineConfig, build_dedup_index, prepare
     from lmlab.eval.harness import evaluate
     from lmlab.infer.gguf import export_gguf
-    from lmlab.infer.quant import quantize_checkpoint
+    from lmlab.infer.quantize import quantize_checkpoint
     from lmlab.model.hf import convert_from_hf, export_to_hf
 
     ckpt = smoke_run / "pretrain" / "model"

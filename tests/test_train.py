@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from lmlab.data.shards import write_manifest
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
-from lmlab.model.checkpoint import load_model
+from lmlab.model.loading import load_model
 from lmlab.tokenizer import EOS, load_tokenizer, save_tokenizer, special_id, train_bpe
 from lmlab.train.batch import Batch, doc_positions, logits_of
 from lmlab.train.loop import (

@@ -25,7 +25,7 @@ from lmlab.config import STRICT, Fraction, PosInt
 from lmlab.console import log
 from lmlab.data.pipeline import iter_documents
 from lmlab.errors import UsageError
-from lmlab.model.checkpoint import load_model
+from lmlab.model.loading import load_model
 from lmlab.tokenizer import END, PAD, format_chat, special_id
 from lmlab.train.loop import Batch, TrainConfig, train
 from lmlab.utils import write_jsonl

@@ -97,7 +97,7 @@ def export(
 ) -> None:
     """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*) or a
     GGUF file for llama.cpp (LLaMA-family checkpoints)."""
-    from lmlab.model.checkpoint import resolve_checkpoint
+    from lmlab.model.loading import resolve_checkpoint
 
     if to == "gguf":
         from lmlab.infer.gguf import export_gguf
@@ -135,7 +135,7 @@ def quantize(
     quiet: Quiet = False,
 ) -> None:
     """Post-training weight quantization, with a size / memory / speed / perplexity report."""
-    from lmlab.infer.quant import format_report, quantize_checkpoint
+    from lmlab.infer.quantize import format_report, quantize_checkpoint
 
     set_quiet(quiet)
     report = quantize_checkpoint(

@@ -391,7 +391,7 @@ def checkpoint_scorer(path: str | Path, device: str = "cpu") -> Callable[[str], 
     """
     import torch
 
-    from lmlab.model.checkpoint import load_model
+    from lmlab.model.loading import load_model
     from lmlab.tokenizer import EOS as EOS_TOKEN
     from lmlab.tokenizer import load_tokenizer, special_id
 

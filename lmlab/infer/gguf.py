@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (issue 6): an lmlab checkpoint of the LLaMA family as one file.
+"""GGUF export for llama.cpp: an lmlab checkpoint of the LLaMA family as one file.
 
 llama.cpp's `llama` architecture is pre-RMSNorm, RoPE over whole heads, SwiGLU, no biases,
 multi-head or grouped-query attention, tied or untied embeddings, optionally Mixtral-style
@@ -363,7 +363,8 @@ def export_gguf(
     is a GGUF file and `overwrite`."""
     from safetensors import safe_open
 
-    from lmlab.model.checkpoint import FORMAT, read_config, resolve_checkpoint
+    from lmlab.model.checkpoint import FORMAT, read_config
+    from lmlab.model.loading import resolve_checkpoint
 
     if qtype not in QTYPES:
         raise UsageError(f"qtype {qtype!r} is not supported; choose from {', '.join(QTYPES)}")

@@ -1,7 +1,10 @@
-"""Checkpoint directories: `config.json` + `model.safetensors` + `tokenizer.json` (DESIGN.md).
+"""The lmlab checkpoint format: `config.json` + `model.safetensors` + `tokenizer.json`
+(DESIGN.md), written and read.
 
 A checkpoint is written into a temporary sibling directory and renamed into place, so
-a crash never leaves a half-written checkpoint under the final name.
+a crash never leaves a half-written checkpoint under the final name. Reading any on-disk
+form (this one, a quantized checkpoint, a Hugging Face directory) goes through one
+loader, `lmlab.model.loading`; `load_checkpoint` here is its reader for this format.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmlab.console import warn
-from lmlab.errors import CheckpointError, UsageError
+from lmlab.errors import CheckpointError
 from lmlab.model.config import ModelConfig
 from lmlab.model.encdec import build_model
+
+# Loading any form is `lmlab.model.loading`; `load_model` is named here too only until
+# lmlab/train/loop.py imports it from there.
+from lmlab.model.loading import load_model  # noqa: F401
 from lmlab.model.transformer import Transformer
 from lmlab.utils import atomic_dir, write_json
 
@@ -60,47 +66,29 @@ def save_checkpoint(
     return out
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir as given, or a run dir's newest model (SFT if present, else base)."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{p}: no such checkpoint or run directory")
-    if (p / "config.json").is_file():
-        return p
-    for cand in (p / "sft" / "model", p / "pretrain" / "model"):
-        if (cand / "config.json").is_file():
-            return cand
-    raise UsageError(f"{p}: not a checkpoint (no config.json) nor a run with a trained model")
-
-
 def read_config(ckpt: Path) -> dict:
+    """`config.json` of a checkpoint directory (lmlab's or a Hugging Face one)."""
     try:
         return json.loads((ckpt / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt / 'config.json'}: invalid JSON ({e})") from None
 
 
-def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
-    """Load an lmlab checkpoint, a run directory, or a Hugging Face model directory."""
-    ckpt = resolve_checkpoint(path)
-    cfg_json = read_config(ckpt)
-    if cfg_json.get("format") != FORMAT:
-        return _load_hf(ckpt, device)
-    cfg = ModelConfig.from_dict(cfg_json["model"])
-    model = build_model(cfg)
-    quantization = cfg_json.get("quantization")
-    if quantization is not None:
-        from lmlab.infer.quant import prepare_quantized
-
-        prepare_quantized(model, quantization, ckpt / "config.json")
-    weights = ckpt / "model.safetensors"
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors`; an unreadable file is a CheckpointError."""
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: cannot read weights ({e})") from None
-    if quantization is not None:
-        _load_quantized(model, state, weights)
-        return model.to(device).eval()
+
+
+def load_checkpoint(ckpt: Path, device: str = "cpu") -> torch.nn.Module:
+    """The full-precision model of the lmlab checkpoint directory `ckpt` (the loader's
+    `lmlab` reader; `lmlab.model.loading.load_model` is the entry point for any form)."""
+    cfg = ModelConfig.from_dict(read_config(ckpt)["model"])
+    model = build_model(cfg)
+    weights = ckpt / "model.safetensors"
+    state = read_weights(weights)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     problem = state_mismatch(model, state)
@@ -123,43 +111,3 @@ def state_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> st
             return f"tensor {name!r} has shape {list(got)}, the config implies {list(shape)}"
     extra = sorted(set(state) - set(want))
     return f"tensor {extra[0]!r} has no place in the model" if extra else None
-
-
-def _load_quantized(model: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
-    """Load a quantized state dict (`lmlab.infer.quant`): a tied `lm_head` that stayed in
-    full precision shares the embedding; every tensor is checked for shape and dtype."""
-    from lmlab.infer.quant import check_quantized_state
-
-    tied = model.cfg.tie_embeddings and isinstance(getattr(model, "lm_head", None), torch.nn.Linear)
-    if tied and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    check_quantized_state(model, state, weights)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"{weights}: weights do not match config.json ({detail})") from None
-
-
-def _load_hf(ckpt: Path, device: str) -> torch.nn.Module:
-    """A Hugging Face directory. Families lmlab implements (`lmlab.model.hf.FAMILIES`) are
-    converted in memory, so lmlab's KV cache and decoding work on them; any other model, or
-    one using a feature lmlab lacks (say a RoPE scaling type), loads with transformers'
-    AutoModelForCausalLM. Corrupt files are an error either way."""
-    from lmlab.model import hf
-
-    if hf.is_supported(ckpt):
-        try:
-            return hf.load_hf_model(ckpt, device)
-        except CheckpointError:
-            raise
-        except UsageError as e:
-            warn(f"{e}; loading it with transformers instead")
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise UsageError(
-            f"{ckpt}: a Hugging Face model directory; install transformers to load it"
-        ) from None
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), local_files_only=True)
-    return model.to(device).eval()

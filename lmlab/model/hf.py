@@ -1,4 +1,4 @@
-"""Hugging Face interoperability: HF model directories <-> lmlab checkpoints (issue 4).
+"""Hugging Face interoperability: HF model directories <-> lmlab checkpoints.
 
 An lmlab `ModelConfig` describes an architecture with flags, so every supported HF family
 is two small pieces: a config mapping (HF `config.json` keys <-> `ModelConfig` fields) and
@@ -8,6 +8,8 @@ per head). The same tables drive both directions, so import and export cannot dr
 
 Anything the target cannot express exactly raises `UsageError` naming the file and the
 key: a conversion that silently changes the function a model computes is worse than none.
+This is the conversion library; `lmlab.model.formats.huggingface` is the loader's reader
+of HF directories built on it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmlab.errors import CheckpointError, UsageError
+from lmlab.model.checkpoint import FORMAT, read_config, save_checkpoint, state_mismatch
 from lmlab.model.config import GATED, ModelConfig
 from lmlab.model.encdec import build_model
+from lmlab.model.loading import resolve_checkpoint
 from lmlab.utils import atomic_dir, claim_output_dir
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "bloom", "t5")
@@ -940,8 +944,6 @@ def _merge_qkv(parts: list[torch.Tensor], how: str, cfg: ModelConfig) -> torch.T
 def convert_from_hf(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Convert an HF model directory to an lmlab checkpoint (written atomically). An
     existing `out_dir` is replaced only when it is an earlier conversion and `overwrite`."""
-    from lmlab.model.checkpoint import save_checkpoint
-
     src = Path(src_dir)
     claim_output_dir(out_dir, "convert", overwrite=overwrite)
     model, hf = _load_lmlab_from_hf(src, keep_dtype=True)
@@ -977,8 +979,6 @@ def _load_lmlab_from_hf(src: Path, keep_dtype: bool) -> tuple[torch.nn.Module, d
     state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):  # no second copy of the weights, no random init to discard
         model = build_model(cfg)
-    from lmlab.model.checkpoint import state_mismatch
-
     problem = state_mismatch(model, state)
     if problem:
         raise CheckpointError(f"{src}: weights do not match config.json: {problem}")
@@ -1041,8 +1041,6 @@ def export_to_hf(
     A checkpoint without tokenizer.json is refused (transformers could not use the
     export) unless `tokenizer=False`; an existing `out_dir` is replaced only when it is an
     earlier export and `overwrite`."""
-    from lmlab.model.checkpoint import FORMAT, read_config, resolve_checkpoint
-
     ckpt = resolve_checkpoint(ckpt_dir)
     claim_output_dir(out_dir, "export-hf", overwrite=overwrite)
     if tokenizer and not (ckpt / "tokenizer.json").is_file():

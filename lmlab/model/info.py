@@ -35,7 +35,8 @@ def config_of(
         )
     if spec or overrides:
         raise UsageError("--size/--layers/--width/--set apply to a preset, not a checkpoint")
-    from lmlab.model.checkpoint import FORMAT, read_config, resolve_checkpoint
+    from lmlab.model.checkpoint import FORMAT, read_config
+    from lmlab.model.loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     raw = read_config(ckpt)

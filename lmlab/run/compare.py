@@ -43,8 +43,8 @@ from tokenizers import Tokenizer
 from lmlab.console import log
 from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
-from lmlab.model.checkpoint import load_model
 from lmlab.model.config import ModelConfig
+from lmlab.model.loading import load_model
 from lmlab.render import Section, write_pages
 from lmlab.run.runner import Run, cached_record, start_dir
 from lmlab.train.loop import autocast, resolve_precision

@@ -437,7 +437,7 @@ def validation_loss(model_dir: Path, shards: Path, seq_len: int, rows: int = 16)
     import torch.nn.functional as F
 
     from lmlab.data.shards import open_split
-    from lmlab.model.checkpoint import load_model
+    from lmlab.model.loading import load_model
 
     val = open_split(shards, "val")
     stride = seq_len + 1

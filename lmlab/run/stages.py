@@ -13,8 +13,8 @@ from lmlab.data.mixture import write_token_shards
 from lmlab.data.pipeline import prepare
 from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
-from lmlab.model.checkpoint import load_model
 from lmlab.model.config import ModelConfig
+from lmlab.model.loading import load_model
 from lmlab.run.runner import Run
 from lmlab.tokenizer import iter_texts, save_tokenizer, train_bpe
 from lmlab.train import distributed as dist_
