@@ -9,6 +9,7 @@ import gzip
 import json
 import pickle
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,8 @@ from lmlab.errors import UsageError
 def warnings(monkeypatch) -> list[str]:
     """Every warning the readers print, in order (and the per-process caps reset)."""
     seen: list[str] = []
-    monkeypatch.setattr(sources, "warn", seen.append)
-    monkeypatch.setattr(sources, "_warned_in_process", sources.Counter())
+    monkeypatch.setattr(sources.base, "warn", seen.append)
+    monkeypatch.setattr(sources.base, "_warned_in_process", Counter())
     return seen
 
 
