@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from lmlab.infer.generate import GenerationConfig as RefConfig
 from lmlab.infer.generate import generate
+from lmlab.infer.options import GenerationConfig
+from lmlab.infer.options import GenerationConfig as RefConfig
 from lmlab.infer.paged import PagedKVCache
-from lmlab.infer.sampling import GenerationConfig
 from lmlab.infer.scheduler import Scheduler
 from lmlab.model import ModelConfig, Transformer
 from lmlab.train.mfu import device_name

@@ -56,8 +56,9 @@ import torch
 
 from lmlab.errors import UsageError
 from lmlab.infer.bench import measure, tensor_bytes
-from lmlab.infer.generate import GenerationConfig, generate_batch
+from lmlab.infer.generate import generate_batch
 from lmlab.infer.gguf import QTYPES, export_gguf, load_llama_cpp
+from lmlab.infer.options import GenerationConfig
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.hf import export_to_hf

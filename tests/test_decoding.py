@@ -10,13 +10,8 @@ import torch
 
 from lmlab.errors import UsageError
 from lmlab.infer.beam import beam_search
-from lmlab.infer.generate import (
-    Contrast,
-    GenerationConfig,
-    contrastive_scores,
-    generate,
-    generate_batch,
-)
+from lmlab.infer.generate import Contrast, contrastive_scores, generate, generate_batch
+from lmlab.infer.options import GenerationConfig
 from lmlab.infer.sampling import History, apply_penalties, banned_ngram_tokens, filter_logits
 from lmlab.infer.speculative import speculative_generate
 from lmlab.model.config import ModelConfig

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.infer.generate import GenerationConfig, filter_logits, generate, stream
+from lmlab.infer.generate import generate, stream
+from lmlab.infer.options import GenerationConfig
+from lmlab.infer.sampling import filter_logits
 from lmlab.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmlab.errors import UsageError
-from lmlab.infer import GenerationConfig, generate
+from lmlab.infer.generate import generate
 from lmlab.infer.gguf import (
     QTYPES,
     export_gguf,
@@ -31,6 +31,7 @@ from lmlab.infer.gguf import (
     permute_qk,
     unpermute_qk,
 )
+from lmlab.infer.options import GenerationConfig
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model

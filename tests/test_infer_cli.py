@@ -158,3 +158,48 @@ def test_quantize_from_the_command_line(smoke_run, tmp_path):
         "quantize", str(smoke_run), "--method", "int3", "--out", str(tmp_path / "x"), cwd=tmp_path
     )
     assert bad.returncode == 2 and "int3" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_generation_flags_are_read_from_generation_config():
+    """One definition: each flag's default and help text are those of its dataclass field."""
+    import dataclasses
+
+    import typer.main
+
+    from lmlab.cli import app
+    from lmlab.infer.options import GenerationConfig
+
+    group = typer.main.get_command(app)
+    fields = [f for f in dataclasses.fields(GenerationConfig) if f.metadata.get("cli", True)]
+    params = {p.name: p for p in group.commands["generate"].params}
+    for f in fields:
+        p = params[f.name]
+        default = None if f.default is dataclasses.MISSING else f.default
+        want = str(default).lower() if "parse" in f.metadata else default
+        assert p.default == want, f.name  # a list field: None, no stop string given
+        assert p.help == f.metadata["help"], f.name
+    assert params["stop_strings"].opts == ["--stop"]
+    assert set(params["n"].opts) == {"-n", "--n"}
+    for verb in ("chat", "judge"):
+        (p,) = [p for p in group.commands[verb].params if p.name == "max_new_tokens"]
+        assert p.default == GenerationConfig().max_new_tokens == 100
+
+
+def test_chat_loop_keeps_the_conversation_and_resets_it(smoke_run):
+    import io
+
+    from lmlab.infer.options import GenerationConfig
+    from lmlab.infer.session import chat_loop, load_for_generation
+
+    model, tok, cfg, _ = load_for_generation(
+        str(smoke_run), GenerationConfig(max_new_tokens=4), stop_at_end_of_turn=True
+    )
+    assert len(cfg.stop_ids) == 2  # EOS and the end of a turn
+    out = io.StringIO()
+    stdin = io.StringIO("hello\n/history\n/reset\n\nagain\n/history\n/exit\nnever read\n")
+    chat = chat_loop(model, tok, cfg, stdin, out)
+    text = out.getvalue()
+    assert text.count("model> ") == 2 and "you> " not in text  # not a terminal: no prompt
+    assert text.count("[user] hello") == 1 and "[user] again" in text
+    assert [t["role"] for t in chat.history] == ["user", "assistant"]
+    assert chat.history[0]["content"] == "again"

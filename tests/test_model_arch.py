@@ -638,7 +638,8 @@ def test_bad_architecture_values_are_usage_errors():
 @torch.no_grad()
 def test_cached_generation_matches_recomputing_every_step(preset):
     """Prefix decoders read the prompt as their prefix; encoder-decoders encode it once."""
-    from lmlab.infer.generate import GenerationConfig, generate
+    from lmlab.infer.generate import generate
+    from lmlab.infer.options import GenerationConfig
 
     spec = {"preset": preset, "layers": 2, "width": 32, "vocab_size": V, "tie_embeddings": False}
     c = resolve_model(spec)  # untied: a random tied model just repeats its input token

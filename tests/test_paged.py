@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from lmlab.errors import UsageError
-from lmlab.infer.generate import GenerationConfig as RefConfig
 from lmlab.infer.generate import generate
+from lmlab.infer.options import GenerationConfig
+from lmlab.infer.options import GenerationConfig as RefConfig
 from lmlab.infer.paged import BlockAllocator, OutOfBlocks, PagedKVCache, Sequence, block_hash
-from lmlab.infer.sampling import GenerationConfig, History, apply_penalties, make_generator, pick
+from lmlab.infer.sampling import History, apply_penalties, make_generator, pick
 from lmlab.infer.scheduler import Scheduler
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer

@@ -275,7 +275,7 @@ def slow_model(smoke_run, tmp_path_factory) -> Path:
 def test_interrupted_batches_keep_the_rows_that_finished(slow_model):
     from lmlab import load_model, load_tokenizer
     from lmlab.infer.generate import generate_batch
-    from lmlab.infer.sampling import GenerationConfig
+    from lmlab.infer.options import GenerationConfig
 
     model, tok = load_model(slow_model), load_tokenizer(slow_model)
     prompts = [tok.encode("def f(x):").ids, tok.encode("import os").ids]

@@ -18,10 +18,11 @@ from lmlab.cli.app import (
     SetOpt,
     app,
 )
-from lmlab.cli.generation import MaxNew
+from lmlab.cli.generation import generation_options
 from lmlab.cli.pipeline import recipe_arg, run_pipeline
 from lmlab.console import set_quiet
 from lmlab.errors import UsageError
+from lmlab.infer.options import GenerationConfig
 
 
 @app.command("eval")
@@ -121,6 +122,7 @@ def eval_cmd(
 
 
 @app.command()
+@generation_options("max_new_tokens")
 def judge(
     judge_model: Annotated[str, typer.Option("--judge", help="The judge checkpoint.")],
     model: Annotated[list[str], typer.Option(help="A checkpoint to rate (repeat, >= 2).")],
@@ -128,7 +130,8 @@ def judge(
     out: Annotated[Path, typer.Option(help="Where judge.json goes.")] = Path("judge.json"),
     limit: Annotated[int | None, typer.Option(help="Questions to use.")] = None,
     chat: Annotated[bool, typer.Option(help="Ask through the chat template.")] = False,
-    max_new_tokens: MaxNew = 64,
+    *,
+    gen: GenerationConfig,  # --max-new-tokens, from GenerationConfig
     overwrite: Overwrite = False,
 ) -> None:
     """Model-based evaluation: every model answers, a judge model compares every pair in
@@ -149,7 +152,7 @@ def judge(
             qs.append(str(json.loads(line)["question"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UsageError(f"{questions}:{i}: expected a JSON object with 'question'") from None
-    res = judge_models(judge_model, model, qs[:limit], chat=chat, max_new_tokens=max_new_tokens)
+    res = judge_models(judge_model, model, qs[:limit], chat=chat, max_new_tokens=gen.max_new_tokens)
     write_json(out, res)
     print(format_ratings(res))
     print(f"verdicts: {out}")

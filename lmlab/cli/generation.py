@@ -2,90 +2,85 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lmlab.cli.app import (
-    app,
-)
+from lmlab.cli.app import app
 from lmlab.console import log
 from lmlab.errors import UsageError
-
-Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")]
-TopK = Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest (0 = off).")]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Generation length limit.")]
-Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
+from lmlab.infer.options import GenerationConfig
 
 
-def _early_stopping(text: str) -> bool | str:
-    table = {"true": True, "false": False, "never": "never"}
-    if text.lower() not in table:
-        raise UsageError(f"--early-stopping {text}: use true, false or never")
-    return table[text.lower()]
+def generation_options(*names: str):
+    """Give a command one option per named `GenerationConfig` field (every CLI field when
+    none are named), with the field's default and help text, in place of its `gen`
+    parameter; the command receives the `GenerationConfig` they make. The options are
+    defined once, on the dataclass, so the command line cannot drift from it."""
+    fields = [
+        f
+        for f in dataclasses.fields(GenerationConfig)
+        if f.metadata.get("cli", True) and (not names or f.name in names)
+    ]
+    hints = typing.get_type_hints(GenerationConfig)
+    options = [_option(f, hints[f.name]) for f in fields]
+
+    def decorate(command):
+        sig = inspect.signature(command, eval_str=True)
+        params = list(sig.parameters.values())
+        at = [p.name for p in params].index("gen")
+        kind = params[at].kind  # keyword-only after options with defaults (`*, gen`)
+        params[at : at + 1] = [p.replace(kind=kind) for p in options]
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            values = {}
+            for f in fields:
+                v = kwargs.pop(f.name)
+                if "parse" in f.metadata:
+                    v = f.metadata["parse"](v)
+                elif v is None and f.default is dataclasses.MISSING:
+                    v = f.default_factory()  # a repeatable option given no times
+                values[f.name] = list(v) if isinstance(v, tuple | list) else v
+            return command(*args, gen=GenerationConfig(**values), **kwargs)
+
+        run.__signature__ = sig.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate
 
 
-def _load_for_generation(path: str, stop_at_end_of_turn: bool, **options):
-    """Model, tokenizer and validated decoding settings for `generate` and `chat`."""
-    from lmlab import load_model, load_tokenizer
-    from lmlab.infer.sampling import GenerationConfig
-    from lmlab.model.checkpoint import resolve_checkpoint
-    from lmlab.tokenizer import END, EOS, special_id
-
-    cfg = GenerationConfig(**options).validate()  # bad settings fail before loading
-    ckpt = resolve_checkpoint(path)
-    m, tok = load_model(ckpt), load_tokenizer(ckpt)
-    cfg.stop_ids = [special_id(tok, EOS)]
-    if stop_at_end_of_turn:
-        cfg.stop_ids.append(special_id(tok, END))
-    return m, tok, cfg, ckpt
-
-
-def _stream_reply(
-    model, tok, prompt_ids: list[int], cfg, out: list[int] | None = None, **kw
-) -> list[int]:
-    """Generate, writing text to stdout as it comes; returns the generated ids (also
-    appended to `out` as they come, so an interrupted caller keeps the part said)."""
-    from lmlab.infer.generate import TextStreamer, stream
-
-    streamer = TextStreamer(tok)
-    ids = out if out is not None else []
-    for t in stream(model, prompt_ids, cfg, tokenizer=tok, **kw):
-        ids.append(t)
-        sys.stdout.write(streamer.push(t))
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return ids
+def _option(f: dataclasses.Field, hint) -> inspect.Parameter:
+    """One `GenerationConfig` field as a typer option: its flags, type, default and help."""
+    default = None if f.default is dataclasses.MISSING else f.default
+    if "parse" in f.metadata:  # given as text (`--early-stopping never`), parsed on use
+        hint, default = str, str(default).lower()
+    elif f.default is dataclasses.MISSING:  # a list: a repeatable option
+        hint = hint | None
+    option = typer.Option(*f.metadata.get("flags", ()), help=f.metadata["help"])
+    return inspect.Parameter(
+        f.name,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[hint, option],
+        default=default,
+    )
 
 
 @app.command()
+@generation_options()
 def generate(
     model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
     prompt: Annotated[
         list[str], typer.Option(help="Text to continue (repeat for a batch of prompts).")
     ],
-    temperature: Temperature = 0.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min-p x the top one.")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(help="CTRL penalty (1 = off).")] = 1.0,
-    presence_penalty: Annotated[float, typer.Option(help="Minus this once seen.")] = 0.0,
-    frequency_penalty: Annotated[float, typer.Option(help="Minus this per use.")] = 0.0,
-    no_repeat_ngram_size: Annotated[int, typer.Option(help="Never repeat an n-gram.")] = 0,
-    max_new_tokens: MaxNew = 100,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    n: Annotated[int, typer.Option("-n", "--n", help="Samples per prompt.")] = 1,
-    num_beams: Annotated[int, typer.Option(help="Beam search width (1 = off).")] = 1,
-    length_penalty: Annotated[float, typer.Option(help="Beam score / length^this.")] = 1.0,
-    early_stopping: Annotated[str, typer.Option(help="Beams: true, false or never.")] = "false",
-    num_return_sequences: Annotated[int, typer.Option(help="Beams: the n best.")] = 1,
-    logprobs: Annotated[
-        int | None, typer.Option(help="Report log-probs of the chosen and top-k tokens.")
-    ] = None,
-    seed: Seed = None,
+    gen: GenerationConfig,
     draft: Annotated[
         str | None, typer.Option(help="Speculative decoding with this draft model.")
     ] = None,
@@ -100,40 +95,22 @@ def generate(
 ) -> None:
     """Continue prompts with any decoding strategy; one plain prompt streams its text."""
     from lmlab import load_model
-    from lmlab.infer.generate import Contrast, finish_text, generate_batch
+    from lmlab.infer.engine import finish_text
+    from lmlab.infer.generate import Contrast, generate_batch
+    from lmlab.infer.session import load_for_generation, stream_reply
     from lmlab.infer.speculative import speculative_generate
     from lmlab.tokenizer import format_chat
 
     if draft and amateur:
         raise UsageError("--draft and --amateur: choose speculative or contrastive decoding")
-    m, tok, cfg, _ = _load_for_generation(
-        model,
-        stop_at_end_of_turn=chat,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        max_new_tokens=max_new_tokens,
-        stop_strings=stop or [],
-        n=n,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        early_stopping=_early_stopping(early_stopping),
-        num_return_sequences=num_return_sequences,
-        logprobs=logprobs,
-        seed=seed,
-    )
+    m, tok, cfg, _ = load_for_generation(model, gen, stop_at_end_of_turn=chat)
     texts = [format_chat([{"role": "user", "content": p}]) if chat else p for p in prompt]
     ids = [tok.encode(t).ids for t in texts]
     contrast = Contrast(load_model(amateur), cd_alpha, amateur_temperature) if amateur else None
-    simple = len(prompt) == 1 and n == 1 and num_beams == 1 and logprobs is None
+    simple = len(prompt) == 1 and cfg.n == 1 and cfg.num_beams == 1 and cfg.logprobs is None
     if simple and not json_out and not draft:
         sys.stdout.write(prompt[0] if not chat else "")
-        _stream_reply(m, tok, ids[0], cfg, contrast=contrast)
+        stream_reply(m, tok, ids[0], cfg, sys.stdout, contrast=contrast)
         return
     stats = None
     if draft:
@@ -183,64 +160,20 @@ def _print_completions(comps, prompt: list[str], tok, chat: bool, json_out: bool
 
 
 @app.command()
+@generation_options("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 def chat(
     model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
-    temperature: Temperature = 0.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
-    max_new_tokens: MaxNew = 100,
-    seed: Seed = None,
+    gen: GenerationConfig,
 ) -> None:
     """Talk to a model through its chat template (/reset, /history, /exit; Ctrl-C stops a reply)."""
-    from lmlab.tokenizer import format_chat
+    from lmlab.infer.session import chat_loop, load_for_generation
 
-    m, tok, cfg, ckpt = _load_for_generation(
-        model,
-        stop_at_end_of_turn=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-    )
+    m, tok, cfg, ckpt = load_for_generation(model, gen, stop_at_end_of_turn=True)
     log(
         f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /history, /exit; "
         "Ctrl-C stops a reply, Ctrl-C at the prompt quits"
     )
-    history: list[dict[str, str]] = []
-    interactive = sys.stdin.isatty()
-    while True:
-        try:
-            if interactive:
-                sys.stdout.write("you> ")
-                sys.stdout.flush()
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:  # at the prompt: the user is leaving
-            sys.stdout.write("\n")
-            break
-        if not line:
-            break
-        line = line.strip()
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = []
-            continue
-        if line == "/history":
-            for turn in history:
-                print(f"[{turn['role']}] {turn['content']}")
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        sys.stdout.write("model> ")
-        sys.stdout.flush()
-        reply: list[int] = []
-        try:
-            _stream_reply(m, tok, tok.encode(format_chat(history)).ids, cfg, out=reply)
-        except KeyboardInterrupt:  # stop this reply only; what it said stays in the history
-            sys.stdout.write(" [stopped]\n")
-        history.append({"role": "assistant", "content": tok.decode(reply)})
+    chat_loop(m, tok, cfg, sys.stdin, sys.stdout)
 
 
 bench_app = typer.Typer(help="Measure speed on this machine.", no_args_is_help=True)

@@ -8,7 +8,8 @@ from tokenizers import Tokenizer
 
 from lmlab.console import progress
 from lmlab.eval.metrics import clean_generation, exact_match, mean_stderr, rouge_l
-from lmlab.infer.generate import GenerationConfig, stream
+from lmlab.infer.generate import stream
+from lmlab.infer.options import GenerationConfig
 from lmlab.prompt.fewshot import few_shot_prompt
 from lmlab.tokenizer import END, EOS, format_chat, special_id
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.infer.generate import Completion, Runner, StopStrings, fit_prompts
-from lmlab.infer.sampling import GenerationConfig, History, apply_penalties
+from lmlab.infer.engine import Completion, Runner, StopStrings, fit_prompts
+from lmlab.infer.options import GenerationConfig
+from lmlab.infer.sampling import History, apply_penalties
 
 NEG = -1.0e9  # transformers' "impossible" score: finite, so sums stay ordered
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from lmlab.errors import UsageError
-from lmlab.infer.generate import Runner
+from lmlab.infer.engine import Runner
 
 
 def peak_memory_mb(device: torch.device) -> float:

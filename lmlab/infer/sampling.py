@@ -10,76 +10,9 @@ counted over the generated tokens only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from lmlab.errors import UsageError
-
-
-@dataclass
-class GenerationConfig:
-    """Every decoding option of `lmlab generate`; defaults are plain greedy decoding."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    stop_ids: list[int] = field(default_factory=list)  # EOS and end-of-turn ids go here
-    stop_strings: list[str] = field(default_factory=list)
-    n: int = 1  # samples per prompt (self-consistency)
-    num_beams: int = 1  # > 1: beam search
-    length_penalty: float = 1.0  # beam scores are sum(logp) / length ** length_penalty
-    early_stopping: bool | str = False  # True, False or "never", as transformers
-    num_return_sequences: int = 1  # n-best from beam search
-    logprobs: int | None = None  # None: off; k >= 0: chosen token + the top k
-    seed: int | None = None
-
-    def validate(self) -> GenerationConfig:
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
-            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
-            (self.n >= 1, "n must be >= 1"),
-            (self.num_beams >= 1, "num_beams must be >= 1"),
-            (
-                1 <= self.num_return_sequences <= self.num_beams or self.num_beams == 1,
-                "num_return_sequences must be between 1 and num_beams",
-            ),
-            (
-                self.early_stopping in (True, False, "never"),
-                "early_stopping must be true, false or 'never'",
-            ),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
-            (all(s for s in self.stop_strings), "stop strings must not be empty"),
-        ]
-        for ok, msg in checks:
-            if not ok:  # named as the CLI flags are (--top-p)
-                raise UsageError(f"generation: {msg.replace('_', '-')}")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-    @property
-    def has_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-            or self.no_repeat_ngram_size > 0
-        )
-
+from lmlab.infer.options import GenerationConfig
 
 # --- warpers: truncate the distribution ------------------------------------------------
 

@@ -28,15 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lmlab.errors import UsageError
+from lmlab.infer.options import GenerationConfig
 from lmlab.infer.paged import PagedKVCache, Sequence, check_model
-from lmlab.infer.sampling import (
-    GenerationConfig,
-    History,
-    apply_penalties,
-    make_generator,
-    pick,
-    top_logprobs,
-)
+from lmlab.infer.sampling import History, apply_penalties, make_generator, pick, top_logprobs
 
 
 @dataclass

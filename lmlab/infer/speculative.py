@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lmlab.errors import UsageError
-from lmlab.infer.generate import Completion, Runner, StopStrings, fit_prompts
-from lmlab.infer.sampling import GenerationConfig, make_generator, warp
+from lmlab.infer.engine import Completion, Runner, StopStrings, fit_prompts
+from lmlab.infer.options import GenerationConfig
+from lmlab.infer.sampling import make_generator, warp
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""Talking to a model: loading it for generation, streaming a reply as text, and the chat
+loop behind `lmlab chat`. Kept out of the command line so a server can reuse them.
+
+A conversation is a list of turns (`{"role", "content"}`) that the tokenizer's chat template
+renders for each reply; a reply cut short by Ctrl-C still joins it, so the next turn sees
+what the model had said.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TextIO
+
+from lmlab import load_model, load_tokenizer
+from lmlab.infer.generate import Contrast, TextStreamer, stream
+from lmlab.infer.options import GenerationConfig
+from lmlab.model.loading import resolve_checkpoint
+from lmlab.tokenizer import END, EOS, format_chat, special_id
+
+
+def load_for_generation(path: str, cfg: GenerationConfig, stop_at_end_of_turn: bool = False):
+    """(model, tokenizer, config, checkpoint directory) for a run or checkpoint directory.
+
+    The settings are validated before the slow load, so a bad one fails at once; the
+    config returned also stops at the tokenizer's EOS and, for chat, at the end of a turn."""
+    cfg.validate()
+    ckpt = resolve_checkpoint(path)
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    stops = [special_id(tok, EOS)] + ([special_id(tok, END)] if stop_at_end_of_turn else [])
+    return model, tok, replace(cfg, stop_ids=[*cfg.stop_ids, *stops]), ckpt
+
+
+def stream_reply(
+    model,
+    tok,
+    prompt_ids: list[int],
+    cfg: GenerationConfig,
+    stdout: TextIO,
+    out: list[int] | None = None,
+    contrast: Contrast | None = None,
+) -> list[int]:
+    """Generate, writing the text to `stdout` as it comes, then a newline; returns the
+    generated ids (also appended to `out` as they come, so a caller interrupted by Ctrl-C
+    keeps the part already said)."""
+    streamer = TextStreamer(tok)
+    ids = out if out is not None else []
+    for t in stream(model, prompt_ids, cfg, tokenizer=tok, contrast=contrast):
+        ids.append(t)
+        stdout.write(streamer.push(t))
+        stdout.flush()
+    stdout.write("\n")
+    return ids
+
+
+@dataclass
+class Chat:
+    """A conversation with a model through its chat template."""
+
+    model: object
+    tok: object
+    cfg: GenerationConfig
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def reply(self, text: str, stdout: TextIO) -> str:
+        """Add the user's turn and stream the model's answer to `stdout`. The answer joins
+        the history even when Ctrl-C cuts it short (the KeyboardInterrupt goes on up)."""
+        self.history.append({"role": "user", "content": text})
+        said: list[int] = []
+        try:
+            ids = self.tok.encode(format_chat(self.history)).ids
+            stream_reply(self.model, self.tok, ids, self.cfg, stdout, out=said)
+        finally:
+            self.history.append({"role": "assistant", "content": self.tok.decode(said)})
+        return self.history[-1]["content"]
+
+
+def chat_loop(model, tok, cfg: GenerationConfig, stdin: TextIO, stdout: TextIO) -> Chat:
+    """Read a line, answer it, until /exit, /quit or the end of input; /reset forgets the
+    conversation, /history prints it. Ctrl-C during a reply stops that reply only; Ctrl-C
+    at the prompt ends the loop (the user is leaving, not failing). Returns the chat."""
+    chat = Chat(model, tok, cfg)
+    interactive = stdin.isatty()
+    while True:
+        try:
+            if interactive:
+                stdout.write("you> ")
+                stdout.flush()
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            break
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            chat.history = []
+            continue
+        if line == "/history":
+            for turn in chat.history:
+                stdout.write(f"[{turn['role']}] {turn['content']}\n")
+            continue
+        if not line:
+            continue
+        stdout.write("model> ")
+        stdout.flush()
+        try:
+            chat.reply(line, stdout)
+        except KeyboardInterrupt:  # stop this reply only; what it said stays in the history
+            stdout.write(" [stopped]\n")
+    return chat
