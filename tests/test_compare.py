@@ -108,6 +108,47 @@ def test_rerun_is_cached_and_a_changed_variant_alone_retrains(compare_run, tmp_p
     assert read_json(run_dir / "compare.json")["variants"]["gelu"]["model"]["activation"] == "relu"
 
 
+def test_report_lists_the_spike_events_training_logged(compare_run, tmp_path):
+    """A `loss_spike` event line has a `loss` but no `grad_norm`: the report must count it
+    as an event of its variant, not read it as a training step."""
+    shutil.copytree(compare_run.parent, tmp_path / "runs")  # leave the shared run alone
+    run_dir = tmp_path / "runs" / compare_run.name
+    event = {  # the line the loop writes after rolling back from step 7 to step 5
+        "step": 7,
+        "event": "loss_spike",
+        "loss": 9.1,
+        "running_median": 5.2,
+        "running_deviation": 0.1,
+        "rolled_back_to": 5,
+        "skipped_rows": [40, 56],
+        "action": "rollback",
+    }
+    with open(run_dir / "compare/gelu/metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
+    before = read_json(run_dir / "compare.json")["variants"]["gelu"]
+    _run(tmp_path)  # every variant cached: the report alone is rewritten
+    res = read_json(run_dir / "compare.json")
+    gelu = res["variants"]["gelu"]
+    assert gelu["spike_events"] == {
+        "count": 1,
+        "steps": [7],
+        "rollbacks": 1,
+        "rolled_back_to": [5],
+        "skipped_rows": [[40, 56]],
+        "skipped_batches": 0,
+    }
+    assert res["variants"]["baseline"]["spike_events"]["count"] == 0
+    for key in ("spike_steps", "grad_norm_median", "grad_norm_max", "tokens_per_s"):
+        assert gelu[key] == before[key], key  # the event is not a training step
+    md = (run_dir / "compare.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| gelu |"))
+    assert "1 at step 7, 1 rolled back (rows 40–56 skipped)" in row
+    assert "| spike events |" in md
+    assert "gelu did not train on the same batches" in res["verdict"]
+    html = (run_dir / "compare.html").read_text()
+    assert "1 at step 7, 1 rolled back (rows 40–56 skipped)" in html
+
+
 @pytest.mark.parametrize(
     "variants, needle",
     [

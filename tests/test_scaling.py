@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,45 @@ def test_sweep_rerun_is_cached_and_keeps_the_prediction(sweep, capfd):
     assert (
         fits_from(str(run / "scaling.json"), "kaplan")[0].params == res["fits"]["kaplan"]["params"]
     )
+
+
+def test_a_spike_in_a_point_is_logged_and_the_sweep_still_completes(sweep, tmp_path, monkeypatch):
+    """A point whose loop catches a loss spike logs the event and skips that batch (a sweep
+    never rolls back), keeps its budget, and the sweep fits, predicts and reports as usual."""
+    from lmlab.train.loop import SpikeDetector
+    from lmlab.train.metrics import read_metrics, spike_summary
+
+    run, _ = sweep
+    shutil.copytree(run.parent, tmp_path / "runs")  # leave the shared sweep alone
+    copy = tmp_path / "runs" / run.name
+    point = copy / "points" / "n16k_d2k"
+    was = read_json(point / ".done.json")["record"]
+    shutil.rmtree(point)  # this point trains again, from scratch
+    real_check, fired = SpikeDetector.check, []
+
+    def check(self, loss):  # step 10's loss is a spike, once
+        if self.steps == 9 and not fired:
+            fired.append(loss)
+            return True
+        return real_check(self, loss)
+
+    monkeypatch.setattr(SpikeDetector, "check", check)
+    sizes, tokens, target = MICRO[1], MICRO[3], MICRO[5]
+    run_sweep("smoke", [MICRO[i] for i in (7, 9, 11)], sizes, tokens, target, tmp_path / "runs")
+    assert len(fired) == 1
+    m = read_metrics(point / "metrics.jsonl")
+    assert spike_summary(m) == {
+        "count": 1,
+        "steps": [10],
+        "rollbacks": 0,
+        "rolled_back_to": [],
+        "skipped_rows": [],
+        "skipped_batches": 1,
+    }
+    now = read_json(point / ".done.json")["record"]
+    assert (now["steps"], now["d"]) == (was["steps"], was["d"])  # the budget, other batches
+    assert now["loss"] != was["loss"]
+    res = read_json(copy / "scaling.json")
+    assert len(res["points"]) == 6 and res["target"]["role"] == "target"
+    assert {p["label"]: p["loss"] for p in res["points"]}["n16k_d2k"] == now["loss"]
+    assert set(res["fits"]) == {"chinchilla", "kaplan"}

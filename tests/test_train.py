@@ -231,6 +231,55 @@ def test_spike_detector_flags_a_jump_not_noise():
     assert not SpikeDetector(zscore=0).check(100.0)
 
 
+# Every step's training loss, steps 1-100, of the `compare` recipe's `learned` variant
+# (`lmlab run compare --set pretrain.spike_zscore=0`, fp32, 2 CPU cores): a smooth descent
+# from ln 4096 while the model gives every batch about the same loss, then batch-to-batch
+# noise; at step 43, inside the 50-step warm-up, one batch scores 9.11 (above ln V) and the
+# next step is back at 6.80. A detector armed from step 20 takes that for a spike and rolls
+# back to step 0, skipping every batch so far.
+LEARNED_100 = [
+    8.333, 8.343, 8.318, 8.288, 8.280, 8.208, 8.162, 8.142, 8.070, 8.052,
+    8.056, 8.044, 7.945, 7.905, 7.864, 7.810, 7.760, 7.719, 7.615, 7.491,
+    7.465, 7.434, 7.352, 7.335, 7.254, 7.103, 7.138, 7.027, 7.015, 6.847,
+    6.879, 6.893, 6.776, 6.786, 6.718, 6.690, 6.601, 6.712, 6.630, 6.700,
+    6.764, 6.571, 9.112, 6.802, 6.574, 6.849, 6.775, 6.742, 6.688, 6.615,
+    6.574, 6.620, 6.696, 6.545, 6.648, 6.682, 6.612, 6.306, 6.340, 6.659,
+    6.579, 6.526, 6.332, 6.522, 6.426, 6.285, 6.582, 6.545, 6.389, 6.397,
+    6.280, 6.518, 6.383, 6.379, 6.257, 6.344, 6.308, 6.424, 6.095, 6.203,
+    6.442, 6.277, 6.244, 6.202, 5.971, 6.182, 6.186, 6.414, 5.985, 5.846,
+    6.211, 6.128, 6.210, 6.201, 6.015, 5.802, 6.125, 6.035, 6.261, 6.176,
+]  # fmt: skip
+
+
+def test_spike_detector_is_quiet_through_real_early_descents_and_catches_real_spikes(
+    shards, tmp_path
+):
+    """Losses of real runs replayed through the detector: a toy model's fast descent (trained
+    here) from step 1, and the compare recipe's recorded start with its default grace period;
+    then a loss ×3, a return to the initial loss and a NaN after them."""
+    out = tmp_path / "o"
+    cfg = _cfg(max_steps=80, eval_every=100, checkpoint_every=100, spike_zscore=0)
+    _run_pretrain_loop(shards, out, cfg)
+    toy = [loss for _, loss in _losses(out)]
+    assert len(toy) == 80 and toy[-1] < toy[0] / 3  # a real, fast descent
+    z = TrainConfig(max_steps=1).spike_zscore
+    assert not any(SpikeDetector(z).check(x) for x in toy)  # from step 1, no grace at all
+    compare = TrainConfig(max_steps=400, warmup_steps=50)  # the compare recipe's schedule
+    assert compare.spike_grace == 100 and cfg.spike_grace == 20
+    det = SpikeDetector(z, compare.spike_grace)
+    assert not any(det.check(x) for x in LEARNED_100)
+    early = SpikeDetector(z, 20)  # armed inside the warm-up, it takes step 43 for a spike
+    assert [i for i, x in enumerate(LEARNED_100, 1) if early.check(x)] == [43]
+    for losses, grace in ((toy, cfg.spike_grace), (LEARNED_100, compare.spike_grace)):
+        for bad in (3 * losses[-1], losses[0], float("nan")):  # ×3, diverged, non-finite
+            det = SpikeDetector(z, grace)
+            assert not any(det.check(x) for x in losses)
+            assert det.check(bad), (bad, det.score(bad))
+            assert not det.check(losses[-1])  # the spike left the statistics alone
+    det = SpikeDetector(z, 100)
+    assert det.check(float("inf")) and not det.check(50.0)  # in the grace period: finite passes
+
+
 def _poisoned(shards, poison: set[int], asked: list[int]):
     from lmlab.data.shards import open_split
 
@@ -298,6 +347,44 @@ def test_spike_without_rollback_skips_the_batch_and_gives_up_after_max_rollbacks
             shards,
             "k",
         )
+
+
+def test_every_metrics_reader_takes_a_logged_spike_as_an_event(shards, tmp_path):
+    """The loop's `loss_spike` line has a `loss` but no `tokens` or `grad_norm`: the shared
+    reader files it under events, so the comparison's statistics and the run report's plots
+    read only real steps (a reader taking `"loss" in row` for a step crashed on it)."""
+    from lmlab.data.shards import open_split
+    from lmlab.run.compare import variant_stats
+    from lmlab.run.report import plot_losses, plot_schedule
+    from lmlab.train.metrics import read_metrics, spike_summary
+
+    out = tmp_path / "run" / "pretrain"
+    cfg = _cfg(max_steps=40, checkpoint_every=10, eval_every=20, lr=1e-2)
+    mcfg = _model_cfg(shards)
+    stream = PackedStream(open_split(shards, "train"), None, 16, seed=5)
+    val = [causal_batch(stream.rows(10_000, 4)[0])]
+    torch.manual_seed(5)
+    train(Transformer(mcfg), _poisoned(shards, {33}, []), val, cfg, out, shards, "k")
+    m = read_metrics(out / "metrics.jsonl")
+    (event,) = m.events
+    assert event["event"] == "loss_spike" and "loss" in event and "grad_norm" not in event
+    assert [r["step"] for r in m.train] == list(range(1, 41))
+    assert all("grad_norm" in r and "tokens" in r for r in m.train)
+    assert {r["step"] for r in m.val} == {20, 40} and m.other == []
+    assert spike_summary(m) == {
+        "count": 1,
+        "steps": [34],
+        "rollbacks": 1,
+        "rolled_back_to": [30],
+        "skipped_rows": [[120, 136]],
+        "skipped_batches": 0,
+    }
+    stats = variant_stats(out, mcfg, cfg.grad_clip)
+    assert stats["steps"] == 40 and stats["spike_events"] == spike_summary(m)
+    assert stats["grad_norm_max"] >= stats["grad_norm_median"] > 0
+    assert plot_losses(tmp_path / "run", tmp_path / "loss.png")
+    assert plot_schedule(tmp_path / "run", tmp_path / "schedule.png")
+    assert read_metrics(tmp_path / "missing.jsonl") == type(m)()
 
 
 # -- precision, optimizers, memory ---------------------------------------------------------

@@ -20,6 +20,10 @@ more than `SPIKE_MIN_RISE` nats (so a very smooth stretch does not make ordinary
 noise a spike); consecutive spiking steps count as one spike. Every variant sees the same
 batches, so a spike that all variants share is a hard batch, not an instability; the
 report counts a variant's spikes and how many of them no other variant has at that step.
+Those are read off the logged curve after training. Separately, the training loop's own
+detector (`pretrain.spike_zscore`) may have caught a spike while training and rolled back
+or skipped batches; the report lists those events per variant (count, steps, rollbacks),
+because a variant that skipped batches no longer trained on the same data as the others.
 An unstable configuration can also fail without a spike, by stalling on a plateau; the
 verdict says so when a variant's validation loss fell less than a quarter of what the
 other's fell after the first evaluation.
@@ -48,8 +52,9 @@ from lmlab.model.loading import load_model
 from lmlab.render import Section, write_pages
 from lmlab.run.runner import Run, cached_record, start_dir
 from lmlab.train.loop import autocast, resolve_precision
+from lmlab.train.metrics import read_metrics, spike_summary
 from lmlab.train.pretrain import pretrain, val_windows
-from lmlab.utils import hash_obj, read_json, read_jsonl, write_json
+from lmlab.utils import hash_obj, read_json, write_json
 
 SPIKE_WINDOW = 20  # logged steps in the running mean / standard deviation
 SPIKE_K = 4.0  # standard deviations above the running mean
@@ -229,9 +234,8 @@ def paired_se(a: list[float], b: list[float]) -> float:
 
 def variant_stats(vdir: Path, mcfg: ModelConfig, grad_clip: float) -> dict[str, Any]:
     """The table row of one variant, read from its `metrics.jsonl` and `summary.json`."""
-    rows = list(read_jsonl(vdir / "metrics.jsonl"))
-    train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_loss" in r]
+    m = read_metrics(vdir / "metrics.jsonl")
+    train, val = m.train, m.val
     summary = read_json(vdir / "summary.json")
     gn = np.array([r["grad_norm"] for r in train], dtype=float)
     spikes = find_spikes([r["loss"] for r in train])
@@ -244,6 +248,7 @@ def variant_stats(vdir: Path, mcfg: ModelConfig, grad_clip: float) -> dict[str, 
         "best_val_loss": min(r["val_loss"] for r in val),
         "first_val": {"step": val[0]["step"], "val_loss": val[0]["val_loss"]},
         "spike_steps": [train[i]["step"] for i in spikes],
+        "spike_events": spike_summary(m),
         "grad_norm_median": round(float(np.median(gn)), 4),
         "grad_norm_max": round(float(gn.max()), 4),
         "clipped_share": round(float((gn > grad_clip).mean()), 4) if grad_clip > 0 else 0.0,
@@ -346,9 +351,15 @@ def verdict(comps: list[dict[str, Any]], stats: dict[str, dict]) -> str:
         stalls = [
             f"{n} stalled: {t}" for n, m in ((w, b), (b, w)) if (t := _stall(stats[n], stats[m]))
         ]
+        caught = [
+            f"{n} did not train on the same batches (the training loop caught a loss spike: "
+            f"{events_text(stats[n]['spike_events'])})"
+            for n in (w, b)
+            if stats[n]["spike_events"]["count"]
+        ]
         parts.append(
             f"{c['claim']}: {c['outcome']} — {w} {c['delta']:+.4f} nats vs {b} ({noise}); "
-            + "".join(f"{t}; " for t in stalls)
+            + "".join(f"{t}; " for t in stalls + caught)
             + f"loss spikes {len(sw['spike_steps'])} vs {len(sb['spike_steps'])}, median "
             f"gradient norm {sw['grad_norm_median']:.2f} vs {sb['grad_norm_median']:.2f}."
         )
@@ -357,6 +368,20 @@ def verdict(comps: list[dict[str, Any]], stats: dict[str, dict]) -> str:
         "of a few hundredths from one seed is suggestive, not conclusive."
     )
     return " ".join(parts)
+
+
+def events_text(e: dict) -> str:
+    """The loop's spike events of one variant (`spike_summary`) in words, for a table cell."""
+    if not e["count"]:
+        return "none"
+    steps = ", ".join(map(str, e["steps"]))
+    text = f"{e['count']} at step{'s' if e['count'] > 1 else ''} {steps}"
+    if e["rollbacks"]:
+        rows = ", ".join(f"{a}–{b}" for a, b in e["skipped_rows"])
+        text += f", {e['rollbacks']} rolled back (rows {rows} skipped)"
+    if e["skipped_batches"]:
+        text += f", {e['skipped_batches']} batch{'es' if e['skipped_batches'] > 1 else ''} skipped"
+    return text
 
 
 def _stall(s: dict, other: dict) -> str:
@@ -400,9 +425,8 @@ def plot_comparison(run_dir: Path, names: list[str], grad_clip: float, out_png: 
     fig, (ax_loss, ax_zoom, ax_gn) = plt.subplots(1, 3, figsize=(17, 4.8))
     lows, highs, finals = [], [], []
     for i, name in enumerate(names):
-        rows = list(read_jsonl(run_dir / "compare" / name / "metrics.jsonl"))
-        tr = [r for r in rows if "loss" in r]
-        va = [r for r in rows if "val_loss" in r]
+        m = read_metrics(run_dir / "compare" / name / "metrics.jsonl")
+        tr, va = m.train, m.val
         color = f"C{i % 10}"
         tx, ty = [r["tokens"] for r in tr], _ema([r["loss"] for r in tr])
         ax_loss.plot(tx, ty, color=color, lw=0.9, alpha=0.55)
@@ -497,6 +521,13 @@ def write_comparison(run: Run, models: dict[str, ModelConfig]) -> list[Path]:
             "(a run of such steps counts once)",
         ],
         [
+            "spike events",
+            "spikes the training loop caught as they happened (pretrain.spike_zscore "
+            f"{pcfg.spike_zscore:g}, from step {pcfg.spike_grace + 1}"
+            f", rollback {'on' if pcfg.spike_rollback else 'off'}); a variant with one "
+            "skipped batches the others trained on",
+        ],
+        [
             "tie",
             f"|difference| below max({TIE_NATS} nats, 2 × paired SE over "
             f"{len(windows[ref])} validation windows)",
@@ -511,6 +542,7 @@ def write_comparison(run: Run, models: dict[str, ModelConfig]) -> list[Path]:
             f"Δ vs {ref} (± SE)",
             "best val loss",
             "loss spikes (own)",
+            "spike events",
             "grad norm median / max",
             "clipped steps",
             "tokens/s",
@@ -528,6 +560,7 @@ def write_comparison(run: Run, models: dict[str, ModelConfig]) -> list[Path]:
                 delta,
                 f"{s['best_val_loss']:.4f}",
                 f"{len(s['spike_steps'])} ({s['own_spikes']})",
+                events_text(s["spike_events"]),
                 f"{s['grad_norm_median']:.3f} / {s['grad_norm_max']:.2f}",
                 f"{100 * s['clipped_share']:.0f}%",
                 f"{s['tokens_per_s']:,}",
@@ -560,6 +593,11 @@ def write_comparison(run: Run, models: dict[str, ModelConfig]) -> list[Path]:
         "seed": recipe.seed,
         "pretrain": recipe.resolved()["pretrain"],
         "spike_rule": {"window": SPIKE_WINDOW, "k": SPIKE_K, "min_rise": SPIKE_MIN_RISE},
+        "spike_detector": {
+            "zscore": pcfg.spike_zscore,
+            "grace_steps": pcfg.spike_grace,
+            "rollback": pcfg.spike_rollback,
+        },
         "tie_nats": TIE_NATS,
         "variants": {
             n: {"overrides": recipe.variants[n], "model": models[n].to_dict(), **stats[n]}

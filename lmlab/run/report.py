@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lmlab.render import Section, write_pages
+from lmlab.train.metrics import read_metrics
 from lmlab.utils import read_json
 
 
@@ -24,17 +25,17 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    pre = _read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
-    sft = _read_jsonl(run_dir / "sft" / "metrics.jsonl")
-    if not pre and not sft:
+    pre = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
+    sft = read_metrics(run_dir / "sft" / "metrics.jsonl")
+    if not (pre.train or pre.val or sft.train or sft.val):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, rows, x_key, title in (
+    for ax, m, x_key, title in (
         (axes[0], pre, "tokens", "pre-training"),
         (axes[1], sft, "step", "instruction tuning (SFT)"),
     ):
-        tr = [(r[x_key], r["loss"]) for r in rows if "loss" in r]
-        va = [(r[x_key], r["val_loss"]) for r in rows if "val_loss" in r]
+        tr = [(r[x_key], r["loss"]) for r in m.train]
+        va = [(r[x_key], r["val_loss"]) for r in m.val]
         if tr:
             ax.plot(*zip(*tr, strict=True), label="train", lw=1.2)
         if va:
@@ -45,7 +46,8 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
         ax.set_xlabel(x_key)
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if tr or va:  # a stage that did not run (no SFT) has nothing to label
+            ax.legend()
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
@@ -61,7 +63,7 @@ def plot_schedule(run_dir: Path, out_png: Path) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    rows = [r for r in _read_jsonl(run_dir / "pretrain" / "metrics.jsonl") if "lr" in r]
+    rows = read_metrics(run_dir / "pretrain" / "metrics.jsonl").train
     if not rows:
         return False
     x = [r["tokens"] for r in rows]

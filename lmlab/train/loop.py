@@ -90,9 +90,12 @@ class TrainConfig:
     checkpoint_every: PosInt = 100
     keep_last: PosInt = 1  # periodic checkpoints kept (the newest is `last/`)
     keep_best: bool = True  # keep the checkpoint with the lowest validation loss in `best/`
-    # loss spikes: a step whose loss exceeds the running median of the last 50 steps by
-    # `spike_zscore` robust deviations (and by 5%) is a spike; 0 disables detection
+    # loss spikes (SpikeDetector): a loss above the median of the last 10 steps by
+    # `spike_zscore` robust deviations (and by 5%) is a spike; 0 disables detection.
+    # Finite losses are checked only after `spike_grace_steps` steps (None: twice the
+    # warm-up, at least 20): early losses say little about a run's noise
     spike_zscore: NonNegFloat = 6.0
+    spike_grace_steps: NonNegInt | None = None
     spike_rollback: bool = True  # reload the last checkpoint and skip the batches since
     max_rollbacks: NonNegInt = 5
     tensorboard: bool = False  # also write TensorBoard events under <out>/tensorboard
@@ -106,6 +109,13 @@ class TrainConfig:
                 f"batch_warmup_start: {self.batch_warmup_start} exceeds batch_size="
                 f"{self.batch_size}"
             )
+
+    @property
+    def spike_grace(self) -> int:
+        """Steps trained before a finite loss can be a spike (calibration: docs/training.md)."""
+        if self.spike_grace_steps is not None:
+            return self.spike_grace_steps
+        return max(20, 2 * self.warmup_steps)
 
     @property
     def tokens_per_step(self) -> int:
@@ -217,19 +227,24 @@ def evaluate_loss(
 @dataclass
 class SpikeDetector:
     """Robust running statistics of the training loss, immune to the spike itself and to
-    the steady early descent: the level is the median of the last `level_window` losses,
-    the noise the median absolute deviation of step-to-step changes over the last
-    `window` (×1.4826/√2: a standard deviation for Gaussian noise), so a falling curve
-    does not inflate it as a plain variance would.
+    the steady descent: the level is the median of the last `level_window` losses, the
+    noise the median absolute deviation of step-to-step changes over the last `window`
+    (×1.4826/√2: a standard deviation for Gaussian noise), so a falling curve does not
+    inflate it as a plain variance would.
 
     A step is a spike when its loss exceeds the level by `zscore` deviations and by 5%
-    (non-finite losses always are). The first `burn_in` steps only feed the statistics."""
+    (non-finite losses always are). The first `grace` steps only feed the statistics: a
+    model near its initialisation gives almost the same loss on every batch, so the noise
+    measured then is far below the noise once it tells batches apart, and warm-up brings
+    one-batch outliers that the next step forgets. Flagging one there rolls back to step 0
+    and skips every batch since (calibration in docs/training.md)."""
 
     zscore: float
+    grace: int = 0  # the loop passes `TrainConfig.spike_grace`
     window: int = 50
     level_window: int = 10
-    burn_in: int = 20
     history: list[float] = field(default_factory=list)
+    steps: int = 0  # losses accepted so far, i.e. steps trained: the grace period's clock
 
     @property
     def median(self) -> float:
@@ -243,25 +258,32 @@ class SpikeDetector:
         mad = float(np.median(np.abs(diffs - np.median(diffs))))
         return max(1.4826 * mad / math.sqrt(2), 0.005 * abs(self.median))
 
+    def score(self, loss: float) -> float:
+        """How many noise units `loss` lies above the level (0 before there is a noise)."""
+        dev = self.deviation
+        return (loss - self.median) / dev if dev > 0 else 0.0
+
     def check(self, loss: float) -> bool:
         if self.zscore <= 0:
             return False
         if not math.isfinite(loss):
             return True
         spike = (
-            len(self.history) >= self.burn_in
-            and loss > self.median + self.zscore * self.deviation
+            self.steps >= self.grace
+            and self.score(loss) > self.zscore
             and loss > 1.05 * self.median
         )
         if not spike:  # a spike does not move the statistics it is judged against
             self.history = [*self.history, loss][-self.window :]
+            self.steps += 1
         return spike
 
     def state(self) -> dict:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "steps": self.steps}
 
     def load(self, s: dict) -> None:
         self.history = [float(x) for x in s.get("history", [])]
+        self.steps = int(s.get("steps", len(self.history)))
 
 
 @dataclass
@@ -329,7 +351,7 @@ def train(
     opt = make_optimizer(wrapped, cfg, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
     runner = torch.compile(wrapped) if cfg.compile else wrapped
-    spikes = SpikeDetector(cfg.spike_zscore)
+    spikes = SpikeDetector(cfg.spike_zscore, cfg.spike_grace)
     pos = Position()
 
     if d.main:  # a kill between save_checkpoint's two renames leaves only `.last.old`
