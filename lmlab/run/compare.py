@@ -50,7 +50,7 @@ from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
 from lmlab.render import Section, write_pages
-from lmlab.run.runner import Run, cached_record, start_dir
+from lmlab.run.rundir import Run, cached_record, start_dir
 from lmlab.train.loop import autocast, resolve_precision
 from lmlab.train.metrics import read_metrics, spike_summary
 from lmlab.train.pretrain import pretrain, val_windows

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,33 +23,26 @@ import torch
 
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.run import stages
+from lmlab.run.compare import run_comparison
 from lmlab.run.recipe import Recipe
-from lmlab.train import distributed as dist_
-from lmlab.utils import (
-    LOCK_FILE,
-    check_name,
-    dir_lock,
-    git_commit,
-    hash_obj,
-    hash_tree,
-    read_json,
-    versions,
-    write_json,
+from lmlab.run.rundir import (
+    DONE,
+    Run,
+    cached_record,
+    check_run_dir,
+    mark_done,
+    read_manifest,
+    start_dir,
+    write_manifest,
 )
+from lmlab.train import distributed as dist_
+from lmlab.utils import check_name, dir_lock, git_commit, hash_obj, hash_tree, read_json, versions
 
 STAGES = ["data", "tokenizer", "pretrain", "sft", "eval", "report"]
 # Under torchrun every rank runs the training stages together; rank 0 alone runs the
 # others (and writes markers and the manifest) while the rest wait at a barrier.
 ALL_RANKS = ("pretrain", "sft")
-
-
-@dataclass
-class Run:
-    recipe: Recipe
-    dir: Path
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.dir / stage
 
 
 def _stage_config(recipe: Recipe, stage: str) -> dict:
@@ -83,27 +74,6 @@ def _default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // local)
 
 
-def cached_record(sdir: Path, key: str, redo: bool = False) -> dict | None:
-    """The completion marker of `sdir` if it holds `key` (and the work is not to be redone)."""
-    marker = sdir / ".done.json"
-    done = read_json(marker) if marker.is_file() else None
-    return done if not redo and done and done.get("key") == key else None
-
-
-def start_dir(sdir: Path, key: str, redo: bool = False) -> None:
-    """Prepare `sdir` for an attempt with `key`.
-
-    Partial work (a training checkpoint) is resumed only by an attempt with the same key:
-    anything left by a redone stage or by different config/inputs is cleared."""
-    marker, started = sdir / ".done.json", sdir / ".started.json"
-    stale = started.is_file() and read_json(started).get("key") != key
-    if sdir.exists() and (redo or stale or (marker.is_file() and not started.is_file())):
-        shutil.rmtree(sdir)
-    marker.unlink(missing_ok=True)
-    sdir.mkdir(parents=True, exist_ok=True)
-    write_json(started, {"key": key})
-
-
 def run_recipe(
     recipe: Recipe,
     runs_dir: str | Path = "runs",
@@ -127,27 +97,9 @@ def run_recipe(
         return _run_stages(run, d, force, until)
 
 
-RUN_MARKERS = ("manifest.json", "sweep.json")  # a run's, a scaling sweep's
-
-
-def check_run_dir(path: Path) -> None:
-    """A run may write `path` only if it is new, empty, or a run directory already."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path}: exists and is not a directory; choose another --name")
-    ours = any((path / m).is_file() for m in RUN_MARKERS)
-    if path.is_dir() and not ours and any(p.name != LOCK_FILE for p in path.iterdir()):
-        raise UsageError(
-            f"{path}: exists and is not a run directory (no manifest.json); refusing to "
-            "write into it (choose another --name or --runs-dir)"
-        )
-
-
 def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
-    from lmlab.run import stages
-
     recipe = run.recipe
     torch.set_num_threads(recipe.threads or _default_threads())
-    manifest_path = run.dir / "manifest.json"
     manifest = {
         "name": run.dir.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -159,10 +111,10 @@ def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
     }
     if d.active:
         manifest["world_size"] = d.world
-    if manifest_path.is_file():  # keep the original creation time across re-runs
-        manifest["created"] = read_json(manifest_path).get("created", manifest["created"])
+    # keep the original creation time across re-runs
+    manifest["created"] = read_manifest(run.dir).get("created", manifest["created"])
     if d.main:  # first of all: it marks the directory as a run's
-        write_json(manifest_path, manifest)
+        write_manifest(run.dir, manifest)
     forced = STAGES[STAGES.index(force) :] if force else []
     outputs: dict[str, dict[str, str]] = {}
     if d.main:
@@ -186,14 +138,13 @@ def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
             manifest["stages"][stage] = {**done["record"], "status": "cached"}
             if d.main:
                 log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
-                write_json(manifest_path, manifest)
+                write_manifest(run.dir, manifest)
             continue
-        marker = sdir / ".done.json"
         if d.main:
             start_dir(sdir, key, redo=stage in forced)
             log(f"[bold cyan]{stage}[/bold cyan] …")
             manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
-            write_json(manifest_path, manifest)
+            write_manifest(run.dir, manifest)
         dist_.barrier()
         t0 = time.monotonic()
         if d.main or stage in ALL_RANKS:
@@ -202,12 +153,12 @@ def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
             except KeyboardInterrupt:
                 if d.main:
                     manifest["stages"][stage]["status"] = "interrupted"
-                    write_json(manifest_path, manifest)
+                    write_manifest(run.dir, manifest)
                 raise
         dist_.barrier()
         if not d.main:  # rank 0 has written the marker: take its record
             dist_.barrier()
-            outputs[stage] = read_json(marker)["outputs"]
+            outputs[stage] = read_json(sdir / DONE)["outputs"]
             continue
         seconds = time.monotonic() - t0
         outputs[stage] = hash_tree(sdir)
@@ -220,16 +171,15 @@ def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         manifest["stages"][stage] = {**record, "status": "done"}
-        write_json(marker, {"key": key, "outputs": outputs[stage], "record": record})
-        write_json(manifest_path, manifest)
+        mark_done(sdir, key, record, outputs[stage])
+        write_manifest(run.dir, manifest)
         log(f"{stage}: done in {seconds:.1f}s")
         dist_.barrier()
     if compare:
-        from lmlab.run.compare import run_comparison
 
         def record(entry: dict) -> None:
             manifest["stages"]["compare"] = entry
-            write_json(manifest_path, manifest)
+            write_manifest(run.dir, manifest)
 
         # any --force redoes the variants: they come after every stage it can name
         run_comparison(run, hash_obj(outputs["tokenizer"]), redo=bool(forced), record=record)

@@ -48,6 +48,16 @@ import typer
 
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.run.rundir import (
+    DONE,
+    cached_record,
+    check_run_dir,
+    mark_done,
+    read_done,
+    read_manifest,
+    start_dir,
+    write_manifest,
+)
 from lmlab.utils import check_name, dir_lock, hash_obj, read_json, write_json
 
 # The default sweep (docs/scaling.md): 4 sizes × 3 budgets on the `tiny` data, then a
@@ -232,7 +242,6 @@ def run_sweep(
 ) -> Path:
     """The whole sweep (module docstring); returns the sweep's directory."""
     from lmlab.run.recipe import load_recipe
-    from lmlab.run.runner import check_run_dir
     from lmlab.train.scaling import FORMS
 
     size_list = parse_counts(sizes, "--sizes")
@@ -255,7 +264,7 @@ def run_sweep(
 
 
 def _sweep(recipe, recipe_ref, sets, size_list, token_list, target_nd, run_dir: Path) -> Path:
-    from lmlab.run.runner import cached_record, run_recipe
+    from lmlab.run.runner import run_recipe
 
     t_start = time.monotonic()
     created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -276,7 +285,7 @@ def _sweep(recipe, recipe_ref, sets, size_list, token_list, target_nd, run_dir: 
     )
     run_recipe(recipe, run_dir.parent, run_dir.name, until="tokenizer")
     points, target_pt = plan_points(recipe, run_dir, size_list, token_list, target_nd)
-    tok_hash = hash_obj(read_json(run_dir / "tokenizer" / ".done.json")["outputs"])
+    tok_hash = hash_obj(read_json(run_dir / "tokenizer" / DONE)["outputs"])
     check_data(run_dir, [*points, target_pt], recipe)
 
     records = []
@@ -363,7 +372,6 @@ def point_dir(run_dir: Path, p: Point) -> Path:
 
 def train_point(run_dir: Path, p: Point, recipe, tok_hash: str, tag: str) -> dict:
     """Train one point (or reuse it when finished with the same key); returns its record."""
-    from lmlab.run.runner import cached_record, start_dir
     from lmlab.train.pretrain import pretrain
 
     pdir = point_dir(run_dir, p)
@@ -423,7 +431,7 @@ def train_point(run_dir: Path, p: Point, recipe, tok_hash: str, tag: str) -> dic
         raise UsageError(
             f"scaling {p.label}: validation loss {rec['loss']}; lower pretrain.lr and rerun"
         )
-    write_json(pdir / ".done.json", {"key": key, "record": rec})
+    mark_done(pdir, key, rec)
     log(f"scaling {p.label}: val loss {rec['loss']:.4f} in {rec['seconds']:.0f}s")
     return rec
 
@@ -509,10 +517,10 @@ def load_sweep(run_dir: Path) -> tuple[list[dict], dict | None, dict | None]:
     if not (run_dir / "sweep.json").is_file():
         raise UsageError(f"{run_dir}: not a scaling sweep directory (no sweep.json)")
     records = []
-    for marker in sorted((run_dir / "points").glob("*/.done.json")):
+    for marker in sorted((run_dir / "points").glob(f"*/{DONE}")):
         records.append(read_json(marker)["record"])
-    tmark = run_dir / "target" / ".done.json"
-    target = read_json(tmark)["record"] if tmark.is_file() else None
+    tdone = read_done(run_dir / "target")
+    target = tdone["record"] if tdone else None
     pred_path = run_dir / "prediction.json"
     pred = read_json(pred_path) if pred_path.is_file() else None
     if not records:
@@ -535,8 +543,7 @@ def refit(run_dir: Path) -> list[Path]:
 
 
 def update_manifest(run_dir: Path, records, target, prediction, wall: float) -> None:
-    path = run_dir / "manifest.json"
-    manifest = read_json(path) if path.is_file() else {"stages": {}}
+    manifest = read_manifest(run_dir)
     manifest.setdefault("stages", {})["scaling"] = {
         "status": "done",
         "seconds": round(wall, 2),
@@ -545,7 +552,7 @@ def update_manifest(run_dir: Path, records, target, prediction, wall: float) -> 
         "predicted_loss": prediction and prediction["predicted_loss"],
         "files": ["scaling.md", "scaling.html", "scaling.json", "prediction.json"],
     }
-    write_json(path, manifest)
+    write_manifest(run_dir, manifest)
 
 
 # --- results ------------------------------------------------------------------------------
@@ -605,7 +612,7 @@ def write_report(run_dir: Path, records, target, fits, prediction) -> list[Path]
     from lmlab.train.scaling import compute_optimal, predict
 
     spec = read_json(run_dir / "sweep.json")
-    manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").is_file() else {}
+    manifest = read_manifest(run_dir)
     res = outcome(target, prediction)
     plots = plot_sweep(run_dir, records, target, fits, prediction)
     recipe = manifest.get("recipe", {})

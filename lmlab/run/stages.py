@@ -15,7 +15,7 @@ from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
-from lmlab.run.runner import Run
+from lmlab.run.rundir import Run
 from lmlab.tokenizer import iter_texts, save_tokenizer, train_bpe
 from lmlab.train import distributed as dist_
 from lmlab.train.loop import resolve_precision
