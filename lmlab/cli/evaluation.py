@@ -138,12 +138,11 @@ def judge(
     both orders (position bias cancels), and the models get Elo and Bradley-Terry ratings."""
     import json
 
-    from lmlab.eval.judge import format_ratings, judge_models
+    from lmlab.eval.judge import check_inputs, format_ratings, judge_models
     from lmlab.utils import claim_output_file, json_with, write_json
 
     if not questions.is_file():
         raise UsageError(f"--questions {questions}: no such file")
-    claim_output_file(out, "judge results", json_with("verdicts"), overwrite=overwrite)
     qs = []
     for i, line in enumerate(questions.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -152,6 +151,8 @@ def judge(
             qs.append(str(json.loads(line)["question"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UsageError(f"{questions}:{i}: expected a JSON object with 'question'") from None
+    check_inputs(model, qs[:limit])  # all input checked before the output is claimed
+    claim_output_file(out, "judge results", json_with("verdicts"), overwrite=overwrite)
     res = judge_models(judge_model, model, qs[:limit], chat=chat, max_new_tokens=gen.max_new_tokens)
     write_json(out, res)
     print(format_ratings(res))

@@ -19,6 +19,7 @@ from itertools import combinations
 import numpy as np
 
 from lmlab.errors import UsageError
+from lmlab.infer.options import GenerationConfig
 
 JUDGE_PROMPT = (
     "Which response answers the question better?\n\n"
@@ -157,7 +158,7 @@ def bradley_terry(
 
 def answer_questions(model, tok, questions: Sequence[str], chat: bool, max_new_tokens: int):
     """Greedy answers, through the chat template when `chat` (an instruction-tuned model)."""
-    from lmlab.infer import GenerationConfig, generate_batch
+    from lmlab.infer import generate_batch
     from lmlab.prompt.fewshot import few_shot_prompt
     from lmlab.tokenizer import END, EOS, format_chat, special_id
 
@@ -184,7 +185,7 @@ def judge_models(
     model_paths: Sequence[str],
     questions: Sequence[str],
     chat: bool = False,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
     margin: float = 0.05,
     seed: int = 0,
 ) -> dict:
