@@ -60,6 +60,16 @@ def test_manifest_records_config_versions_timings_and_hashes(smoke_run):
     assert set(m["stages"]["sft"]["inputs"]) == {"data", "tokenizer", "pretrain"}
 
 
+def test_each_stage_reads_only_stages_before_it():
+    """A stage's cache key holds the output hashes of the stages it reads: they run first."""
+    from lmlab.run.runner import PIPELINE
+
+    assert [s.name for s in PIPELINE] == STAGES
+    for i, stage in enumerate(PIPELINE):
+        assert set(stage.reads) <= {s.name for s in PIPELINE[:i]}, stage.name
+    assert [s.name for s in PIPELINE if s.all_ranks] == ["pretrain", "sft"]
+
+
 def test_eval_results(smoke_run):
     res = json.loads((smoke_run / "eval/results.json").read_text())
     assert res["config"]["name"] == "smoke"

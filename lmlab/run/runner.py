@@ -1,7 +1,8 @@
 """Run a recipe stage by stage under `runs/<name>/`, reusing what is already done.
 
-Each stage's cache key hashes its resolved config and the hashes of its inputs (the
-outputs of the stages before it). A stage is skipped when its completion marker
+The stages are one table, `PIPELINE`: each row names the stage's function, the recipe
+sections its cache key hashes, the stages whose outputs it reads (their hashes join the
+key) and whether every torchrun rank runs it. A stage is skipped when its completion marker
 (`<stage>/.done.json`) holds the same key; `--force STAGE` redoes it and every stage
 after it. A stage interrupted before its marker is written runs again, and the
 training stages resume from their last checkpoint.
@@ -16,6 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +25,6 @@ import torch
 
 from lmlab.console import log
 from lmlab.errors import UsageError
-from lmlab.run import stages
 from lmlab.run.compare import run_comparison
 from lmlab.run.recipe import Recipe
 from lmlab.run.rundir import (
@@ -36,36 +37,50 @@ from lmlab.run.rundir import (
     start_dir,
     write_manifest,
 )
+from lmlab.run.stages import (
+    stage_data,
+    stage_eval,
+    stage_pretrain,
+    stage_report,
+    stage_sft,
+    stage_tokenizer,
+)
 from lmlab.train import distributed as dist_
 from lmlab.utils import check_name, dir_lock, git_commit, hash_obj, hash_tree, read_json, versions
 
-STAGES = ["data", "tokenizer", "pretrain", "sft", "eval", "report"]
-# Under torchrun every rank runs the training stages together; rank 0 alone runs the
-# others (and writes markers and the manifest) while the rest wait at a barrier.
-ALL_RANKS = ("pretrain", "sft")
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, as the runner walks it."""
+
+    name: str
+    fn: Callable[[Run], dict]  # does the work in `<run>/<name>/`; returns its summary
+    sections: tuple[str, ...]  # keys of the resolved recipe that its cache key hashes
+    reads: tuple[str, ...]  # stages whose output hashes its cache key hashes
+    # under torchrun every rank runs the training stages together; rank 0 alone runs the
+    # others (and writes markers and the manifest) while the rest wait at a barrier
+    all_ranks: bool = False
 
 
-def _stage_config(recipe: Recipe, stage: str) -> dict:
-    r = recipe.resolved()
-    return {
-        "data": {"data": r["data"]},
-        "tokenizer": {"tokenizer": r["tokenizer"]},
-        "pretrain": {"model": r["model"], "pretrain": r["pretrain"], "seed": r["seed"]},
-        "sft": {"sft": r["sft"], "seed": r["seed"]},
-        "eval": {"eval": r["eval"], "seed": r["seed"]},
-        "report": {},
-    }[stage]
+PIPELINE = (
+    Stage("data", stage_data, ("data",), ()),
+    Stage("tokenizer", stage_tokenizer, ("tokenizer",), ("data",)),
+    Stage(
+        "pretrain", stage_pretrain, ("model", "pretrain", "seed"), ("tokenizer",), all_ranks=True
+    ),
+    Stage("sft", stage_sft, ("sft", "seed"), ("data", "tokenizer", "pretrain"), all_ranks=True),
+    Stage("eval", stage_eval, ("eval", "seed"), ("data", "tokenizer", "pretrain", "sft")),
+    Stage("report", stage_report, (), ("data", "tokenizer", "pretrain", "sft", "eval")),
+)
+STAGES = [s.name for s in PIPELINE]
 
 
-def _inputs(stage: str) -> list[str]:
-    return {
-        "data": [],
-        "tokenizer": ["data"],
-        "pretrain": ["tokenizer"],
-        "sft": ["data", "tokenizer", "pretrain"],
-        "eval": ["data", "tokenizer", "pretrain", "sft"],
-        "report": ["data", "tokenizer", "pretrain", "sft", "eval"],
-    }[stage]
+def stage_key(stage: Stage, resolved: dict, outputs: dict[str, dict]) -> tuple[str, dict]:
+    """The cache key of `stage` and the input hashes it holds: its recipe sections (from
+    `resolved`, the recipe fully resolved) and the outputs of the stages it reads."""
+    inputs = {s: hash_obj(outputs[s]) for s in stage.reads}
+    config = {k: resolved[k] for k in stage.sections}
+    return hash_obj({"stage": stage.name, "config": config, "inputs": inputs, "format": 1}), inputs
 
 
 def _default_threads() -> int:
@@ -119,61 +134,59 @@ def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
     outputs: dict[str, dict[str, str]] = {}
     if d.main:
         log(f"run [bold]{run.dir}[/bold]")
-    todo = STAGES[: STAGES.index(until) + 1]
+    todo = PIPELINE[: STAGES.index(until) + 1]
     compare = bool(recipe.variants) and len(todo) > STAGES.index("tokenizer") + 1
     if recipe.variants:
         todo = todo[: STAGES.index("tokenizer") + 1]
+    resolved = recipe.resolved()
     for stage in todo:
-        fn: Callable[[Run], dict] = getattr(stages, f"stage_{stage}")
-        sdir = run.stage_dir(stage)
-        inputs = {s: hash_obj(outputs[s]) for s in _inputs(stage)}
-        key = hash_obj(
-            {"stage": stage, "config": _stage_config(recipe, stage), "inputs": inputs, "format": 1}
-        )
+        name = stage.name
+        sdir = run.stage_dir(name)
+        key, inputs = stage_key(stage, resolved, outputs)
         dist_.barrier()
-        done = cached_record(sdir, key, redo=stage in forced)
+        done = cached_record(sdir, key, redo=name in forced)
         dist_.barrier()  # every rank has read the marker before rank 0 may remove it
         if done:
-            outputs[stage] = done["outputs"]
-            manifest["stages"][stage] = {**done["record"], "status": "cached"}
+            outputs[name] = done["outputs"]
+            manifest["stages"][name] = {**done["record"], "status": "cached"}
             if d.main:
-                log(f"[dim]{stage}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
+                log(f"[dim]{name}: cached ({done['record']['seconds']:.1f}s when run)[/dim]")
                 write_manifest(run.dir, manifest)
             continue
         if d.main:
-            start_dir(sdir, key, redo=stage in forced)
-            log(f"[bold cyan]{stage}[/bold cyan] …")
-            manifest["stages"][stage] = {"status": "running", "key": key, "inputs": inputs}
+            start_dir(sdir, key, redo=name in forced)
+            log(f"[bold cyan]{name}[/bold cyan] …")
+            manifest["stages"][name] = {"status": "running", "key": key, "inputs": inputs}
             write_manifest(run.dir, manifest)
         dist_.barrier()
         t0 = time.monotonic()
-        if d.main or stage in ALL_RANKS:
+        if d.main or stage.all_ranks:
             try:
-                summary = fn(run) or {}
+                summary = stage.fn(run) or {}
             except KeyboardInterrupt:
                 if d.main:
-                    manifest["stages"][stage]["status"] = "interrupted"
+                    manifest["stages"][name]["status"] = "interrupted"
                     write_manifest(run.dir, manifest)
                 raise
         dist_.barrier()
         if not d.main:  # rank 0 has written the marker: take its record
             dist_.barrier()
-            outputs[stage] = read_json(sdir / DONE)["outputs"]
+            outputs[name] = read_json(sdir / DONE)["outputs"]
             continue
         seconds = time.monotonic() - t0
-        outputs[stage] = hash_tree(sdir)
+        outputs[name] = hash_tree(sdir)
         record = {
             "key": key,
             "seconds": round(seconds, 2),
             "inputs": inputs,
-            "outputs": outputs[stage],
+            "outputs": outputs[name],
             "summary": summary,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        manifest["stages"][stage] = {**record, "status": "done"}
-        mark_done(sdir, key, record, outputs[stage])
+        manifest["stages"][name] = {**record, "status": "done"}
+        mark_done(sdir, key, record, outputs[name])
         write_manifest(run.dir, manifest)
-        log(f"{stage}: done in {seconds:.1f}s")
+        log(f"{name}: done in {seconds:.1f}s")
         dist_.barrier()
     if compare:
 
