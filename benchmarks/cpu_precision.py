@@ -12,7 +12,8 @@ import time
 import torch
 
 from lmlab.model import ModelConfig, Transformer
-from lmlab.train.loop import autocast, cpu_has_native_bf16, loss_fn
+from lmlab.model.precision import autocast, cpu_has_native_bf16
+from lmlab.train.loop import loss_fn
 
 SHAPES = [(4, 256, 4, 256, 16), (6, 384, 6, 256, 8)]  # layers, width, heads, seq, batch
 

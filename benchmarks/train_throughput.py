@@ -45,15 +45,10 @@ import torch
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
 from lmlab.model.hf import config_to_hf, state_to_hf
-from lmlab.train.batch import Batch, logits_of, token_loss_sum
-from lmlab.train.loop import (
-    TrainConfig,
-    autocast,
-    cpu_has_native_bf16,
-    make_optimizer,
-    train,
-    with_aux_loss,
-)
+from lmlab.model.precision import autocast, cpu_has_native_bf16
+from lmlab.model.scoring import token_loss_sum
+from lmlab.train.batch import Batch, logits_of, with_aux_loss
+from lmlab.train.loop import TrainConfig, make_optimizer, train
 from lmlab.train.mfu import device_name, mfu, parse_dtype, peak_flops
 from lmlab.utils import write_json
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from lmlab.adapt.sft import collate, encode_example, first_sentence, is_held_out, qa_pairs
+from lmlab.adapt.docstring_qa import first_sentence, is_held_out, qa_pairs
+from lmlab.adapt.sft import collate, encode_example
 from lmlab.eval.metrics import exact_match, mean_stderr, paired_difference, rouge_l
 from lmlab.model import ModelConfig, Transformer
 from lmlab.tokenizer import CHAT_TEMPLATE, END, format_chat, special_id, train_bpe

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmlab.data.shards import write_manifest
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
 from lmlab.model.loading import load_model
+from lmlab.model.scoring import token_loss_sum
 from lmlab.tokenizer import EOS, load_tokenizer, save_tokenizer, special_id, train_bpe
-from lmlab.train.batch import Batch, doc_positions, logits_of
+from lmlab.train.batch import Batch, LossOut, doc_positions, logits_of, token_cross_entropy
 from lmlab.train.loop import (
     SpikeDetector,
     TrainConfig,
@@ -170,7 +172,7 @@ class Killed(Exception):
     pass
 
 
-def _run_pretrain_loop(shards, out, cfg, kill_at=None, mcfg=None):
+def _run_pretrain_loop(shards, out, cfg, kill_at=None, mcfg=None, objective=token_cross_entropy):
     """`train` on the packed shards; `kill_at` raises out of get_batch at that micro-batch,
     like a process dying mid-step (nothing is saved on the way out)."""
     from lmlab.data.shards import open_split
@@ -185,7 +187,7 @@ def _run_pretrain_loop(shards, out, cfg, kill_at=None, mcfg=None):
     torch.manual_seed(5)
     model = Transformer(mcfg or _model_cfg(shards))
     val = [causal_batch(stream.rows(10_000, 4)[0])]
-    return train(model, get_batch, val, cfg, out, shards, key="k")
+    return train(model, get_batch, val, cfg, out, shards, key="k", objective=objective)
 
 
 def test_killed_run_resumes_to_bitwise_identical_losses_and_weights(shards, tmp_path):
@@ -204,6 +206,73 @@ def test_killed_run_resumes_to_bitwise_identical_losses_and_weights(shards, tmp_
     rows = [json.loads(x) for x in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
     sizes = [r["batch_rows"] for r in rows if "batch_rows" in r]
     assert sizes[0] < sizes[-1] == 8  # batch-size warm-up: 2 rows × 2 micro → 4 × 2
+
+
+def smoothed(model, batch: Batch) -> LossOut:
+    """A custom objective: label-smoothed cross-entropy, logging the plain one beside it."""
+    logits = logits_of(model, batch).float().flatten(0, 1)
+    targets = batch.targets.flatten()
+    loss = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=0.1)
+    nll = F.cross_entropy(logits, targets, reduction="sum")
+    return LossOut(loss, (targets != -100).sum(), {"nll": nll.detach()})
+
+
+def test_a_custom_objective_trains_through_the_seam_and_resumes_exactly(shards, tmp_path):
+    cfg = _cfg(max_steps=10, grad_accum=2)
+    _run_pretrain_loop(shards, tmp_path / "ref", cfg, objective=smoothed)
+    with pytest.raises(Killed):  # dies inside step 6 (micro-batches 10, 11)
+        _run_pretrain_loop(shards, tmp_path / "run", cfg, kill_at=11, objective=smoothed)
+    assert json.loads((tmp_path / "run/last/trainer_state.json").read_text())["step"] == 4
+    _run_pretrain_loop(shards, tmp_path / "run", cfg, objective=smoothed)
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert [s for s, _ in got] == list(range(1, 11)) and got == ref
+    a = load_file(tmp_path / "ref/model/model.safetensors")
+    b = load_file(tmp_path / "run/model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and "event" not in r]
+    assert len(steps) == 10 and all(r["nll"] != r["loss"] for r in steps)
+    assert steps[-1]["nll"] < steps[-1]["loss"]  # once the model learns, smoothing costs
+    resumed = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r.get("nll") for r in resumed] == [r.get("nll") for r in rows]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 2  # at step 6 and at the end: the objective's loss on validation
+    _run_pretrain_loop(shards, tmp_path / "plain", cfg)
+    plain = _losses(tmp_path / "plain")
+    assert plain[0][1] == steps[0]["nll"]  # step 1, same weights: the metric is the loss
+    assert plain[1:] != ref[1:]  # then another loss trains another model
+
+
+def test_an_objective_is_normalised_by_its_own_count(shards, tmp_path):
+    """The loop scales each backward by the target count before the forward; an objective
+    that counts otherwise is rescaled to its own count: twice the loss over twice the count
+    trains exactly like the default."""
+
+    def doubled(model, batch):
+        out = token_cross_entropy(model, batch)
+        return LossOut(2 * out.loss_sum, 2 * out.count, aux_loss=out.aux_loss)
+
+    cfg = _cfg(max_steps=6, grad_accum=2)
+    _run_pretrain_loop(shards, tmp_path / "a", cfg)
+    _run_pretrain_loop(shards, tmp_path / "b", cfg, objective=doubled)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    a = load_file(tmp_path / "a/model/model.safetensors")
+    b = load_file(tmp_path / "b/model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    moe = _model_cfg(shards, n_experts=4, experts_top_k=2)  # its aux loss cannot be rescaled
+    with pytest.raises(UsageError, match="aux_loss"):
+        _run_pretrain_loop(shards, tmp_path / "c", cfg, mcfg=moe, objective=doubled)
+
+
+def test_the_default_objective_adds_a_mixture_of_experts_balancing_loss(shards):
+    batch = causal_batch(np.arange(34).reshape(2, 17) % 50)
+    torch.manual_seed(0)
+    moe = Transformer(_model_cfg(shards, n_experts=4, experts_top_k=2))
+    out = token_cross_entropy(moe, batch)
+    assert out.aux_loss is not None and torch.equal(out.aux_loss, moe.aux_loss())
+    torch.testing.assert_close(out.loss_sum, token_loss_sum(moe(batch.inputs), batch.targets))
+    assert int(out.count) == batch.n_targets == 32 and out.metrics == {}
+    assert token_cross_entropy(Transformer(_model_cfg(shards)), batch).aux_loss is None
 
 
 def test_batch_warmup_grows_linearly_to_the_batch_size():
@@ -506,7 +575,9 @@ def test_encoder_decoder_pretrains_on_span_corruption(shards, tmp_path):
     mcfg = _model_cfg(shards, family="encoder_decoder", n_decoder_layers=2, position="t5")
     cfg = _cfg(objective=ObjectiveConfig(causal=0, span=1, sentinels=8), max_steps=30, lr=1e-2)
     out = tmp_path / "o"
-    summary = pretrain(mcfg, cfg, shards, shards, out, seed=0, key="k")
+    summary = pretrain(
+        mcfg, cfg, shard_dir=shards, tokenizer_dir=shards, out_dir=out, seed=0, key="k"
+    )
     losses = [loss for _, loss in _losses(out)]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
     tok = load_tokenizer(out / "model")
@@ -523,7 +594,9 @@ def test_prefix_and_mixture_objectives_train_a_prefix_decoder(shards, tmp_path):
         doc_mask=True,
         lr=1e-2,
     )
-    summary = pretrain(mcfg, cfg, shards, shards, tmp_path / "o", seed=0, key="k")
+    summary = pretrain(
+        mcfg, cfg, shard_dir=shards, tokenizer_dir=shards, out_dir=tmp_path / "o", seed=0, key="k"
+    )
     losses = [loss for _, loss in _losses(tmp_path / "o")]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
     assert summary["final_val_loss"] < 5
@@ -531,9 +604,9 @@ def test_prefix_and_mixture_objectives_train_a_prefix_decoder(shards, tmp_path):
         pretrain(
             _model_cfg(shards),
             _cfg(objective=ObjectiveConfig(prefix=1)),
-            shards,
-            shards,
-            tmp_path / "x",
+            shard_dir=shards,
+            tokenizer_dir=shards,
+            out_dir=tmp_path / "x",
             seed=0,
             key="k",
         )
@@ -553,7 +626,7 @@ mcfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, vocab_size=vocab, max_seq_
 cfg = PretrainConfig(batch_size=4, seq_len=16, grad_accum=2, lr=3e-3, warmup_steps=2,
     max_steps=10, eval_every=5, eval_batches=2, log_every=1, checkpoint_every=5,
     precision="fp32", distributed=strategy, doc_mask=True)
-pretrain(mcfg, cfg, shards, shards, out, seed=0, key="k")
+pretrain(mcfg, cfg, shard_dir=shards, tokenizer_dir=shards, out_dir=out, seed=0, key="k")
 """
 
 

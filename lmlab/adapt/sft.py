@@ -1,19 +1,14 @@
-"""Instruction tuning on question/answer pairs mined from the corpus (Zhao et al. §5.1).
+"""Instruction tuning (Zhao et al. §5.1) on question/answer pairs in chat form.
 
-For every public function, class and method with a docstring: "What does
-`package.module.name` do?" → the docstring's first sentence. Whole modules are held out
-(chosen by a hash of the module name) and never appear in SFT data; their questions are
-the evaluation set. Loss is on answer tokens only.
+The pairs are `train.jsonl`/`heldout.jsonl` as `lmlab.adapt.docstring_qa` mines them from
+the corpus; the held-out modules' pairs give the validation loss. Each pair is one chat
+turn; the loss is on answer tokens only, through the training loop's loss seam.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
-import hashlib
 import json
-import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,103 +16,23 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.config import STRICT, Fraction, PosInt
+from lmlab.adapt.docstring_qa import PairsConfig
+from lmlab.config import STRICT, PosInt
 from lmlab.console import log
-from lmlab.data.pipeline import iter_documents
 from lmlab.errors import UsageError
 from lmlab.model.loading import load_model
 from lmlab.tokenizer import END, PAD, format_chat, special_id
-from lmlab.train.loop import Batch, TrainConfig, train
-from lmlab.utils import write_jsonl
-
-MAIN_TEMPLATE = "What does `{name}` do?"
-TEMPLATES = [
-    MAIN_TEMPLATE,
-    "Explain what `{name}` does.",
-    "What is `{name}` for?",
-    "Describe `{name}` in one sentence.",
-]
-_ABBREVIATIONS = {"eg", "ie", "etc", "vs", "cf", "approx", "resp"}
-_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]`'\"])[.!?](?=\s|$)")
+from lmlab.train.batch import Batch, LossFn, token_cross_entropy
+from lmlab.train.loop import TrainConfig, train
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(PairsConfig):
+    """The mining settings plus the passes over the training pairs."""
+
     __pydantic_config__ = STRICT
 
-    held_out_fraction: Fraction = 0.1
     epochs: PosInt = 3
-    max_answer_chars: PosInt = 200
-
-
-def first_sentence(doc: str, max_chars: int) -> str | None:
-    """The first sentence of a docstring's first paragraph, or None if there is no prose."""
-    para = doc.strip().split("\n\n")[0]
-    text = " ".join(line.strip() for line in para.splitlines()).strip()
-    if not text or not text[0].isalpha() or "(" in text.split(" ")[0]:
-        return None  # empty, or a C-style signature line such as "f(a, b) -> c"
-    end = len(text)
-    for m in _SENTENCE_END.finditer(text):
-        last_word = text[: m.start()].rsplit(" ", 1)[-1].lstrip("(").lower()
-        if last_word.replace(".", "") not in _ABBREVIATIONS:
-            end = m.end()
-            break
-    sentence = text[:end]
-    if not 12 <= len(sentence) <= max_chars or len(sentence.split()) < 3:
-        return None
-    return sentence
-
-
-def qa_pairs(module: str, source: str, max_chars: int) -> Iterator[dict]:
-    """Questions about the public functions, classes and methods of one module's source."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return
-    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-
-    def visit(nodes: Iterable[ast.stmt], prefix: str) -> Iterator[dict]:
-        for node in nodes:
-            if not isinstance(node, defs) or node.name.startswith("_"):
-                continue
-            name = f"{prefix}.{node.name}"
-            doc = ast.get_docstring(node)
-            answer = first_sentence(doc, max_chars) if doc else None
-            if answer:
-                yield {"module": module, "name": name, "answer": answer}
-            if isinstance(node, ast.ClassDef):
-                yield from visit(node.body, name)
-
-    yield from visit(tree.body, module)
-
-
-def is_held_out(module: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha1(module.encode()).digest()[:8], "big") / 2**64
-    return h < fraction
-
-
-def build_pairs(doc_files: list[Path], cfg: SFTConfig, out_dir: Path) -> dict[str, int]:
-    """Write `train.jsonl` and `heldout.jsonl` of QA pairs; returns their sizes."""
-    train_rows, held_rows = [], []
-    for f in doc_files:
-        for doc in iter_documents(f):
-            module = doc.metadata.get("module")
-            if not module or any(p.startswith("_") for p in module.split(".")):
-                continue
-            for pair in qa_pairs(module, doc.text, cfg.max_answer_chars):
-                h = int(hashlib.sha1(pair["name"].encode()).hexdigest()[:8], 16)
-                template = TEMPLATES[h % len(TEMPLATES)] if h % 2 else MAIN_TEMPLATE
-                if is_held_out(module, cfg.held_out_fraction):
-                    held_rows.append({**pair, "question": MAIN_TEMPLATE.format(name=pair["name"])})
-                else:
-                    train_rows.append({**pair, "question": template.format(name=pair["name"])})
-    n_train = write_jsonl(out_dir / "train.jsonl", train_rows)
-    n_held = write_jsonl(out_dir / "heldout.jsonl", held_rows)
-    return {
-        "train_pairs": n_train,
-        "heldout_pairs": n_held,
-        "heldout_modules": len({r["module"] for r in held_rows}),
-    }
 
 
 def encode_example(tok: Tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
@@ -151,18 +66,21 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def sft(
     base_dir: Path,
+    cfg: TrainConfig,
+    *,
     tokenizer_dir: Path,
     pairs_dir: Path,
-    cfg: TrainConfig,
     epochs: int,
     out_dir: Path,
     seed: int,
     key: str,
+    objective: LossFn = token_cross_entropy,
 ) -> dict:
     """Fine-tune the base checkpoint on `pairs_dir/train.jsonl`.
 
     The validation loss is measured (never trained on) on held-out-module pairs, so the
-    curve shows generalisation to modules the model was not tuned on.
+    curve shows generalisation to modules the model was not tuned on. `objective` is the
+    loss (default: cross-entropy on the answer tokens, the prompt's targets being -100).
     """
     tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     rows = _read_pairs(pairs_dir / "train.jsonl")
@@ -194,6 +112,8 @@ def sft(
     held = held[: bs * cfg.eval_batches]
     vals = [collate(held[i : i + bs], pad, cfg.seq_len) for i in range(0, len(held), bs)]
     log(f"sft: {n} examples, {steps_per_epoch} steps per epoch, up to {cfg.step_limit} steps")
-    summary = train(model, get_batch, vals, cfg, out_dir, tokenizer_dir, key, name="sft")
+    summary = train(
+        model, get_batch, vals, cfg, out_dir, tokenizer_dir, key, name="sft", objective=objective
+    )
     summary["examples"] = n
     return summary

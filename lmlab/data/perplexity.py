@@ -385,13 +385,13 @@ def read_reference(paths: Iterable[str | Path]) -> Iterator[str]:
 def checkpoint_scorer(path: str | Path, device: str = "cpu") -> Callable[[str], float]:
     """`text -> perplexity per token` under an lmlab (or Hugging Face) checkpoint.
 
-    The text is framed as in token shards (`<|endoftext|>` before and after) and scored in
+    The text is framed as in token shards (`<|endoftext|>` before and after) and cut into
     windows of the model's context length that overlap by one token, so every token but
-    the first is predicted once.
+    the first is predicted once. The model reads each whole window (its last token has
+    no target); a short last window is padded.
     """
-    import torch
-
     from lmlab.model.loading import load_model
+    from lmlab.model.scoring import IGNORE, score
     from lmlab.tokenizer import EOS as EOS_TOKEN
     from lmlab.tokenizer import load_tokenizer, special_id
 
@@ -401,28 +401,16 @@ def checkpoint_scorer(path: str | Path, device: str = "cpu") -> Callable[[str], 
     cfg = getattr(model, "cfg", None)
     max_len = cfg.max_seq_len if cfg is not None else model.config.max_position_embeddings
 
-    @torch.inference_mode()
-    def score(text: str) -> float:
-        ids = [eos, *tok.encode(text).ids, eos]
-        step = max_len - 1
-        windows = [ids[s : s + max_len] for s in range(0, len(ids) - 1, step)]
-        nll, count = 0.0, 0
-        for b in range(0, len(windows), 16):
-            batch = windows[b : b + 16]
-            width = max(len(w) for w in batch)
-            x = torch.full((len(batch), width), eos, dtype=torch.long, device=device)
-            for r, w in enumerate(batch):
-                x[r, : len(w)] = torch.tensor(w)
-            out = model(x)
-            logits = out.logits if hasattr(out, "logits") else out
-            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            got = lp.gather(-1, x[:, 1:, None])[..., 0]
-            for r, w in enumerate(batch):
-                nll -= float(got[r, : len(w) - 1].sum())
-                count += len(w) - 1
-        return math.exp(nll / count)
+    def rows(ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for s in range(0, len(ids) - 1, max_len - 1):
+            w = ids[s : s + max_len]
+            yield w, np.append(w[1:], IGNORE)
 
-    return score
+    def perplexity(text: str) -> float:
+        ids = np.array([eos, *tok.encode(text).ids, eos], dtype=np.int64)
+        return score(model, rows(ids), 16, device=device, per_row=True, pad_id=eos).perplexity
+
+    return perplexity
 
 
 def prepare_model(cfg: PerplexityConfig, out: str | Path) -> str:

@@ -159,19 +159,15 @@ def _eval_setup(
 
 
 def _perplexity(model: nn.Module, setup: dict, label: str) -> dict:
-    """Loss, perplexity and bits per byte over the held-out windows `setup` holds."""
-    # The one import here against the layer order (infer < eval): to be replaced by the
-    # model layer's windowed-loss scorer (lmlab/model/scoring.py) once it lands.
-    from lmlab.eval.lm import lm_metrics
+    """Loss, perplexity and bits per byte over the held-out windows `setup` holds, framed
+    as the eval stage frames them (`stream_scores`)."""
+    from lmlab.model.scoring import stream_scores, token_byte_lengths
 
-    return lm_metrics(
-        model,
-        setup["tokens"],
-        setup["tokenizer"],
-        setup["seq_len"],
-        setup["max_tokens"],
-        label=label,
-    )
+    tok = setup["tokenizer"]
+    lengths = token_byte_lengths(tok, tok.get_vocab_size())
+    return stream_scores(
+        model, setup["tokens"], setup["seq_len"], setup["max_tokens"], lengths, label=label
+    ).summary()
 
 
 def _probe_inputs(cfg, setup: dict | None, new_tokens: int, speed: bool) -> dict:

@@ -21,10 +21,6 @@ from safetensors.torch import load_file, save_file
 from lmlab.errors import CheckpointError
 from lmlab.model.config import ModelConfig
 from lmlab.model.encdec import build_model
-
-# Loading any form is `lmlab.model.loading`; `load_model` is named here too only until
-# lmlab/train/loop.py imports it from there.
-from lmlab.model.loading import load_model  # noqa: F401
 from lmlab.model.transformer import Transformer
 from lmlab.utils import atomic_dir, write_json
 

@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lmlab.console import log
@@ -49,11 +47,12 @@ from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
+from lmlab.model.precision import resolve_precision
+from lmlab.model.scoring import score, stream_windows
 from lmlab.render import Section, write_pages
 from lmlab.run.rundir import Run, cached_record, start_dir
-from lmlab.train.loop import autocast, resolve_precision
 from lmlab.train.metrics import read_metrics, spike_summary
-from lmlab.train.pretrain import pretrain, val_windows
+from lmlab.train.pretrain import pretrain
 from lmlab.utils import hash_obj, read_json, write_json
 
 SPIKE_WINDOW = 20  # logged steps in the running mean / standard deviation
@@ -153,11 +152,11 @@ def run_comparison(
             summary = pretrain(
                 mcfg,
                 recipe.pretrain,
-                run.stage_dir("tokenizer") / "tokens",
-                run.stage_dir("tokenizer"),
-                vdir,
-                recipe.seed,
-                key,
+                shard_dir=run.stage_dir("tokenizer") / "tokens",
+                tokenizer_dir=run.stage_dir("tokenizer"),
+                out_dir=vdir,
+                seed=recipe.seed,
+                key=key,
             )
         except KeyboardInterrupt:  # the checkpoint is saved; a rerun resumes this variant
             entry["variants"][name]["status"] = "interrupted"
@@ -184,23 +183,16 @@ def run_comparison(
     return paths
 
 
-@torch.no_grad()
 def window_losses(model_dir: Path, run: Run) -> list[float]:
-    """Mean loss of the final model on each validation window (the pretrain loop's set).
+    """Mean loss of the final model on each validation window (the pretrain loop's set:
+    the first `batch_size` × `eval_batches` non-overlapping windows of `seq_len` + 1).
 
     Their mean is the final validation loss; per window they pair two variants up."""
     cfg = run.recipe.pretrain
     val = open_split(run.stage_dir("tokenizer") / "tokens", "val")
-    model = load_model(model_dir).eval()
-    out: list[float] = []
-    for x, y in val_windows(val, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-        with autocast(cfg.precision):
-            logits = model(x)
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none"
-        )
-        out += [round(v, 6) for v in loss.view(y.shape).mean(dim=1).tolist()]
-    return out
+    windows = stream_windows(val, cfg.seq_len + 1, limit=cfg.batch_size * cfg.eval_batches)
+    s = score(load_model(model_dir), windows, cfg.batch_size, cfg.precision, per_row=True)
+    return [round(v, 6) for v in s.row_means()]
 
 
 # --- statistics -----------------------------------------------------------------------

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from lmlab.adapt.sft import build_pairs, sft
+from lmlab.adapt.docstring_qa import build_pairs
+from lmlab.adapt.sft import sft
 from lmlab.console import log
 from lmlab.data.mixture import write_token_shards
 from lmlab.data.pipeline import prepare
@@ -15,10 +16,10 @@ from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
+from lmlab.model.precision import resolve_precision
 from lmlab.run.rundir import Run
 from lmlab.tokenizer import iter_texts, save_tokenizer, train_bpe
 from lmlab.train import distributed as dist_
-from lmlab.train.loop import resolve_precision
 from lmlab.train.pretrain import pretrain
 from lmlab.utils import hash_obj, write_json, write_jsonl
 
@@ -74,11 +75,11 @@ def stage_pretrain(run: Run) -> dict:
     summary = pretrain(
         mcfg,
         cfg,
-        run.stage_dir("tokenizer") / "tokens",
-        run.stage_dir("tokenizer"),
-        run.stage_dir("pretrain"),
-        run.recipe.seed,
-        key,
+        shard_dir=run.stage_dir("tokenizer") / "tokens",
+        tokenizer_dir=run.stage_dir("tokenizer"),
+        out_dir=run.stage_dir("pretrain"),
+        seed=run.recipe.seed,
+        key=key,
     )
     summary["parameters"] = mcfg.num_params()
     return {k: v for k, v in summary.items() if k != "config"}
@@ -96,13 +97,13 @@ def stage_sft(run: Run) -> dict:
     key = hash_obj({"sft": run.recipe.resolved()["sft"], "seed": run.recipe.seed})
     summary = sft(
         run.stage_dir("pretrain") / "model",
-        run.stage_dir("tokenizer"),
-        out / "pairs",
         cfg.train,
-        cfg.epochs,
-        out,
-        run.recipe.seed,
-        key,
+        tokenizer_dir=run.stage_dir("tokenizer"),
+        pairs_dir=out / "pairs",
+        epochs=cfg.epochs,
+        out_dir=out,
+        seed=run.recipe.seed,
+        key=key,
     )
     return {**sizes, **{k: v for k, v in summary.items() if k != "config"}}
 

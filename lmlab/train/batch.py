@@ -1,18 +1,21 @@
 """One training batch, whatever the objective, and the loss of a model on it.
 
-Every objective (causal, prefix LM, span corruption; lmlab.train.objectives) produces a
-`Batch`; `forward_loss` feeds it to any model family, so the loop never branches on the
-objective.
+Every pre-training objective (causal, prefix LM, span corruption; lmlab.train.objectives)
+and SFT produce a `Batch`; `logits_of` feeds it to any model family, so the loop never
+branches on the objective. What the loop minimises is the loss seam: an objective,
+a `LossFn` `(model, batch) -> LossOut`, by default `token_cross_entropy`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import torch
-import torch.nn.functional as F
 
+from lmlab.model.scoring import IGNORE, token_loss_sum
 from lmlab.model.transformer import document_mask
+from lmlab.train.distributed import unwrap
 
 
 @dataclass
@@ -87,8 +90,45 @@ def logits_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch.inputs, **kwargs)
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over positions whose target is not -100 (float32 softmax)."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+@dataclass
+class LossOut:
+    """What an objective gives the loop for one micro-batch.
+
+    `loss_sum` is summed over the micro-batch; the loop divides the step's sum (over
+    micro-batches and data-parallel ranks) by the step's `count` (a tensor or a number)
+    and logs that as `loss`. Each of `metrics` is summed the same way and logged divided
+    by the same count. `aux_loss`, if any, is added to every micro-batch's normalised
+    loss as it is and never logged (a mixture of experts' load-balancing loss)."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor | float
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    aux_loss: torch.Tensor | None = None
+
+
+# The loss seam: an objective scores a model on a batch (training, and validation).
+LossFn = Callable[[torch.nn.Module, Batch], LossOut]
+
+
+def aux_loss_of(model: torch.nn.Module) -> torch.Tensor | None:
+    """A mixture-of-experts model's weighted load-balancing loss from its last forward
+    (None for other models), through DDP and torch.compile wrappers."""
+    inner = unwrap(model)
+    return inner.aux_loss() if hasattr(inner, "aux_loss") else None
+
+
+def with_aux_loss(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """`loss` plus the model's `aux_loss_of`, as the loop adds it to a normalised loss."""
+    aux = aux_loss_of(model)
+    return loss if aux is None else loss + aux.to(loss.dtype)
+
+
+def token_cross_entropy(model: torch.nn.Module, batch: Batch) -> LossOut:
+    """The default objective: next-token cross-entropy summed over the targets that are
+    not -100, per target, plus the model's load-balancing loss (if it has experts)."""
+    logits = logits_of(model, batch)
+    return LossOut(
+        token_loss_sum(logits, batch.targets),
+        (batch.targets != IGNORE).sum(),
+        aux_loss=aux_loss_of(model),
     )

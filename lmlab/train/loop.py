@@ -1,6 +1,8 @@
 """The training loop, written out (Zhao et al. §4.3): no trainer classes, one function.
 
-Pre-training and SFT both call `train` with their own `get_batch(index, start_row, rows)`:
+Pre-training and SFT both call `train` with their own `get_batch(index, start_row, rows)`
+and, if they want another loss than next-token cross-entropy, their own `objective`
+(the loss seam, `lmlab.train.batch.LossFn`: `(model, batch) -> LossOut`):
 the data is a pure function of its position (a micro-batch counter and a row offset),
 so a run resumed from a checkpoint replays exactly the batches an uninterrupted run
 would have seen and its per-step losses are identical (bitwise on CPU). Under `torchrun`
@@ -25,7 +27,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,9 +39,11 @@ import torch.nn.functional as F
 from lmlab.config import STRICT, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from lmlab.console import log, progress
 from lmlab.errors import CheckpointError, UsageError
-from lmlab.model.checkpoint import load_model, save_checkpoint
+from lmlab.model.checkpoint import save_checkpoint
+from lmlab.model.loading import load_model
+from lmlab.model.precision import autocast, resolve_precision
 from lmlab.train import distributed as dist_
-from lmlab.train.batch import Batch, as_batch, logits_of, token_loss_sum
+from lmlab.train.batch import Batch, LossFn, LossOut, as_batch, token_cross_entropy
 from lmlab.train.distributed import Dist
 from lmlab.train.observe import MetricsSink, truncate_metrics
 from lmlab.train.schedule import lr_at
@@ -137,14 +141,6 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def with_aux_loss(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-    """The loss to differentiate: plus a mixture-of-experts model's weighted load-balancing
-    loss from the same forward (the logged loss stays the cross-entropy alone)."""
-    inner = dist_.unwrap(model)
-    aux = inner.aux_loss() if hasattr(inner, "aux_loss") else None
-    return loss if aux is None else loss + aux.to(loss.dtype)
-
-
 def _fused_default(device: torch.device) -> bool:
     """Fused AdamW wherever torch has the kernel (CUDA and CPU): one pass over parameters
     and states instead of ~10. On this project's 2-core CPU it measured 1.02–1.25× per step
@@ -171,40 +167,17 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
-    if precision != "auto":
-        return precision
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    kind = torch.device(device).type
-    p = resolve_precision(precision, device)
-    if p == "bf16":
-        return torch.autocast(kind, dtype=torch.bfloat16)
-    if p == "fp16":
-        return torch.autocast(kind, dtype=torch.float16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module,
     batches: list[Batch],
     precision: str,
     d: Dist | None = None,
+    objective: LossFn = token_cross_entropy,
 ) -> float:
-    """Token-weighted mean loss over `batches`; under DDP/FSDP each rank scores a slice."""
+    """The objective's summed loss over `batches` divided by its summed count (for the
+    default, the token-weighted mean cross-entropy); under DDP/FSDP each rank scores a
+    slice."""
     d = d or Dist()
     was_training = model.training
     model.eval()
@@ -216,9 +189,9 @@ def evaluate_loss(
             continue
         b = b.rows(slice(d.rank * n, (d.rank + 1) * n)).to(d.device)
         with autocast(precision, d.device):
-            logits = logits_of(model, b)
-        total += float(token_loss_sum(logits, b.targets))
-        count += b.n_targets
+            out = objective(model, b)
+        total += float(out.loss_sum)
+        count += float(out.count)
     model.train(was_training)
     total, count = dist_.all_sum([total, count], d)
     return total / max(count, 1)
@@ -300,6 +273,58 @@ class Position:
     spikes: dict = field(default_factory=dict)
 
 
+@dataclass
+class StepSums:
+    """One step's objective outputs, summed over its micro-batches on this rank."""
+
+    loss: float = 0.0
+    count: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    aux: bool = False  # an aux_loss was added to some micro-batch's loss
+    global_count: float = 0.0  # the count over every rank, once reduced
+
+    def add(self, out: LossOut) -> None:
+        self.loss += float(out.loss_sum.detach())
+        self.count += float(out.count)
+        for k, v in out.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
+        self.aux = self.aux or out.aux_loss is not None
+
+    def reduce(self, d: Dist) -> tuple[float, dict[str, float]]:
+        """The step's loss and metrics over every rank, each divided by the summed count
+        (every rank must return the same metric names)."""
+        keys = sorted(self.metrics)
+        total = dist_.all_sum([self.loss, self.count, *(self.metrics[k] for k in keys)], d)
+        self.global_count = total[1]
+        n = max(total[1], 1.0)
+        return total[0] / n, {k: v / n for k, v in zip(keys, total[2:], strict=True)}
+
+    def renormalise(self, model: torch.nn.Module, targets: float, name: str) -> None:
+        """Each backward scaled its loss by the step's target count, known before the
+        forward (so gradient accumulation keeps no graphs); an objective that counts
+        something else (pairs, sequences) gets the gradients rescaled to its own count."""
+        if self.global_count == targets:
+            return
+        if self.aux:  # the aux loss, added unnormalised, would be rescaled with the rest
+            raise UsageError(
+                f"{name}: the objective's count ({self.global_count:g}) is not the step's "
+                f"target count ({targets:g}) and it adds an aux_loss, which the rescaling "
+                "would scale too; count the targets, or add the aux loss into loss_sum"
+            )
+        factor = max(targets, 1.0) / max(self.global_count, 1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+
+def _with_metrics(row: dict, metrics: dict[str, float], name: str) -> dict:
+    """A logged step plus the objective's metrics, which may not shadow the loop's fields."""
+    clash = sorted(set(metrics) & set(row))
+    if clash:
+        raise UsageError(f"{name}: the objective's metric {clash[0]!r} is a field the loop logs")
+    return {**row, **{k: round(v, 5) for k, v in metrics.items()}}
+
+
 def batch_rows(cfg: TrainConfig, tokens: int, world: int) -> int:
     """Global rows in the next micro-batch (batch-size warm-up), a multiple of `world`."""
     rows = cfg.batch_size
@@ -322,8 +347,13 @@ def train(
     tokenizer_dir: str | Path,
     key: str,
     name: str = "train",
+    objective: LossFn = token_cross_entropy,
 ) -> dict:
     """Train `model` under `out_dir`, resuming from its newest checkpoint if `key` matches.
+
+    `objective(model, batch)` is the loss of a micro-batch (training and validation):
+    the loop minimises its summed loss over a step divided by its summed count and logs
+    its metrics beside the loss.
 
     Writes `metrics.jsonl` (one line per logged step, plus `val_loss` and `event` lines),
     `last/` (checkpoint + trainer state, every `checkpoint_every` steps and on
@@ -469,21 +499,22 @@ def train(
                     pos.batches += 1
                     pos.rows += step_rows
                 total_targets = dist_.all_sum([sum(counts)], d)[0]
-                loss_sum = 0.0
+                sums = StepSums()
                 for i, b in enumerate(micro):
                     with dist_.no_sync(wrapped, i == len(micro) - 1):
                         with autocast(precision, d.device):
-                            logits = logits_of(runner, b)
-                        summed = token_loss_sum(logits, b.targets)
+                            lo = objective(runner, b)
                         # DDP/FSDP average gradients over ranks: scale by the world so the
                         # result is the mean over every target of the global step
-                        loss = summed * (d.world / max(total_targets, 1.0))
-                        scaler.scale(with_aux_loss(plain, loss)).backward()
-                    loss_sum += float(summed.detach())
+                        loss = lo.loss_sum * (d.world / max(total_targets, 1.0))
+                        if lo.aux_loss is not None:
+                            loss = loss + lo.aux_loss.to(loss.dtype)
+                        scaler.scale(loss).backward()
+                    sums.add(lo)
                 step_tokens = sum(b.inputs.numel() for b in micro) * d.world
                 if flops_per_token is None:
                     flops_per_token, peak = _flop_rates(plain, micro[0], precision, d)
-                train_loss = dist_.all_sum([loss_sum], d)[0] / max(total_targets, 1.0)
+                train_loss, step_metrics = sums.reduce(d)
                 if spikes.check(train_loss):
                     opt.zero_grad(set_to_none=True)
                     pos = _on_spike(
@@ -491,6 +522,7 @@ def train(
                     )
                     t_log, tok_log = time.monotonic(), pos.tokens
                     continue
+                sums.renormalise(wrapped, total_targets, name)
                 scaler.unscale_(opt)
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
@@ -528,9 +560,9 @@ def train(
                     }
                     if precision == "fp16":
                         row["loss_scale"] = scaler.get_scale()
-                    sink.write(row)
+                    sink.write(_with_metrics(row, step_metrics, name))
                 if pos.step % cfg.eval_every == 0 and val_batches:
-                    val_loss = evaluate_loss(runner, val_batches, precision, d)
+                    val_loss = evaluate_loss(runner, val_batches, precision, d, objective)
                     sink.write(
                         {"step": pos.step, "tokens": pos.tokens, "val_loss": round(val_loss, 5)}
                     )
@@ -566,7 +598,7 @@ def train(
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     if val_batches:
-        val_loss = evaluate_loss(runner, val_batches, precision, d)
+        val_loss = evaluate_loss(runner, val_batches, precision, d, objective)
         sink.write({"step": pos.step, "tokens": pos.tokens, "val_loss": round(val_loss, 5)})
         if cfg.keep_best and (pos.best_val is None or val_loss < pos.best_val):
             pos.best_val = val_loss

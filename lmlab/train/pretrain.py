@@ -27,7 +27,7 @@ from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig
 from lmlab.model.encdec import build_model
-from lmlab.train.batch import Batch
+from lmlab.train.batch import Batch, LossFn, token_cross_entropy
 from lmlab.train.loop import TrainConfig, train
 from lmlab.train.objectives import (
     ObjectiveConfig,
@@ -176,24 +176,6 @@ def make_loader(stream: PackedStream, objective: Objective, doc_mask: bool, seed
     return get_batch
 
 
-def val_windows(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int) -> list:
-    """The first `n_batches` non-overlapping windows of the validation split (fixed set)."""
-    out = []
-    stride = seq_len + 1
-    for b in range(n_batches):
-        rows = []
-        for i in range(batch):
-            s = (b * batch + i) * stride
-            if s + stride > len(tokens):
-                break
-            rows.append(tokens[s : s + stride])
-        if not rows:
-            break
-        t = torch.from_numpy(np.stack(rows).astype(np.int64))
-        out.append((t[:, :-1], t[:, 1:]))
-    return out
-
-
 def val_batches(
     tokens: np.ndarray,
     doc_starts: np.ndarray | None,
@@ -230,12 +212,17 @@ def val_batches(
 def pretrain(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
+    *,
     shard_dir: str | Path,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     seed: int,
     key: str,
+    objective: LossFn = token_cross_entropy,
 ) -> dict:
+    """Pre-train a new `model_cfg` model on the token shards in `shard_dir` under `out_dir`
+    (`train`'s files), resuming a run with the same `key`; `objective` is the loss the
+    objective mixture's batches are scored with."""
     if not isinstance(cfg, PretrainConfig):  # a plain TrainConfig: causal LM, no doc masks
         cfg = PretrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
     shard_dir, out = Path(shard_dir), Path(out_dir)
@@ -267,15 +254,17 @@ def pretrain(
             log(f"pretrain: {len(sentinel_ids)} sentinel tokens added; vocabulary {vocab}")
             model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
         check_objective(obj, family, cfg.seq_len + 1, sentinel_ids)
-    objective = Objective(
+    batcher = Objective(
         obj, family, sentinel_ids, int(manifest["eos_id"]), model_cfg.decoder_start_id
     )
     phases = manifest["splits"]["train"].get("phases") if manifest.get("curriculum") else None
     starts = doc_starts_of(shard_dir, manifest, "train") if cfg.doc_mask else None
     stream = PackedStream(train_tokens, starts, cfg.seq_len, seed, phases)
     val_starts = doc_starts_of(shard_dir, manifest, "val") if cfg.doc_mask else None
-    vals = val_batches(val_tokens, val_starts, cfg, objective, seed)
+    vals = val_batches(val_tokens, val_starts, cfg, batcher, seed)
     torch.manual_seed(seed)
     model = build_model(model_cfg)
-    get_batch = make_loader(stream, objective, cfg.doc_mask, seed)
-    return train(model, get_batch, vals, cfg, out, tokenizer_dir, key, name="pretrain")
+    get_batch = make_loader(stream, batcher, cfg.doc_mask, seed)
+    return train(
+        model, get_batch, vals, cfg, out, tokenizer_dir, key, name="pretrain", objective=objective
+    )

@@ -1,0 +1,233 @@
+"""A language model's loss on token windows: the one scorer that validation, evaluation,
+comparisons, scaling sweeps, quantization checks and perplexity filters share.
+
+A row is a pair (inputs, targets) of equal length: the model reads `inputs` and is scored
+at each position on the token `targets` holds there (`IGNORE`: not scored). Callers only
+frame their rows: `stream_windows` cuts a token stream into windows, non-overlapping or
+overlapping by k tokens, with an optional shorter last window; ragged rows are padded.
+`score` runs the model on batches of rows under `autocast(precision)` and returns the
+summed negative log-likelihood, the token count and, on request, the same per row;
+`Scores` turns them into loss, perplexity and bits per byte. `stream_scores` is the
+framing evaluation and the quantization check share (the first tokens of a split in
+consecutive windows, with a progress bar).
+
+The cross-entropy is taken in float32 whatever the forward's precision, and summed in a
+fixed order: `token_loss_sum` over a whole batch (the training loop's per-batch core), or
+per row (`per_row`) where rows are compared or texts scored one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lmlab.console import progress
+from lmlab.model.precision import autocast
+
+IGNORE = -100  # a target that is not scored (PyTorch's `ignore_index`)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over positions whose target is not `IGNORE` (float32 softmax)."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at every position [B, T] (float32 softmax; 0 where not scored)."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view(targets.shape)
+
+
+def logits_tensor(out) -> torch.Tensor:
+    """The logits of an lmlab model (a tensor) or of a Hugging Face one (`.logits`)."""
+    return out.logits if hasattr(out, "logits") else out
+
+
+def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
+    """Bytes each token id decodes to. In byte-level BPE one character of a token's string
+    stands for exactly one byte; special tokens stand for none."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    for token, i in tok.get_vocab().items():
+        if i < vocab_size and token not in special:
+            lengths[i] = len(token)
+    return lengths
+
+
+def stream_windows(
+    tokens: np.ndarray,
+    length: int,
+    overlap: int = 0,
+    limit: int | None = None,
+    ragged: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows of windows of `length` tokens from the start of `tokens`, each starting
+    `length - overlap` after the one before: inputs window[:-1], targets window[1:].
+
+    With overlap 0 the first token of every window but the first is never a target; with
+    overlap 1 every token but the first is a target exactly once; with k > 1 the first
+    k − 1 targets of each later window are context only (`IGNORE`), so again none is scored
+    twice. Only whole windows, the first `limit` of them, unless `ragged` adds a shorter
+    last one that covers the rest. Windows are views: memory stays one batch's worth."""
+    if not 0 <= overlap < length:
+        raise ValueError(f"overlap {overlap} must be in [0, {length})")
+    n, step = len(tokens), length - overlap
+    stop = n - max(overlap, 1) if ragged else n - length + 1
+    for i, s in enumerate(range(0, max(stop, 0), step)):
+        if limit is not None and i >= limit:
+            return
+        w = np.asarray(tokens[s : s + length], dtype=np.int64)
+        targets = w[1:]
+        if i and overlap > 1:
+            targets = targets.copy()
+            targets[: overlap - 1] = IGNORE
+        yield w[:-1], targets
+
+
+@dataclass
+class Scores:
+    """Summed negative log-likelihood (nats) of the scored tokens, their count and the
+    UTF-8 bytes they stand for (when byte lengths were given); per row too with `per_row`."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    row_nll: list[float] = field(default_factory=list)  # float32 sums, as computed
+    row_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per token (nats)."""
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Bits per UTF-8 byte: comparable across tokenizers (The Pile, Gao et al.)."""
+        return self.nll / (math.log(2) * max(self.bytes, 1))
+
+    def summary(self) -> dict:
+        """tokens, bytes, loss, perplexity and bits_per_byte, as evaluation reports them."""
+        return {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
+
+    def row_means(self) -> list[float]:
+        """Mean loss of each row, divided in float32 as its sum was taken."""
+        sums = np.asarray(self.row_nll, dtype=np.float32)
+        return (sums / np.asarray(self.row_tokens, dtype=np.float32)).tolist()
+
+
+def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stack(batch: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of a batch, ragged rows padded to the longest."""
+    width = max(len(x) for x, _ in batch)
+    if all(len(x) == width for x, _ in batch):
+        x = np.stack([np.asarray(x, dtype=np.int64) for x, _ in batch])
+        y = np.stack([np.asarray(y, dtype=np.int64) for _, y in batch])
+    else:
+        x = np.full((len(batch), width), pad_id, dtype=np.int64)
+        y = np.full((len(batch), width), IGNORE, dtype=np.int64)
+        for r, (xi, yi) in enumerate(batch):
+            x[r, : len(xi)], y[r, : len(yi)] = xi, yi
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@torch.no_grad()
+def score(
+    model: torch.nn.Module,
+    rows: Iterable[tuple[np.ndarray, np.ndarray]],
+    batch_size: int = 8,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    per_row: bool = False,
+    byte_lengths: np.ndarray | None = None,
+    pad_id: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> Scores:
+    """Score `model` on `rows` (inputs, targets) in batches of `batch_size`, in eval mode.
+
+    `nll` sums each batch's `token_loss_sum`; with `per_row` it sums each row's losses
+    instead (float32, up to its last scored position) and keeps them in `row_nll`: rows
+    are then independent of how they were batched. `on_batch(rows)` reports progress."""
+    was_training = model.training
+    model.eval()
+    out = Scores()
+    for batch in _batches(rows, batch_size):
+        x, y = _stack(batch, pad_id)
+        x, y = x.to(device), y.to(device)
+        with autocast(precision, device):
+            logits = logits_tensor(model(x))
+        if per_row:
+            losses = token_losses(logits, y)
+            for r, (_, yi) in enumerate(batch):
+                scored = np.flatnonzero(np.asarray(yi) != IGNORE)
+                end = int(scored[-1]) + 1 if len(scored) else 0
+                out.row_nll.append(float(losses[r, :end].sum()))
+                out.row_tokens.append(len(scored))
+                out.nll += out.row_nll[-1]
+                out.tokens += len(scored)
+        else:
+            out.nll += float(token_loss_sum(logits, y))
+            out.tokens += int((y != IGNORE).sum())
+        if byte_lengths is not None:
+            yc = y.cpu()
+            out.bytes += int(byte_lengths[yc[yc != IGNORE].numpy()].sum())
+        if on_batch is not None:
+            on_batch(len(batch))
+    model.train(was_training)
+    return out
+
+
+def stream_scores(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    max_tokens: int,
+    byte_lengths: np.ndarray | None = None,
+    precision: str = "fp32",
+    batch_size: int = 8,
+    label: str = "",
+) -> Scores:
+    """The first `max_tokens` tokens of a split in consecutive windows of `seq_len` targets
+    (each window's first token is the previous one's last target), with a progress bar:
+    how evaluation and the quantization check measure perplexity, so theirs agree."""
+    windows = min(len(tokens) - 1, max_tokens) // seq_len
+    if windows == 0:
+        raise ValueError(f"need more than {seq_len} tokens to evaluate, have {len(tokens)}")
+    rows = stream_windows(tokens[: max_tokens + 1], seq_len + 1, overlap=1)
+    with progress(f"perplexity {label}".strip(), total=windows) as bar:
+        return score(
+            model,
+            rows,
+            batch_size,
+            precision,
+            byte_lengths=byte_lengths,
+            on_batch=lambda n: bar.update(advance=n),
+        )
