@@ -11,14 +11,8 @@ import pytest
 
 from lmlab.errors import UsageError
 from lmlab.run.recipe import load_recipe
-from lmlab.run.scaling import (
-    fits_from,
-    parse_counts,
-    parse_target,
-    refit,
-    run_sweep,
-    shape_for,
-)
+from lmlab.run.scaling import fits_from, refit, run_sweep
+from lmlab.run.scaling_points import parse_counts, parse_target, shape_for
 from lmlab.train.scaling import (
     BESIROGLU,
     HOFFMANN,

@@ -1,10 +1,7 @@
 """The `lmlab` command, one module per group of verbs; importing them registers the verbs on
 the app in the order `lmlab --help` lists them."""
 
-from lmlab.cli import data, evaluation, generation, models, pipeline  # noqa: F401
+from lmlab.cli import data, evaluation, generation, models, pipeline, scaling  # noqa: F401
 from lmlab.cli.app import app, main
-from lmlab.run.scaling import scaling_app
-
-app.add_typer(scaling_app, name="scaling")
 
 __all__ = ["app", "main"]
