@@ -50,7 +50,7 @@ from lmlab.model.loading import load_model
 from lmlab.model.precision import resolve_precision
 from lmlab.model.scoring import score, stream_windows
 from lmlab.render import Section, write_pages
-from lmlab.run.rundir import Run, cached_record, start_dir
+from lmlab.run.rundir import Run, cached_record, mark_done, start_dir
 from lmlab.train.metrics import read_metrics, spike_summary
 from lmlab.train.pretrain import pretrain
 from lmlab.utils import hash_obj, read_json, write_json
@@ -168,7 +168,7 @@ def run_comparison(
             "seconds": round(time.monotonic() - t0, 2),
             "summary": {k: v for k, v in summary.items() if k != "config"},
         }
-        write_json(vdir / ".done.json", {"key": key, "record": rec})
+        mark_done(vdir, key, rec)
         entry["variants"][name] = {**rec, "status": "done"}
         record(entry)
         log(
