@@ -118,7 +118,8 @@ def _is_token_shards(path: Path) -> bool:
 def _eval_setup(
     ckpt: Path, cfg, raw: dict, eval_data: str | Path | None, eval_tokens: int
 ) -> tuple[dict | None, str]:
-    """What the scorer (`lmlab.model.scoring.stream_scores`) needs (tokens, tokenizer, window length), or (None, why not)."""
+    """What the shared scorer (`stream_scores`) needs: tokens, tokenizer, window length; or
+    (None, why not)."""
     from tokenizers import Tokenizer
 
     from lmlab.data.shards import open_split
