@@ -30,7 +30,6 @@ import torch
 
 from lmlab.infer.generate import generate
 from lmlab.infer.options import GenerationConfig
-from lmlab.infer.options import GenerationConfig as RefConfig
 from lmlab.infer.paged import PagedKVCache
 from lmlab.infer.scheduler import Scheduler
 from lmlab.model import ModelConfig, Transformer
@@ -58,7 +57,8 @@ def workload(
 def one_by_one(model, prompts, news) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
     out = [
-        generate(model, p, RefConfig(max_new_tokens=m)) for p, m in zip(prompts, news, strict=True)
+        generate(model, p, GenerationConfig(max_new_tokens=m))
+        for p, m in zip(prompts, news, strict=True)
     ]
     return time.perf_counter() - t0, out
 
