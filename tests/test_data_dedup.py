@@ -19,6 +19,7 @@ from lmlab.data.dedup import (
     exact_hash,
     in_index,
     index_reason,
+    is_index,
     load_index,
     minhash_signature,
     near_duplicate_clusters,
@@ -344,3 +345,17 @@ def test_index_refuses_other_settings_and_bad_files(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not an index")
     with pytest.raises(UsageError, match="not a de-duplication index"):
         load_index(tmp_path / "bad.npz")
+
+
+def test_is_index_only_for_an_index(tmp_path):
+    cfg = MinHashConfig()
+    build_index(np.zeros(0, np.uint64), np.zeros((0, 14), np.uint64), cfg, tmp_path / "i.npz")
+    np.save(tmp_path / "x.npy", np.arange(3))
+    np.savez(tmp_path / "other.npz", a=np.arange(3))
+    (tmp_path / "notes.txt").write_text("some text\n")
+    assert is_index(tmp_path / "i.npz")
+    assert not is_index(tmp_path / "x.npy")
+    assert not is_index(tmp_path / "other.npz")
+    assert not is_index(tmp_path / "notes.txt")
+    with pytest.raises(UsageError, match="x.npy: not a de-duplication index"):
+        load_index(tmp_path / "x.npy")

@@ -569,10 +569,18 @@ def build_index(
     return DedupIndex(exact, keys, cfg, int(bands.shape[0]), str(path))
 
 
+def _open_npz(path: str | Path) -> np.lib.npyio.NpzFile:
+    """Open an `.npz` archive; `np.load` hands back a bare array for an `.npy` file."""
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("a single array, not an .npz archive")
+    return z
+
+
 def is_index(path: str | Path) -> bool:
     """Whether `path` is a de-duplication index written by `build_index`."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with _open_npz(path) as z:
             return "meta" in z.files and json.loads(str(z["meta"])).get("scheme") == SCHEME
     except (OSError, ValueError, AttributeError):
         return False
@@ -581,7 +589,7 @@ def is_index(path: str | Path) -> bool:
 def load_index(path: str | Path, cfg: MinHashConfig | None = None) -> DedupIndex:
     """Load an index; with `cfg`, refuse one built with other MinHash settings."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with _open_npz(path) as z:
             exact, keys, meta = z["exact"], z["bands"], json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: not a de-duplication index ({e})") from None
