@@ -1,4 +1,4 @@
-"""The training loop (issue 5): packing, exact resume, spikes, precision, optimizers,
+"""The training loop: packing, exact resume, spikes, precision, optimizers,
 checkpoints, observability, objectives end to end, and DDP/FSDP against one process."""
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from lmlab.model.loading import load_model
 from lmlab.model.scoring import token_loss_sum
 from lmlab.tokenizer import EOS, load_tokenizer, save_tokenizer, special_id, train_bpe
 from lmlab.train.batch import Batch, LossOut, doc_positions, logits_of, token_cross_entropy
+from lmlab.train.distributed import Dist
 from lmlab.train.loop import (
     SpikeDetector,
+    StepSums,
     TrainConfig,
     batch_rows,
     enable_activation_checkpointing,
@@ -262,6 +264,40 @@ def test_an_objective_is_normalised_by_its_own_count(shards, tmp_path):
     moe = _model_cfg(shards, n_experts=4, experts_top_k=2)  # its aux loss cannot be rescaled
     with pytest.raises(UsageError, match="aux_loss"):
         _run_pretrain_loop(shards, tmp_path / "c", cfg, mcfg=moe, objective=doubled)
+
+
+@pytest.mark.parametrize("key", ["event", "val_loss", "lr"])
+def test_a_metric_named_like_a_key_readers_classify_on_is_refused(shards, tmp_path, key):
+    """A metric called `event` or `val_loss` would make every reader file the logged steps
+    as events or evaluations; one called `lr` would overwrite the loop's own field."""
+
+    def named(model, batch):
+        out = token_cross_entropy(model, batch)
+        return LossOut(out.loss_sum, out.count, {key: out.loss_sum.detach()})
+
+    with pytest.raises(UsageError, match=f"metric '{key}'"):
+        _run_pretrain_loop(shards, tmp_path / key, _cfg(max_steps=2), objective=named)
+
+
+def test_step_sums_read_the_device_once_per_step_and_add_as_python_floats_would():
+    """Summing a micro-batch's outputs reads nothing back to the host (a device sync per
+    micro-batch): meta tensors hold no values, so any read would raise. `reduce` then gives
+    the same bits as adding the values one by one as Python floats (float64)."""
+    meta = StepSums()
+    for _ in range(3):
+        t = torch.ones((), device="meta")
+        meta.add(LossOut(t, t.long(), {"m": t, "n": 2.0}))
+    assert isinstance(meta.loss, torch.Tensor) and meta.loss.device.type == "meta"
+
+    values = torch.rand(200, generator=torch.Generator().manual_seed(0)) * 1e3
+    sums, loss, count, m = StepSums(), 0.0, 0.0, 0.0
+    for i, v in enumerate(values):
+        sums.add(LossOut(v, torch.tensor(i + 1), {"m": v / 7, "k": 0.5}))
+        loss, count, m = loss + float(v), count + i + 1, m + float(v / 7)
+    assert float(values.sum()) != loss  # a float32 sum would round otherwise
+    got, metrics = sums.reduce(Dist())
+    assert got == loss / count and metrics == {"k": 100 / count, "m": m / count}
+    assert sums.global_count == count == 20100
 
 
 def test_the_default_objective_adds_a_mixture_of_experts_balancing_loss(shards):

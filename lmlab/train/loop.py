@@ -34,7 +34,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmlab.config import STRICT, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from lmlab.console import log, progress
@@ -45,6 +44,7 @@ from lmlab.model.precision import autocast, resolve_precision
 from lmlab.train import distributed as dist_
 from lmlab.train.batch import Batch, LossFn, LossOut, as_batch, token_cross_entropy
 from lmlab.train.distributed import Dist
+from lmlab.train.metrics import line_kind
 from lmlab.train.observe import MetricsSink, truncate_metrics
 from lmlab.train.schedule import lr_at
 from lmlab.utils import read_json, write_json
@@ -134,11 +134,6 @@ class TrainConfig:
         if self.max_tokens is not None:
             limits.append(math.ceil(self.max_tokens / self.tokens_per_step))
         return min(limits) if limits else None
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose target is not -100."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def _fused_default(device: torch.device) -> bool:
@@ -273,28 +268,50 @@ class Position:
     spikes: dict = field(default_factory=dict)
 
 
+Sum = torch.Tensor | float
+
+
+def _accumulate(total: Sum, v: torch.Tensor | float) -> Sum:
+    """`total + v` in float64 without reading a device tensor back to the host: the same
+    bits as summing Python floats, with no device sync per micro-batch."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().double().reshape(()) + total
+    return total + float(v)
+
+
+def _to_host(values: list[Sum]) -> list[float]:
+    """The sums as floats, with one device sync for all the tensors among them."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 @dataclass
 class StepSums:
-    """One step's objective outputs, summed over its micro-batches on this rank."""
+    """One step's objective outputs, summed over its micro-batches on this rank; device
+    tensors stay on the device until `reduce`, once per optimizer step."""
 
-    loss: float = 0.0
-    count: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
+    loss: Sum = 0.0
+    count: Sum = 0.0
+    metrics: dict[str, Sum] = field(default_factory=dict)
     aux: bool = False  # an aux_loss was added to some micro-batch's loss
     global_count: float = 0.0  # the count over every rank, once reduced
 
     def add(self, out: LossOut) -> None:
-        self.loss += float(out.loss_sum.detach())
-        self.count += float(out.count)
+        self.loss = _accumulate(self.loss, out.loss_sum)
+        self.count = _accumulate(self.count, out.count)
         for k, v in out.metrics.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
+            self.metrics[k] = _accumulate(self.metrics.get(k, 0.0), v)
         self.aux = self.aux or out.aux_loss is not None
 
     def reduce(self, d: Dist) -> tuple[float, dict[str, float]]:
         """The step's loss and metrics over every rank, each divided by the summed count
         (every rank must return the same metric names)."""
         keys = sorted(self.metrics)
-        total = dist_.all_sum([self.loss, self.count, *(self.metrics[k] for k in keys)], d)
+        local = _to_host([self.loss, self.count, *(self.metrics[k] for k in keys)])
+        total = dist_.all_sum(local, d)
         self.global_count = total[1]
         n = max(total[1], 1.0)
         return total[0] / n, {k: v / n for k, v in zip(keys, total[2:], strict=True)}
@@ -317,11 +334,47 @@ class StepSums:
                 p.grad.mul_(factor)
 
 
+def backward_step(
+    runner: torch.nn.Module,
+    wrapped: torch.nn.Module,
+    objective: LossFn,
+    micro: list[Batch],
+    total_targets: float,
+    precision: str,
+    scaler: torch.amp.GradScaler,
+    d: Dist,
+) -> StepSums:
+    """Forward and backward through `objective` over one step's micro-batches (already on
+    the device), gradients all-reduced on the last one only. Each loss is scaled by the
+    step's target count over every rank, known before the forward, so no graph is kept
+    across micro-batches; `StepSums.renormalise` corrects an objective that counts otherwise.
+    `runner` is what the forward calls (maybe compiled), `wrapped` the DDP/FSDP module."""
+    sums = StepSums()
+    for i, b in enumerate(micro):
+        with dist_.no_sync(wrapped, i == len(micro) - 1):
+            with autocast(precision, d.device):
+                lo = objective(runner, b)
+            # DDP/FSDP average gradients over ranks: scale by the world so the
+            # result is the mean over every target of the global step
+            loss = lo.loss_sum * (d.world / max(total_targets, 1.0))
+            if lo.aux_loss is not None:
+                loss = loss + lo.aux_loss.to(loss.dtype)
+            scaler.scale(loss).backward()
+        sums.add(lo)
+    return sums
+
+
 def _with_metrics(row: dict, metrics: dict[str, float], name: str) -> dict:
-    """A logged step plus the objective's metrics, which may not shadow the loop's fields."""
-    clash = sorted(set(metrics) & set(row))
-    if clash:
-        raise UsageError(f"{name}: the objective's metric {clash[0]!r} is a field the loop logs")
+    """A logged step plus the objective's metrics, which may not shadow the loop's fields
+    nor carry a key that makes `line_kind` (so every reader) file the line as another kind."""
+    for k in sorted(metrics):
+        if k in row:
+            raise UsageError(f"{name}: the objective's metric {k!r} is a field the loop logs")
+        if line_kind({**row, k: 0.0}) != "train":
+            raise UsageError(
+                f"{name}: the objective's metric {k!r} is a key that marks another kind of "
+                "metrics.jsonl line (lmlab.train.metrics.line_kind); rename it"
+            )
     return {**row, **{k: round(v, 5) for k, v in metrics.items()}}
 
 
@@ -499,18 +552,9 @@ def train(
                     pos.batches += 1
                     pos.rows += step_rows
                 total_targets = dist_.all_sum([sum(counts)], d)[0]
-                sums = StepSums()
-                for i, b in enumerate(micro):
-                    with dist_.no_sync(wrapped, i == len(micro) - 1):
-                        with autocast(precision, d.device):
-                            lo = objective(runner, b)
-                        # DDP/FSDP average gradients over ranks: scale by the world so the
-                        # result is the mean over every target of the global step
-                        loss = lo.loss_sum * (d.world / max(total_targets, 1.0))
-                        if lo.aux_loss is not None:
-                            loss = loss + lo.aux_loss.to(loss.dtype)
-                        scaler.scale(loss).backward()
-                    sums.add(lo)
+                sums = backward_step(
+                    runner, wrapped, objective, micro, total_targets, precision, scaler, d
+                )
                 step_tokens = sum(b.inputs.numel() for b in micro) * d.world
                 if flops_per_token is None:
                     flops_per_token, peak = _flop_rates(plain, micro[0], precision, d)
