@@ -1,6 +1,6 @@
 """Training throughput and MFU of lmlab versus transformers and litgpt, in one process.
 
-Why: the issue's target is training tokens/s for a ~10M-parameter LLaMA-style model of at
+Why: lmlab's training-speed target is tokens/s for a ~10M-parameter LLaMA-style model of at
 least 1.3x Hugging Face's `LlamaForCausalLM` (sdpa attention) and 1.0x litgpt's `GPT`, with
 the same shapes, batch, precision and optimizer. All three start from lmlab's initial
 weights, so their first losses must agree: a check that they compute the same function,
@@ -9,12 +9,14 @@ transformers, litgpt, then the next round starting one peer later) so that drift
 other jobs' load hit every peer alike; a ratio is the median of the per-round ratios.
 
 Every peer runs the training step of `lmlab.train.loop.train` (one micro-batch, one
-process): `make_optimizer`, autocast, the forward, `token_loss_sum` scaled by the target
-count, `with_aux_loss(...).backward()` through the loss scaler, `clip_grad_norm_`, the
-optimizer step and `zero_grad(set_to_none=True)`, with the host reads the loop makes
-(target count, loss, gradient norm). Only the forward differs: `logits_of(lmlab model)`,
-`LlamaForCausalLM(...).logits`, `GPT(...)`. `--loop-check` also runs the real `train()`
-on the lmlab model and reports its tokens/s, to show what the loop adds around the step.
+process): `make_optimizer`, then the loop's own `backward_step` (autocast, the objective
+`token_cross_entropy` on the forward, its loss scaled by the target count plus any
+aux loss, backward through the loss scaler), `StepSums.reduce` and `renormalise`,
+`clip_grad_norm_`, the optimizer step and `zero_grad(set_to_none=True)`, with the host
+reads the loop makes (target count, loss, gradient norm). Only the model differs: lmlab's
+`Transformer`, `LlamaForCausalLM(...).logits`, `GPT(...)`. `--loop-check` also runs the
+real `train()` on the lmlab model and reports its tokens/s, to show what the loop adds
+around the step.
 
 Run: `python benchmarks/train_throughput.py` (CPU, fp32, the 10M model); `--compile`
 compiles every peer, `--compile both` runs eager and compiled copies side by side;
@@ -45,10 +47,10 @@ import torch
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
 from lmlab.model.hf import config_to_hf, state_to_hf
-from lmlab.model.precision import autocast, cpu_has_native_bf16
-from lmlab.model.scoring import token_loss_sum
-from lmlab.train.batch import Batch, logits_of, with_aux_loss
-from lmlab.train.loop import TrainConfig, make_optimizer, train
+from lmlab.model.precision import cpu_has_native_bf16
+from lmlab.train.batch import Batch, token_cross_entropy
+from lmlab.train.distributed import Dist
+from lmlab.train.loop import TrainConfig, backward_step, make_optimizer, train
 from lmlab.train.mfu import device_name, mfu, parse_dtype, peak_flops
 from lmlab.utils import write_json
 
@@ -74,11 +76,23 @@ MODELS: dict[str, dict] = {
 PEERS = ("lmlab", "transformers", "litgpt")
 
 
+class Logits(torch.nn.Module):
+    """A peer's model called as the loop calls lmlab's, `model(input_ids) -> logits`, so
+    every peer trains through the same objective, `token_cross_entropy`."""
+
+    def __init__(self, inner: torch.nn.Module, forward: Callable) -> None:
+        super().__init__()
+        self.inner = inner
+        self._forward = forward
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.inner, input_ids)
+
+
 @dataclass
 class Peer:
     name: str
-    model: torch.nn.Module
-    forward: Callable[[torch.nn.Module, Batch], torch.Tensor]  # (runner, batch) -> logits
+    model: torch.nn.Module  # model(input_ids) -> logits
     runner: torch.nn.Module | None = None  # the model, or its torch.compile wrapper
     step: Callable[[Batch], float] | None = None
     seconds: list[float] = field(default_factory=list)  # one entry per round
@@ -86,7 +100,7 @@ class Peer:
 
 
 def build_lmlab(cfg: ModelConfig) -> Peer:
-    return Peer("lmlab", Transformer(cfg), logits_of)
+    return Peer("lmlab", Transformer(cfg))
 
 
 def build_transformers(cfg: ModelConfig, src: Transformer) -> Peer:
@@ -103,7 +117,7 @@ def build_transformers(cfg: ModelConfig, src: Transformer) -> Peer:
         raise RuntimeError(f"transformers weights: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return Peer("transformers", model, lambda m, b: m(input_ids=b.inputs, use_cache=False).logits)
+    return Peer("transformers", Logits(model, lambda m, x: m(input_ids=x, use_cache=False).logits))
 
 
 def build_litgpt(cfg: ModelConfig, src: Transformer) -> Peer:
@@ -152,7 +166,7 @@ def build_litgpt(cfg: ModelConfig, src: Transformer) -> Peer:
     model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
-    return Peer("litgpt", model, lambda m, b: m(b.inputs))
+    return Peer("litgpt", model)  # GPT(input_ids) returns the logits
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -162,26 +176,26 @@ def n_params(model: torch.nn.Module) -> int:
 def make_step(
     peer: Peer, tcfg: TrainConfig, device: torch.device, precision: str
 ) -> Callable[[Batch], float]:
-    """The loop's step for one micro-batch in one process; returns the mean loss."""
-    model, runner, forward = peer.model, peer.runner, peer.forward
+    """The loop's step for one micro-batch in one process; returns the logged loss."""
+    model = peer.model
     opt = make_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     clip = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+    d = Dist(device=device)
 
     def step(b: Batch) -> float:
         total = float(b.n_targets)
-        with autocast(precision, device):
-            logits = forward(runner, b)
-        summed = token_loss_sum(logits, b.targets)
-        loss = summed * (1.0 / max(total, 1.0))
-        scaler.scale(with_aux_loss(model, loss)).backward()
-        loss_sum = float(summed.detach())
+        sums = backward_step(
+            peer.runner, model, token_cross_entropy, [b], total, precision, scaler, d
+        )
+        loss, _ = sums.reduce(d)
+        sums.renormalise(model, total, peer.name)
         scaler.unscale_(opt)
         float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        return loss_sum / total
+        return loss
 
     return step
 

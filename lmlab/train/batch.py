@@ -20,7 +20,7 @@ from lmlab.train.distributed import unwrap
 
 @dataclass
 class Batch:
-    """`targets[b, t]` is the token to predict at position t (-100: no loss there).
+    """`targets[b, t]` is the token to predict at position t (`IGNORE`: no loss there).
 
     - `doc_ids` [B, T]: packed documents; attention stays inside a document and positions
       restart at each document's first token.
@@ -59,7 +59,7 @@ class Batch:
 
     @property
     def n_targets(self) -> int:
-        return int((self.targets != -100).sum())
+        return int((self.targets != IGNORE).sum())
 
 
 def as_batch(b: Batch | tuple[torch.Tensor, torch.Tensor]) -> Batch:
@@ -117,15 +117,9 @@ def aux_loss_of(model: torch.nn.Module) -> torch.Tensor | None:
     return inner.aux_loss() if hasattr(inner, "aux_loss") else None
 
 
-def with_aux_loss(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-    """`loss` plus the model's `aux_loss_of`, as the loop adds it to a normalised loss."""
-    aux = aux_loss_of(model)
-    return loss if aux is None else loss + aux.to(loss.dtype)
-
-
 def token_cross_entropy(model: torch.nn.Module, batch: Batch) -> LossOut:
     """The default objective: next-token cross-entropy summed over the targets that are
-    not -100, per target, plus the model's load-balancing loss (if it has experts)."""
+    not `IGNORE`, per target, plus the model's load-balancing loss (if it has experts)."""
     logits = logits_of(model, batch)
     return LossOut(
         token_loss_sum(logits, batch.targets),
