@@ -72,8 +72,10 @@ def atomic_dir(path: str | Path, kind: str | None = None) -> Iterator[Path]:
             mark_output(tmp, kind)
         _honour_umask(tmp)
         if out.is_dir() and not any(out.iterdir()):
-            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == OUTPUT_MARKER):
-                os.replace(entry, out / entry.name)  # the marker last: it says "complete"
+            # the marker first: a fill killed half-way is still this command's output, which
+            # the next run may replace (with --overwrite) rather than refuse as a stranger's
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name != OUTPUT_MARKER):
+                os.replace(entry, out / entry.name)
             return
         old = out.with_name(f".{out.name}.old")
         if old.exists():  # left by a replace killed before its clean-up; `tmp` supersedes it

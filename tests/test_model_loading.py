@@ -93,6 +93,6 @@ def test_a_registered_form_is_dispatched_to(forms, tmp_path):
         with torch.no_grad():
             assert torch.equal(load_model(tmp_path)(ids), model(ids))
     finally:
-        del loading._FORMATS["toy"]
+        del loading.FORMATS["toy"]
     with pytest.raises(UsageError, match="not a checkpoint"):
         load_model(tmp_path)

@@ -293,7 +293,7 @@ def test_interrupted_batches_keep_the_rows_that_finished(slow_model):
     with pytest.raises(KeyboardInterrupt):
         generate_batch(model, prompts, cfg, on_token=interrupt, out=out)
     assert out[0].finish_reason == "stop" and out[0].tokens == alone[0][: alone[0].index(stop)]
-    assert out[1].finish_reason == "length" and out[1].tokens == alone[1][:39]
+    assert out[1].finish_reason is None and out[1].tokens == alone[1][:39]  # still going
 
 
 class Terminal:

@@ -91,6 +91,11 @@ def eval_cmd(
     if self_consistency < 1:
         raise UsageError("--self-consistency must be >= 1")
     out_dir = out or Path(target) / "eval-tasks"
+    if compare_to is not None:  # checked before any model time is spent
+        if not (compare_to / "results.json").is_file():
+            raise UsageError(f"--compare-to {compare_to}: no results.json (an `lmlab eval` output)")
+        if compare_to.resolve() == out_dir.resolve():
+            raise UsageError(f"--compare-to {compare_to}: is --out itself; name another output")
     results = evaluate(
         target,
         tasks,
@@ -108,8 +113,6 @@ def eval_cmd(
         from lmlab.eval.harness import paired_comparison
         from lmlab.utils import write_json
 
-        if not (compare_to / "results.json").is_file():
-            raise UsageError(f"--compare-to {compare_to}: no results.json (an `lmlab eval` output)")
         diff = paired_comparison(compare_to, out_dir)
         write_json(out_dir / "paired.json", diff)
         for task, metrics in diff.items():

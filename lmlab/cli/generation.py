@@ -123,7 +123,7 @@ def generate(
         try:
             generate_batch(m, ids, cfg, tokenizer=tok, contrast=contrast, out=comps)
         except KeyboardInterrupt:  # print what finished, then report the interrupt
-            comps = [c for c in comps if c.finish_reason == "stop"]
+            comps = [c for c in comps if c.finish_reason is not None]
             finish_text(comps, tok, cfg)
             _print_completions(comps, prompt, tok, chat, json_out)
             raise

@@ -55,6 +55,11 @@ from lmlab.utils import (
     write_json,
 )
 
+# Part of every data cache key: bump it when a step decides differently for the same config
+# (2: Gopher's alphabetic-words rule counts whitespace words), so no cached output made
+# under older rules is resumed or reused.
+RULES_VERSION = 2
+
 DEFAULT_STEPS: dict[str, list[Any]] = {
     "web": [
         "html_to_text",
@@ -650,7 +655,9 @@ def prepare(
     # relaunch with more workers, or on Ray, resumes the same work.
     how = {"workers", "executor", "ray_address", "keep_work"}
     what = {k: v for k, v in resolved.items() if k not in how}
-    key = hash_obj({"config": what, "inputs": input_fingerprint(tasks, steps)})
+    key = hash_obj(
+        {"config": what, "inputs": input_fingerprint(tasks, steps), "rules": RULES_VERSION}
+    )
     if work.exists():
         try:
             old = read_json(work / "key.json")["key"]
@@ -659,7 +666,8 @@ def prepare(
         if old != key:
             shutil.rmtree(work)  # a different pipeline or changed inputs: start over
     work.mkdir(parents=True, exist_ok=True)
-    mark_output(out, "data-prepare")
+    if check_out:  # a directory its caller owns (a run's stage) is not ours to mark
+        mark_output(out, "data-prepare")
     write_json(work / "config.json", dataclasses.asdict(cfg))
     write_json(work / "key.json", {"key": key})
     resources: dict = {}

@@ -190,11 +190,14 @@ def evaluate(
     self_consistency: int = 1,
     overwrite: bool = False,
     skip_unsandboxed: bool = False,
+    owned: bool = False,
 ) -> dict:
     """Score the model at `model_path` on `tasks` into `out_dir` (results.json, samples/,
     calibration/). An existing `out_dir` is replaced only when it is an earlier `eval`
-    output and `overwrite`. Code tasks need the sandbox: without it they are refused
-    (UsageError), or skipped with a warning when `skip_unsandboxed` (a recipe's eval)."""
+    output and `overwrite`; `owned` says the caller owns `out_dir` (a run's eval stage),
+    which is then neither claimed nor marked as this command's. Code tasks need the
+    sandbox: without it they are refused (UsageError), or skipped with a warning when
+    `skip_unsandboxed` (a recipe's eval)."""
     from lmlab import load_model, load_tokenizer
     from lmlab.model.loading import resolve_checkpoint
     from lmlab.utils import claim_output_dir, mark_output
@@ -202,10 +205,11 @@ def evaluate(
     if not tasks:
         raise UsageError("eval: name at least one task (--tasks FILE.yaml)")
     ckpt = resolve_checkpoint(model_path)
-    claim_output_dir(out_dir, "eval", overwrite=overwrite)
-    model, tok = load_model(ckpt), load_tokenizer(ckpt)
     specs = [parse_task(t) for t in tasks]  # all checked before any model time is spent
     specs = _sandbox_or_skip(specs, skip_unsandboxed)
+    if not owned:
+        claim_output_dir(out_dir, "eval", overwrite=overwrite)
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
     docs = [Path(p) for p in train_docs] if train_docs else default_train_docs(Path(model_path))
     out = Path(out_dir)
     config = {
@@ -223,7 +227,8 @@ def evaluate(
     if out.is_dir() and any(out.iterdir()):  # an earlier output, claimed above: none of
         shutil.rmtree(out)  # its files may linger
     out.mkdir(parents=True, exist_ok=True)
-    mark_output(out, "eval")
+    if not owned:
+        mark_output(out, "eval")
     results: dict = {
         "config": config,
         "model_hash": hash_obj(hash_tree(ckpt)),

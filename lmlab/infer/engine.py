@@ -26,7 +26,7 @@ class Completion:
 
     prompt_index: int
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" | "length"
+    finish_reason: str | None = "length"  # "stop" | "length"; None while still generating
     text: str | None = None
     logprobs: list[float] | None = None  # log p(chosen token) under the model
     top_logprobs: list[list[tuple[int, float]]] | None = None

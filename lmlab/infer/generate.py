@@ -96,7 +96,8 @@ def _events(
             amateur.select(rows)
             a_logits = a_logits.index_select(0, rows.to(a_logits.device))
     comps = out if out is not None else []
-    comps.extend(Completion(prompt_index=int(r)) for r in rows)
+    # None until a row ends: a caller interrupted mid-batch tells finished rows apart
+    comps.extend(Completion(prompt_index=int(r), finish_reason=None) for r in rows)
     if cfg.logprobs is not None:
         for c in comps:
             c.logprobs, c.top_logprobs = [], []
@@ -148,6 +149,9 @@ def _events(
         logits = runner.step(chosen)
         if amateur is not None:
             a_logits = amateur.step(chosen)
+    for c in comps:  # the budget ran out for every row that did not stop
+        if c.finish_reason is None:
+            c.finish_reason = "length"
     if tokenizer is not None:
         finish_text(comps, tokenizer, cfg)
 

@@ -30,7 +30,6 @@ from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.checkpoint import FORMAT, read_config, save_checkpoint, state_mismatch
 from lmlab.model.config import GATED, ModelConfig
 from lmlab.model.encdec import build_model
-from lmlab.model.loading import resolve_checkpoint
 from lmlab.utils import atomic_dir, claim_output_dir
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "bloom", "t5")
@@ -1040,8 +1039,11 @@ def export_to_hf(
 
     A checkpoint without tokenizer.json is refused (transformers could not use the
     export) unless `tokenizer=False`; an existing `out_dir` is replaced only when it is an
-    earlier export and `overwrite`."""
-    ckpt = resolve_checkpoint(ckpt_dir)
+    earlier export and `overwrite`. `ckpt_dir` is a checkpoint directory; `lmlab export`
+    also takes a run directory, which it resolves to its newest model first."""
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "config.json").is_file():
+        raise UsageError(f"{ckpt}: not a checkpoint directory (no config.json)")
     claim_output_dir(out_dir, "export-hf", overwrite=overwrite)
     if tokenizer and not (ckpt / "tokenizer.json").is_file():
         raise UsageError(

@@ -1,57 +1,39 @@
 """One loader for every on-disk form of a model: the loader registry (DESIGN.md's seam).
 
 Each form (an lmlab checkpoint, a quantized checkpoint, a Hugging Face directory, ...) is
-one small module in `lmlab.model.formats` that calls `register_format` with a `detect`
-and a `load_model`. `load_model` asks every registered form whether it reads the path
-(or a run directory's newest model) and hands the path to the one that does; adding a
-form is adding a file to that package, never an edit here.
+one small module in `lmlab.model.formats` that calls `register_format` (from
+`lmlab.model.formats.registry`) with a `detect` and a `load_model`. `load_model` asks
+every registered form whether it reads the path (or a run directory's newest model) and
+hands the path to the one that does; adding a form is adding a file to that package,
+never an edit here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import lmlab.model.formats  # noqa: F401  (its modules register every form on import)
 from lmlab.errors import UsageError
+from lmlab.model.formats.registry import FORMATS, Format, register_format
+
+__all__ = [
+    "Format",
+    "find_format",
+    "formats",
+    "load_model",
+    "register_format",
+    "resolve_checkpoint",
+]
 
 # a run directory's models, newest stage first
 RUN_MODELS = ("sft/model", "pretrain/model")
 
 
-@dataclass(frozen=True)
-class Format:
-    """One on-disk form: `detect(path)` says whether `path` is in this form (without reading
-    the weights); `load_model(path, device)` returns it as a `torch.nn.Module`."""
-
-    name: str
-    detect: Callable[[Path], bool]
-    load_model: Callable[[Path, str], torch.nn.Module]
-
-
-_FORMATS: dict[str, Format] = {}
-
-
-def register_format(
-    name: str,
-    detect: Callable[[Path], bool],
-    load_model: Callable[[Path, str], torch.nn.Module],
-) -> Format:
-    """Add (or, under the same name, replace) the reader of one on-disk form. Detectors
-    must not overlap: each path is in one form, so the order of registration is moot."""
-    fmt = Format(name, detect, load_model)
-    _FORMATS[name] = fmt
-    return fmt
-
-
 def formats() -> list[Format]:
-    """Every registered form; the first call imports the `formats` package, whose modules
-    register themselves."""
-    import lmlab.model.formats  # noqa: F401
-
-    return list(_FORMATS.values())
+    """Every registered form (the `formats` package registered them all on import)."""
+    return list(FORMATS.values())
 
 
 def find_format(path: str | Path) -> tuple[Format, Path]:

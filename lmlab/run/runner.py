@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from lmlab.console import log
+from lmlab.data.pipeline import RULES_VERSION
 from lmlab.errors import UsageError
+from lmlab.prompt.sandbox import resolve_isolation
 from lmlab.run.compare import run_comparison
 from lmlab.run.recipe import Recipe
 from lmlab.run.rundir import (
@@ -60,27 +62,59 @@ class Stage:
     # under torchrun every rank runs the training stages together; rank 0 alone runs the
     # others (and writes markers and the manifest) while the rest wait at a barrier
     all_ranks: bool = False
+    # what besides the recipe decides its output (a rule version, the machine's sandbox);
+    # hashed into the key only when it says something, so other keys stay as they were
+    facts: Callable[[Recipe], dict] | None = None
+
+
+def data_facts(recipe: Recipe) -> dict:
+    """The pipeline's rule version: a run made under older rules redoes its data stage."""
+    return {"rules": RULES_VERSION}
+
+
+def eval_facts(recipe: Recipe) -> dict:
+    """Whether the code task can run here: results cached without it (no bubblewrap) are
+    not reused once it can."""
+    if not any(t.split(":")[0] == "code" for t in recipe.eval.tasks):
+        return {}
+    try:
+        return {"code_sandbox": resolve_isolation()}
+    except UsageError:
+        return {"code_sandbox": None}
 
 
 PIPELINE = (
-    Stage("data", stage_data, ("data",), ()),
+    Stage("data", stage_data, ("data",), (), facts=data_facts),
     Stage("tokenizer", stage_tokenizer, ("tokenizer",), ("data",)),
     Stage(
         "pretrain", stage_pretrain, ("model", "pretrain", "seed"), ("tokenizer",), all_ranks=True
     ),
     Stage("sft", stage_sft, ("sft", "seed"), ("data", "tokenizer", "pretrain"), all_ranks=True),
-    Stage("eval", stage_eval, ("eval", "seed"), ("data", "tokenizer", "pretrain", "sft")),
+    Stage(
+        "eval",
+        stage_eval,
+        ("eval", "seed"),
+        ("data", "tokenizer", "pretrain", "sft"),
+        facts=eval_facts,
+    ),
     Stage("report", stage_report, (), ("data", "tokenizer", "pretrain", "sft", "eval")),
 )
 STAGES = [s.name for s in PIPELINE]
 
 
-def stage_key(stage: Stage, resolved: dict, outputs: dict[str, dict]) -> tuple[str, dict]:
+def stage_key(
+    stage: Stage, recipe: Recipe, resolved: dict, outputs: dict[str, dict]
+) -> tuple[str, dict]:
     """The cache key of `stage` and the input hashes it holds: its recipe sections (from
-    `resolved`, the recipe fully resolved) and the outputs of the stages it reads."""
+    `resolved`, the recipe fully resolved), the outputs of the stages it reads, and its
+    facts beyond the recipe."""
     inputs = {s: hash_obj(outputs[s]) for s in stage.reads}
     config = {k: resolved[k] for k in stage.sections}
-    return hash_obj({"stage": stage.name, "config": config, "inputs": inputs, "format": 1}), inputs
+    parts = {"stage": stage.name, "config": config, "inputs": inputs, "format": 1}
+    facts = stage.facts(recipe) if stage.facts is not None else {}
+    if facts:
+        parts["facts"] = facts
+    return hash_obj(parts), inputs
 
 
 def _default_threads() -> int:
@@ -142,7 +176,7 @@ def _run_stages(run: Run, d: dist_.Dist, force: str | None, until: str) -> Path:
     for stage in todo:
         name = stage.name
         sdir = run.stage_dir(name)
-        key, inputs = stage_key(stage, resolved, outputs)
+        key, inputs = stage_key(stage, recipe, resolved, outputs)
         dist_.barrier()
         done = cached_record(sdir, key, redo=name in forced)
         dist_.barrier()  # every rank has read the marker before rank 0 may remove it

@@ -190,7 +190,7 @@ def stage_eval(run: Run) -> dict:
                 seed=run.recipe.seed,
                 train_docs=[d for d in train_docs if d.is_file()],
                 chat=name == "sft",
-                overwrite=True,  # the stage directory is the run's own
+                owned=True,  # the stage directory is the run's, not an `lmlab eval` output
                 skip_unsandboxed=True,  # the default recipe runs wherever lmlab installs
             )
         results["tasks"] = paired_comparison(task_dir / "base", task_dir / "sft")

@@ -1,8 +1,8 @@
 """The on-disk forms the loader reads (`lmlab.model.loading`), one module each.
 
-Every module in this package is imported when the loader first looks for a form, and
-registers its reader with `register_format` as it is imported: a new form is a new file
-here, and neither this file nor the loader names it.
+Importing this package imports every module in it (the loader imports it), and each
+registers its reader with `registry.register_format` as it is imported: a new form is a
+new file here, and neither this file nor the loader names it.
 """
 
 import importlib

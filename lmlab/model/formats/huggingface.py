@@ -10,7 +10,7 @@ from lmlab.console import warn
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model import hf
 from lmlab.model.checkpoint import FORMAT, read_config
-from lmlab.model.loading import register_format
+from lmlab.model.formats.registry import register_format
 
 
 def detect(path: Path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmlab.model.checkpoint import FORMAT, read_config
-from lmlab.model.loading import register_format
+from lmlab.model.formats.registry import register_format
 from lmlab.model.quant import load_quantized
 
 
