@@ -553,14 +553,9 @@ def weight_error(fp: nn.Module, quantized: nn.Module, names: list[str]) -> float
     return math.sqrt(err / ref) if ref else 0.0
 
 
-def reset_outlier_counts(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, LLMInt8Linear):
-            m.outlier_columns = m.columns_seen = 0
-
-
 def outlier_share(model: nn.Module) -> float | None:
-    """Share of LLM.int8 input columns multiplied in float since the counts were reset."""
+    """Share of LLM.int8 input columns multiplied in float over every forward since the
+    layers were built."""
     mods = [m for m in model.modules() if isinstance(m, LLMInt8Linear)]
     seen = sum(m.columns_seen for m in mods)
     return sum(m.outlier_columns for m in mods) / seen if seen else None
