@@ -24,22 +24,22 @@ from typing import Any
 
 from lmlab.data.document import Document
 from lmlab.data.sources.base import (
-    _COMPRESSED,
-    _JSONL,
+    COMPRESSED,
+    JSONL,
     SKIP_REASONS,
     Format,
     ReadStats,
     SourceConfig,
     Task,
-    _is_hf_saved,
+    is_hf_saved,
 )
-from lmlab.data.sources.common import _read_errors
-from lmlab.data.sources.delimited import _read_csv
-from lmlab.data.sources.hub import _read_hf
-from lmlab.data.sources.jsonl import _read_jsonl
-from lmlab.data.sources.parquet import _read_parquet
-from lmlab.data.sources.stdlib import _read_stdlib_part, _stdlib_tasks, module_name, read_stdlib
-from lmlab.data.sources.text import _read_text
+from lmlab.data.sources.common import read_errors
+from lmlab.data.sources.delimited import read_csv
+from lmlab.data.sources.hub import read_hf
+from lmlab.data.sources.jsonl import read_jsonl
+from lmlab.data.sources.parquet import read_parquet
+from lmlab.data.sources.stdlib import module_name, read_stdlib, read_stdlib_part, stdlib_tasks
+from lmlab.data.sources.text import read_text
 from lmlab.errors import UsageError
 
 __all__ = [
@@ -67,7 +67,7 @@ def list_tasks(cfg: SourceConfig) -> list[Task]:
     tasks: list[Task] = []
     for p in cfg.paths:
         if p == "stdlib":  # the keyword wins over a local file named so; write ./stdlib for that
-            tasks += _stdlib_tasks(cfg)
+            tasks += stdlib_tasks(cfg)
         elif p.startswith("hf:"):
             if cfg.format not in ("auto", "hf"):
                 raise UsageError(f"paths: {p} is a hub dataset; format must be 'auto' or 'hf'")
@@ -76,7 +76,7 @@ def list_tasks(cfg: SourceConfig) -> list[Task]:
             path = Path(p)
             if not path.exists():
                 raise UsageError(f"paths: {p} does not exist")
-            if cfg.format == "hf" or (cfg.format == "auto" and _is_hf_saved(path)):
+            if cfg.format == "hf" or (cfg.format == "auto" and is_hf_saved(path)):
                 tasks.append(Task(p, "hf"))
             elif path.is_dir():
                 tasks += _dir_tasks(path, cfg.format)
@@ -93,9 +93,9 @@ def detect_format(path: str | Path) -> str:
     when read)."""
     name = Path(path).name.lower()
     suffix = Path(name).suffix
-    if suffix in _COMPRESSED:
+    if suffix in COMPRESSED:
         suffix = Path(name[: -len(suffix)]).suffix
-    if suffix in _JSONL:
+    if suffix in JSONL:
         return "jsonl"
     if suffix == ".parquet":
         return "parquet"
@@ -112,7 +112,7 @@ def _dir_tasks(root: Path, fmt: str) -> list[Task]:
     out: list[Task] = []
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
-        if fmt == "auto" and d != root and _is_hf_saved(d):
+        if fmt == "auto" and d != root and is_hf_saved(d):
             out.append(Task(str(d), "hf"))
             dirnames.clear()
             continue
@@ -155,7 +155,7 @@ def read_task(task: Task, cfg: SourceConfig, stats: ReadStats) -> Iterator[Docum
             stats.chars += len(doc.text)
             stats.documents += 1
             yield doc
-    except _read_errors() as e:
+    except read_errors() as e:
         where = task.label if at[0] is None else f"{task.label}{at[1]}{at[0]}"
         stats.skip("unreadable", task.label, where, f"cannot read ({type(e).__name__}: {e})")
     else:
@@ -177,10 +177,10 @@ def read_path(path: str | Path, text_field: str = "text") -> Iterator[Document]:
 
 
 _READERS = {
-    "text": _read_text,
-    "jsonl": _read_jsonl,
-    "csv": _read_csv,
-    "parquet": _read_parquet,
-    "hf": _read_hf,
-    "stdlib": _read_stdlib_part,
+    "text": read_text,
+    "jsonl": read_jsonl,
+    "csv": read_csv,
+    "parquet": read_parquet,
+    "hf": read_hf,
+    "stdlib": read_stdlib_part,
 }

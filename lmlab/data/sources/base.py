@@ -16,15 +16,15 @@ from lmlab.errors import UsageError
 Format = Literal["auto", "text", "jsonl", "parquet", "csv", "hf", "stdlib"]
 
 
-_COMPRESSED = {".gz", ".zst", ".zstd", ".bz2", ".xz"}
-_JSONL = {".jsonl", ".json", ".ndjson"}
-_BOM = b"\xef\xbb\xbf"
-_SNIFF = 8192  # bytes looked at for NUL bytes, as git and grep do to call a file binary
-_BATCH_ROWS = 1024  # Parquet / HF rows per batch: bounded memory, few Python-level calls
-_SCALARS = (str, int, float, bool, type(None))
+COMPRESSED = {".gz", ".zst", ".zstd", ".bz2", ".xz"}
+JSONL = {".jsonl", ".json", ".ndjson"}
+BOM = b"\xef\xbb\xbf"
+SNIFF = 8192  # bytes looked at for NUL bytes, as git and grep do to call a file binary
+BATCH_ROWS = 1024  # Parquet / HF rows per batch: bounded memory, few Python-level calls
+SCALARS = (str, int, float, bool, type(None))
 # A JSON \uXXXX escape of a surrogate: only lines that have one can hold a lone surrogate,
 # which is a valid Python str but cannot be written as UTF-8 later.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _WARN_PER_FILE = 5  # warnings per reason and file before "... and N more"
 _WARN_PER_PROCESS = 100  # warnings per reason in one process, over all files
 
@@ -153,7 +153,7 @@ class ReadStats:
         )
 
 
-def _is_hf_saved(path: Path) -> bool:
+def is_hf_saved(path: Path) -> bool:
     """A directory written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
     return (path / "dataset_dict.json").is_file() or (
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file()

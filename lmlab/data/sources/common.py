@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmlab.data.document import Document
-from lmlab.data.sources.base import _BOM, _SCALARS, _SNIFF, ReadStats, SourceConfig
+from lmlab.data.sources.base import BOM, SCALARS, SNIFF, ReadStats, SourceConfig
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
+def read_errors() -> tuple[type[BaseException], ...]:
     """I/O and decompression errors; looked up only in modules already imported."""
     import sys
 
@@ -26,7 +26,7 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _open(path: str) -> BinaryIO:
+def open_file(path: str) -> BinaryIO:
     """A buffered binary stream with `readline(limit)` and `peek`, decompressing by suffix."""
     suffix = Path(path).suffix.lower()
     if suffix == ".gz":
@@ -88,14 +88,14 @@ class _ZstdFile(io.RawIOBase):
         super().close()
 
 
-def _is_binary(fh: BinaryIO, path: str, stats: ReadStats) -> bool:
-    if b"\x00" in fh.peek(_SNIFF)[:_SNIFF]:  # type: ignore[attr-defined]
+def is_binary(fh: BinaryIO, path: str, stats: ReadStats) -> bool:
+    if b"\x00" in fh.peek(SNIFF)[:SNIFF]:  # type: ignore[attr-defined]
         stats.skip("binary_file", path, path, "NUL bytes in the first 8 KiB: a binary file")
         return True
     return False
 
 
-def _lines(
+def lines(
     fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats, at: list[Any]
 ) -> Iterator[tuple[int, bytes | None]]:
     """(line number, raw line) with memory bounded by the line limit: a longer line is
@@ -105,7 +105,7 @@ def _lines(
     readline = fh.readline
     lineno = 0
     raw = readline(cap)
-    if raw.startswith(_BOM):
+    if raw.startswith(BOM):
         raw = raw[3:]
     while raw:
         lineno += 1
@@ -119,17 +119,17 @@ def _lines(
         raw = readline(cap)
 
 
-def _decoded(
+def decoded(
     fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats, at: list[Any]
 ) -> Iterator[tuple[int, str]]:
     """`(line number, text)` of each line that is not too long and is valid UTF-8."""
-    for lineno, raw in _lines(fh, path, cfg, stats, at):
+    for lineno, raw in lines(fh, path, cfg, stats, at):
         if raw is None:
             continue
         try:
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            _bad_utf8(stats, path, lineno, e, "line")
+            bad_utf8(stats, path, lineno, e, "line")
 
 
 def _too_long(raw: bytes, fh: BinaryIO, cap: int, limit: int) -> bool:
@@ -140,7 +140,7 @@ def _too_long(raw: bytes, fh: BinaryIO, cap: int, limit: int) -> bool:
     return len(raw.rstrip(b"\r\n").decode("utf-8", "replace")) > limit
 
 
-def _bad_utf8(stats: ReadStats, path: str, line: int, e: UnicodeDecodeError, what: str) -> None:
+def bad_utf8(stats: ReadStats, path: str, line: int, e: UnicodeDecodeError, what: str) -> None:
     """Count invalid UTF-8 at its line and column (`line`: the first line of `e.object`)."""
     line += e.object.count(b"\n", 0, e.start)
     column = e.start - e.object.rfind(b"\n", 0, e.start)
@@ -148,10 +148,10 @@ def _bad_utf8(stats: ReadStats, path: str, line: int, e: UnicodeDecodeError, wha
     stats.skip("invalid_utf8", path, f"{path}:{line}", detail)
 
 
-_MISSING = object()
+MISSING = object()
 
 
-def _utf8_clean(row: dict) -> bool:
+def utf8_clean(row: dict) -> bool:
     """False when a value holds a lone surrogate, which no UTF-8 writer could write later."""
     try:
         json.dumps(row, ensure_ascii=False).encode("utf-8")
@@ -160,7 +160,7 @@ def _utf8_clean(row: dict) -> bool:
     return True
 
 
-def _rows(
+def rows(
     data: dict[str, list],
     start: int,
     path: str,
@@ -191,14 +191,14 @@ def _rows(
         meta: dict[str, Any] = {"source": fmt, "path": path, "row": n}
         for name, col in zip(names, cols, strict=True):
             v = col[j]
-            if isinstance(v, _SCALARS):
+            if isinstance(v, SCALARS):
                 meta[name] = v
             elif isinstance(v, as_str):
                 meta[name] = str(v)
         m = metas[j] if metas is not None else None
         if type(m) is dict:
             meta.update(m)
-        elif isinstance(m, _SCALARS) and m is not None:
+        elif isinstance(m, SCALARS) and m is not None:
             meta["metadata"] = m
         rid = ids[j] if ids is not None else None
         doc_id = f"{path}#{n}" if rid is None or rid == "" else str(rid)

@@ -7,22 +7,22 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from lmlab.data.document import Document
-from lmlab.data.sources.base import _COMPRESSED, ReadStats, SourceConfig, Task
-from lmlab.data.sources.common import _decoded, _is_binary, _open
+from lmlab.data.sources.base import COMPRESSED, ReadStats, SourceConfig, Task
+from lmlab.data.sources.common import decoded, is_binary, open_file
 
 
-def _read_csv(task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]) -> Iterator[Document]:
+def read_csv(task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]) -> Iterator[Document]:
     """A header row, then records; the text column by name, other columns as metadata."""
     path = task.source_path
     name = path.lower()
-    for c in _COMPRESSED:
+    for c in COMPRESSED:
         name = name.removesuffix(c)
     delimiter = cfg.csv_delimiter or ("\t" if name.endswith(".tsv") else ",")
     # A longer field is a gigantic record, skipped. The limit is process-wide: put it back.
     old_limit = csv.field_size_limit(cfg.max_line_chars)
     try:
-        with _open(path) as fh:
-            if not _is_binary(fh, path, stats):
+        with open_file(path) as fh:
+            if not is_binary(fh, path, stats):
                 yield from _csv_docs(fh, path, delimiter, cfg, stats, at)
     finally:
         csv.field_size_limit(old_limit)
@@ -36,8 +36,8 @@ def _csv_docs(
     # gigantic quoted field, lines are passed over until the quotes balance again.
     rec_at = {"start": 0, "new": True, "quotes": 0, "in_skipped_field": False}
 
-    def decoded() -> Iterator[str]:
-        for lineno, line in _decoded(fh, path, cfg, stats, at):
+    def record_lines() -> Iterator[str]:
+        for lineno, line in decoded(fh, path, cfg, stats, at):
             if rec_at["in_skipped_field"]:  # part of a record already counted
                 rec_at["in_skipped_field"] = line.count('"') % 2 == 0
                 continue
@@ -46,7 +46,7 @@ def _csv_docs(
             rec_at["quotes"] += line.count('"')
             yield line
 
-    records = csv.reader(decoded(), delimiter=delimiter)
+    records = csv.reader(record_lines(), delimiter=delimiter)
     header: list[str] | None = None
     index = -1
     while True:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.data.document import Document
-from lmlab.data.sources.base import _BATCH_ROWS, ReadStats, SourceConfig, Task, _is_hf_saved
-from lmlab.data.sources.common import _rows
+from lmlab.data.sources.base import BATCH_ROWS, ReadStats, SourceConfig, Task, is_hf_saved
+from lmlab.data.sources.common import rows
 from lmlab.errors import UsageError
 
 _HF_BUILDERS = {
@@ -22,7 +22,7 @@ _HF_BUILDERS = {
 }
 
 
-def _read_hf(task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]) -> Iterator[Document]:
+def read_hf(task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]) -> Iterator[Document]:
     """A Hugging Face dataset, iterated in batches (memory-mapped or streamed, never loaded)."""
     at[1] = "#"
     path = task.source_path
@@ -30,14 +30,14 @@ def _read_hf(task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]) -> 
     if ds is None:
         return
     start = 0
-    for batch in ds.iter(batch_size=_BATCH_ROWS):
-        rows = len(next(iter(batch.values()))) if batch else 0
+    for batch in ds.iter(batch_size=BATCH_ROWS):
+        n_rows = len(next(iter(batch.values()))) if batch else 0
         if cfg.text_field not in batch:
-            detail = f"no column {cfg.text_field!r} (columns: {', '.join(batch)}); {rows} rows"
-            stats.skip("missing_text_field", path, f"{path}#{start}", detail, n=rows)
+            detail = f"no column {cfg.text_field!r} (columns: {', '.join(batch)}); {n_rows} rows"
+            stats.skip("missing_text_field", path, f"{path}#{start}", detail, n=n_rows)
         else:
-            yield from _rows(dict(batch), start, path, "hf", cfg, stats, at)
-        start += rows
+            yield from rows(dict(batch), start, path, "hf", cfg, stats, at)
+        start += n_rows
 
 
 def _open_hf(task: Task, cfg: SourceConfig, stats: ReadStats) -> Any:
@@ -61,7 +61,7 @@ def _open_hf(task: Task, cfg: SourceConfig, stats: ReadStats) -> Any:
                     f"{src}: no split {cfg.hf_split!r} (splits: {splits}); set hf_split"
                 )
             return dd[cfg.hf_split]
-        if _is_hf_saved(p):
+        if is_hf_saved(p):
             return datasets.load_from_disk(src)
         if p.is_dir():
             return datasets.load_dataset(src, split=cfg.hf_split, streaming=True)

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmlab.data.document import Document
-from lmlab.data.sources.base import _SURROGATE_ESCAPE, ReadStats, SourceConfig, Task
-from lmlab.data.sources.common import _MISSING, _decoded, _is_binary, _open, _utf8_clean
+from lmlab.data.sources.base import SURROGATE_ESCAPE, ReadStats, SourceConfig, Task
+from lmlab.data.sources.common import MISSING, decoded, is_binary, open_file, utf8_clean
 
 
-def _read_jsonl(
+def read_jsonl(
     task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]
 ) -> Iterator[Document]:
     """One document per line; the row's `metadata` object and its other fields become
@@ -19,10 +19,10 @@ def _read_jsonl(
     path = task.source_path
     tf, idf = cfg.text_field, cfg.id_field
     loads = json.loads
-    with _open(path) as fh:
-        if _is_binary(fh, path, stats):
+    with open_file(path) as fh:
+        if is_binary(fh, path, stats):
             return
-        for lineno, line in _decoded(fh, path, cfg, stats, at):
+        for lineno, line in decoded(fh, path, cfg, stats, at):
             try:
                 row = loads(line)
             except (ValueError, RecursionError) as e:
@@ -37,12 +37,12 @@ def _read_jsonl(
                 detail = f"a JSON {type(row).__name__} where an object was expected"
                 stats.skip("malformed_json", path, where, detail)
                 continue
-            if "\\u" in line and _SURROGATE_ESCAPE.search(line) and not _utf8_clean(row):
+            if "\\u" in line and SURROGATE_ESCAPE.search(line) and not utf8_clean(row):
                 stats.skip("invalid_utf8", path, where, "a lone surrogate escape (\\ud8xx)")
                 continue
-            text = row.pop(tf, _MISSING)
+            text = row.pop(tf, MISSING)
             if type(text) is not str:
-                if text is _MISSING:
+                if text is MISSING:
                     detail = f"no field {tf!r} (fields: {', '.join(map(str, row))})"
                     stats.skip("missing_text_field", path, where, detail)
                 else:

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmlab.data.document import Document
-from lmlab.data.sources.base import _BATCH_ROWS, ReadStats, SourceConfig, Task
-from lmlab.data.sources.common import _rows
+from lmlab.data.sources.base import BATCH_ROWS, ReadStats, SourceConfig, Task
+from lmlab.data.sources.common import rows
 
 
-def _read_parquet(
+def read_parquet(
     task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]
 ) -> Iterator[Document]:
     """Row batches via `iter_batches` (memory bounded by the batch, not the file)."""
@@ -23,16 +23,18 @@ def _read_parquet(
     try:
         schema = pf.schema_arrow
         if cfg.text_field not in schema.names:
-            rows = pf.metadata.num_rows
+            n_rows = pf.metadata.num_rows
             detail = f"no column {cfg.text_field!r} (columns: {', '.join(schema.names)})"
-            stats.skip("missing_text_field", path, path, f"{detail}; {rows} rows", n=max(rows, 1))
+            stats.skip(
+                "missing_text_field", path, path, f"{detail}; {n_rows} rows", n=max(n_rows, 1)
+            )
             return
         keep = (cfg.text_field, cfg.id_field, "metadata")
         cols = [f.name for f in schema if f.name in keep or _arrow_scalar(pa, f.type)]
         start = 0
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=cols):
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
             data = {n: batch.column(i).to_pylist() for i, n in enumerate(batch.schema.names)}
-            yield from _rows(data, start, path, "parquet", cfg, stats, at)
+            yield from rows(data, start, path, "parquet", cfg, stats, at)
             start += batch.num_rows
     finally:
         pf.close()

@@ -12,7 +12,7 @@ from typing import Any
 from lmlab.console import warn
 from lmlab.data.document import Document
 from lmlab.data.sources.base import ReadStats, SourceConfig, Task
-from lmlab.data.sources.common import _bad_utf8
+from lmlab.data.sources.common import bad_utf8
 
 # Directories of the stdlib that are not library prose/code a user would want to learn from.
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "lib2to3"}
@@ -59,7 +59,7 @@ def _stdlib_files(include_tests: bool, part: str | None = None) -> list[Path]:
     return sorted(out, key=lambda r: r.parts)
 
 
-def _stdlib_tasks(cfg: SourceConfig) -> list[Task]:
+def stdlib_tasks(cfg: SourceConfig) -> list[Task]:
     """One task per top-level package, one for the single-file modules, one for topics."""
     files = _stdlib_files(cfg.include_tests)
     parts = sorted({r.parts[0] if len(r.parts) > 1 else _STDLIB_MODULES for r in files})
@@ -82,7 +82,7 @@ def _stdlib_doc(root: Path, rel: Path, stats: ReadStats) -> Document | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        _bad_utf8(stats, label, 1, e, "file")
+        bad_utf8(stats, label, 1, e, "file")
         return None
     meta = {"source": "stdlib", "path": rel.as_posix(), "module": module_name(rel)}
     return Document(id=label, text=text, metadata=meta)
@@ -100,7 +100,7 @@ def _pydoc_topics() -> Iterator[Document]:
         )
 
 
-def _read_stdlib_part(
+def read_stdlib_part(
     task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]
 ) -> Iterator[Document]:
     if task.part == _STDLIB_TOPICS:

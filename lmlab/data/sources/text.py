@@ -6,16 +6,14 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from lmlab.data.document import Document
-from lmlab.data.sources.base import _BOM, ReadStats, SourceConfig, Task
-from lmlab.data.sources.common import _bad_utf8, _is_binary, _lines, _open
+from lmlab.data.sources.base import BOM, ReadStats, SourceConfig, Task
+from lmlab.data.sources.common import bad_utf8, is_binary, lines, open_file
 
 
-def _read_text(
-    task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]
-) -> Iterator[Document]:
+def read_text(task: Task, cfg: SourceConfig, stats: ReadStats, at: list[Any]) -> Iterator[Document]:
     path = task.source_path
-    with _open(path) as fh:
-        if _is_binary(fh, path, stats):
+    with open_file(path) as fh:
+        if is_binary(fh, path, stats):
             return
         if cfg.unit == "file":
             yield from _text_file(fh, path, cfg, stats)
@@ -28,7 +26,7 @@ def _read_text(
 def _text_file(fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats) -> Iterator[Document]:
     limit = cfg.max_line_chars
     raw = fh.read(4 * limit + 1)  # never more than the limit can need
-    if raw.startswith(_BOM):
+    if raw.startswith(BOM):
         raw = raw[3:]
     if len(raw) > limit and (len(raw) > 4 * limit or len(raw.decode("utf-8", "replace")) > limit):
         stats.skip("line_too_long", path, path, f"file longer than {limit:,} characters")
@@ -36,7 +34,7 @@ def _text_file(fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats) -> 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        _bad_utf8(stats, path, 1, e, "file")
+        bad_utf8(stats, path, 1, e, "file")
         return
     if text.strip():
         yield Document(id=path, text=text, metadata={"source": "text", "path": path})
@@ -45,13 +43,13 @@ def _text_file(fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats) -> 
 def _text_lines(
     fh: BinaryIO, path: str, cfg: SourceConfig, stats: ReadStats, at: list[Any]
 ) -> Iterator[Document]:
-    for lineno, raw in _lines(fh, path, cfg, stats, at):
+    for lineno, raw in lines(fh, path, cfg, stats, at):
         if raw is None:
             continue
         try:
             line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
-            _bad_utf8(stats, path, lineno, e, "line")
+            bad_utf8(stats, path, lineno, e, "line")
             continue
         if line.strip():
             meta = {"source": "text", "path": path, "line": lineno}
@@ -66,13 +64,13 @@ def _text_paragraphs(
     size = start = 0
     index = -1
     bad = in_para = False
-    for lineno, raw in _lines(fh, path, cfg, stats, at):
+    for lineno, raw in lines(fh, path, cfg, stats, at):
         line = None
         if raw is not None:
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                _bad_utf8(stats, path, lineno, e, "paragraph")
+                bad_utf8(stats, path, lineno, e, "paragraph")
         if line is not None and not line.strip():  # a blank line ends the paragraph
             if in_para and not bad:
                 meta = {"source": "text", "path": path, "line": start}
