@@ -200,6 +200,24 @@ def test_sleeping_past_the_wall_clock_times_out():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_payload_larger_than_the_pipe_buffer_passes(mode):
+    """Megabytes of code and tests reach the sandbox whole (written while it reads)."""
+    table = "TABLE = [\n" + "".join(f"    {i},\n" for i in range(300_000)) + "]\n"
+    tests = "assert len(TABLE) == 300_000 and TABLE[-1] == 299_999\n" + "# pad\n" * 200_000
+    assert len(table) + len(tests) > 3_000_000
+    r = run_code(table, tests, timeout_s=30, isolation=mode)
+    assert r.status == "passed", r.stderr
+
+
+def test_a_sandbox_that_never_reads_its_input_still_times_out(monkeypatch):
+    """The wall clock covers handing over the code: a supervisor (or bwrap) stalled before
+    reading, with more to read than a pipe buffers, is killed at the timeout."""
+    monkeypatch.setattr(sandbox, "SUPERVISOR", "import time\ntime.sleep(60)\n")
+    r = run_code("x = 1\n" * 200_000, "", timeout_s=1, isolation="weak")
+    assert r.status == "timeout" and r.seconds < 10
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_unbounded_allocation_hits_the_memory_limit(mode):
     r = run_code("xs = []\nwhile True:\n    xs.append(bytearray(10 ** 7))\n", "", 10, 256, mode)
     assert r.status == "memory" and not r.passed

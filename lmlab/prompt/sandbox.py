@@ -84,6 +84,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -997,6 +998,19 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
     return exited
 
 
+def _feed(stdin, payload: bytes) -> None:
+    """Write the code and tests to the sandbox, from a thread: a payload larger than the
+    pipe buffer blocks until the sandbox reads it, and if bwrap or the supervisor stalls
+    first, the wall-clock timeout must still run (and kill it, which ends the write)."""
+    try:
+        stdin.write(payload)
+    except OSError:  # it died, or was killed, before reading it all
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            stdin.close()
+
+
 def run_code(
     code: str,
     tests: str,
@@ -1043,18 +1057,16 @@ def run_code(
             start_new_session=True,  # its own process group, killed as a whole
         )
         timed_out = True
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, payload), daemon=True)
         try:
-            try:
-                proc.stdin.write(payload)
-                proc.stdin.close()
-            except OSError:  # it died before reading
-                pass
+            feeder.start()
             timed_out = not _wait(proc, timeout_s)
         finally:
             if timed_out:  # (or interrupted) the group: bwrap, and with it the sandbox
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            feeder.join(1)  # the reader is gone, so its write has failed or finished
         seconds = time.perf_counter() - start
         verdict.seek(0)
         status = verdict.read(64).decode("ascii", "replace")
