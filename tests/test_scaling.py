@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +231,26 @@ MICRO = [
     "--set", "pretrain.seq_len=32",
     "--set", "pretrain.log_every=4",
 ]  # fmt: skip
+
+
+def test_refit_refuses_a_sweep_another_process_holds_and_creates_nothing(tmp_path):
+    """`scaling fit` rewrites the report: not while another process holds the sweep."""
+    (tmp_path / "sweep.json").write_text("{}")
+    hold = "import sys, time; from lmlab.utils import dir_lock\nwith dir_lock(sys.argv[1]):\n"
+    hold += "    print('held', flush=True); time.sleep(60)\n"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=f"sweep directory .* in use .*PID {holder.pid}"):
+            refit(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(UsageError, match="not a scaling sweep directory"):
+        refit(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
 
 
 @pytest.fixture(scope="module")

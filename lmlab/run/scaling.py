@@ -326,10 +326,14 @@ def write_prediction(
     return pred
 
 
-def load_sweep(run_dir: Path) -> tuple[list[dict], dict | None, dict | None]:
-    """The finished points of a sweep directory: grid records, target record, prediction."""
+def _check_sweep_dir(run_dir: Path) -> None:
     if not (run_dir / "sweep.json").is_file():
         raise UsageError(f"{run_dir}: not a scaling sweep directory (no sweep.json)")
+
+
+def load_sweep(run_dir: Path) -> tuple[list[dict], dict | None, dict | None]:
+    """The finished points of a sweep directory: grid records, target record, prediction."""
+    _check_sweep_dir(run_dir)
     records = []
     for marker in sorted((run_dir / "points").glob(f"*/{DONE}")):
         records.append(read_json(marker)["record"])
@@ -345,13 +349,17 @@ def load_sweep(run_dir: Path) -> tuple[list[dict], dict | None, dict | None]:
 def refit(run_dir: Path) -> list[Path]:
     """`lmlab scaling fit DIR`: refit the finished grid points and rewrite the report.
 
-    The prediction on record stays as written before the target trained."""
-    records, target, pred = load_sweep(run_dir)
-    spec = read_json(run_dir / "sweep.json")
-    wanted = {point_label(s, d) for s in spec["sizes"] for d in spec["tokens"]}
-    records = [r for r in records if r["label"] in wanted] or records
-    fits = fit_grid(records)
-    paths = write_report(run_dir, records, target, fits, pred)
+    The prediction on record stays as written before the target trained. The report is
+    rewritten under the sweep's lock, so not while a sweep writes it (checked first: the
+    lock would create a mistyped directory)."""
+    _check_sweep_dir(run_dir)
+    with dir_lock(run_dir, "sweep directory"):
+        records, target, pred = load_sweep(run_dir)
+        spec = read_json(run_dir / "sweep.json")
+        wanted = {point_label(s, d) for s in spec["sizes"] for d in spec["tokens"]}
+        records = [r for r in records if r["label"] in wanted] or records
+        fits = fit_grid(records)
+        paths = write_report(run_dir, records, target, fits, pred)
     print_summary(records, target, fits, pred, None)
     return paths
 
