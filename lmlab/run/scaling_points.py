@@ -16,8 +16,11 @@ shape, and the recipe's pre-training settings with the point's own budget:
   batch, halved until the smallest budget takes at least `MIN_STEPS` optimizer steps: a
   small model spends its first few hundred steps near the unigram plateau (loss ≈ the
   entropy of token frequencies), which no power law describes;
-- loss spikes are logged but not rolled back: a rollback retrains from a checkpoint on
-  other batches, so two points would differ in more than N and D;
+- loss spikes are not rolled back (`spike_rollback` off): the loop drops the spiking
+  step's update, skips its batch and goes on with the next (a `loss_spike` event with
+  action `skip_batch` in metrics.jsonl), so D still counts only tokens trained on. A
+  rollback would retrain from a checkpoint on other batches, so two points would differ
+  in more than N and D;
 - loss: the final model's loss on the same first `VAL_TOKENS` tokens of the validation
   split for every point, whatever its batch (`lmlab.run.scaling.validation_loss`); no
   evaluation during training, which would cost time and change nothing.
@@ -150,7 +153,7 @@ def point_config(base, tokens: int):
     """The recipe's `TrainConfig` with the point's budget and schedule (module docstring)."""
     steps = math.ceil(tokens / base.tokens_per_step)
     warmup = min(base.warmup_steps, max(1, math.ceil(WARMUP_SHARE * steps)))
-    # spikes are logged (metrics.jsonl), not rolled back (module docstring)
+    # a spiking step's batch is skipped, not rolled back (module docstring)
     quiet_spikes = {"spike_rollback": False} if hasattr(base, "spike_rollback") else {}
     return dataclasses.replace(
         base,
