@@ -1,6 +1,6 @@
 """Decode throughput of lmlab versus transformers and llama.cpp, in one process.
 
-Why: issue 6 asks lmlab's generation to decode at least 3x as fast as Hugging Face's
+Why: lmlab's generation is meant to decode at least 3x as fast as Hugging Face's
 `LlamaForCausalLM.generate` and at least 0.5x as fast as llama.cpp at the same precision,
 for LLaMA-style models of ~10M and ~100M parameters at batch 1 and batch 8. All engines
 run the same weights (lmlab's random initialization, seed 0: the model's quality does not
@@ -68,8 +68,8 @@ from lmlab.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, trai
 from lmlab.train.mfu import device_name
 from lmlab.utils import write_json
 
-TARGET_VS_TRANSFORMERS = 3.0  # issue 6: lmlab decode >= 3x transformers
-TARGET_VS_LLAMA_CPP = 0.5  # issue 6: lmlab decode >= 0.5x llama.cpp, same precision
+TARGET_VS_TRANSFORMERS = 3.0  # the speed target: lmlab decode >= 3x transformers
+TARGET_VS_LLAMA_CPP = 0.5  # the speed target: lmlab decode >= 0.5x llama.cpp, same precision
 NOISY = 1.5  # a row whose fastest round is this much faster than its slowest is flagged
 
 # Peak memory bandwidth (GB/s) by CUDA device name, first match wins; spec-sheet values.
@@ -431,7 +431,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's two targets for one (model, batch): against transformers, and against
+    """The two speed targets for one (model, batch): against transformers, and against
     llama.cpp at lmlab's precision (f32 weights, f32 KV cache)."""
     out = []
     for kind, precision, target in (

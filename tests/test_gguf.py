@@ -1,4 +1,4 @@
-"""GGUF export (issue 6): the file read back with `gguf.GGUFReader`, and run by llama.cpp.
+"""GGUF export: the file read back with `gguf.GGUFReader`, and run by llama.cpp.
 
 The reader checks always run: metadata, the vocabulary, every tensor dequantized against
 lmlab's weights within its format's error bound, the Q/K permutation, the refusals. When
