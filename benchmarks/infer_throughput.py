@@ -64,7 +64,8 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.hf import export_to_hf
 from lmlab.model.presets import parse_size, resolve_model
 from lmlab.model.transformer import Transformer
-from lmlab.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_bpe
+from lmlab.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
+from lmlab.tokenizer.train import train_bpe
 from lmlab.train.mfu import device_name
 from lmlab.utils import write_json
 

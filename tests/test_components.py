@@ -12,7 +12,8 @@ from lmlab.adapt.docstring_qa import first_sentence, is_held_out, qa_pairs
 from lmlab.adapt.sft import collate, encode_example
 from lmlab.eval.metrics import exact_match, mean_stderr, paired_difference, rouge_l
 from lmlab.model import ModelConfig, Transformer
-from lmlab.tokenizer import CHAT_TEMPLATE, END, format_chat, special_id, train_bpe
+from lmlab.tokenizer import CHAT_TEMPLATE, END, format_chat, special_id
+from lmlab.tokenizer.train import train_bpe
 from lmlab.train.loop import TrainConfig, train
 from lmlab.train.schedule import lr_at
 

@@ -22,7 +22,7 @@ from lmlab.data.perplexity import (
 from lmlab.errors import UsageError
 from lmlab.model import Transformer
 from lmlab.model.checkpoint import save_checkpoint
-from lmlab.tokenizer import train_bpe
+from lmlab.tokenizer.train import train_bpe
 from tests.test_components import TEXTS, _tiny_setup
 
 _SYL = [c + v for c in "bdfgklmnprst" for v in "aeiou"]

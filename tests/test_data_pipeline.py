@@ -13,7 +13,8 @@ from lmlab.data import pipeline
 from lmlab.data.mixture import phase_at
 from lmlab.data.pipeline import cli_config, load_config, prepare
 from lmlab.errors import UsageError
-from lmlab.tokenizer import save_tokenizer, train_bpe
+from lmlab.tokenizer import save_tokenizer
+from lmlab.tokenizer.train import train_bpe
 from tests.conftest import lmlab_cmd
 from tests.data_corpus import page, web_corpus, write_jsonl
 

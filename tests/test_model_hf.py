@@ -358,8 +358,8 @@ def test_tokenizer_round_trip(tmp_path):
         format_chat,
         load_tokenizer,
         save_tokenizer,
-        train_bpe,
     )
+    from lmlab.tokenizer.train import train_bpe
 
     texts = [f"def f{i}(x):\n    return x * {i}  # ünïcode ok\n" for i in range(200)]
     save_tokenizer(train_bpe(texts, vocab_size=VOCAB), tmp_path / "tok")
@@ -385,7 +385,8 @@ def test_tokenizer_round_trip(tmp_path):
 
 def test_convert_builds_tokenizer_json_from_slow_tokenizer_files(tmp_path):
     """An HF directory with only vocab.json + merges.txt gets a tokenizer.json lmlab reads."""
-    from lmlab.tokenizer import load_tokenizer, train_bpe
+    from lmlab.tokenizer import load_tokenizer
+    from lmlab.tokenizer.train import train_bpe
 
     tok = train_bpe([f"token {i} words here" for i in range(300)], vocab_size=VOCAB)
     _, src = make_hf("gpt2", tmp_path)

@@ -14,7 +14,8 @@ from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
 from lmlab.model.encdec import EncoderDecoder
 from lmlab.model.scoring import token_loss_sum
-from lmlab.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from lmlab.tokenizer import load_tokenizer, save_tokenizer
+from lmlab.tokenizer.train import train_bpe
 from lmlab.train.batch import logits_of
 from lmlab.train.objectives import (
     ObjectiveConfig,

@@ -821,7 +821,7 @@ def test_evaluate_code_with_a_real_model():
     """A random tiny model through generate_batch: n samples per task, cut at the stop
     sequences, each run in the sandbox; seeded, so sampling twice gives the same text."""
     from lmlab.model import ModelConfig, Transformer
-    from lmlab.tokenizer import train_bpe
+    from lmlab.tokenizer.train import train_bpe
 
     tasks = load_tasks()[:3]
     tok = train_bpe([t.prompt + t.canonical_solution for t in load_tasks()] * 4, 400)

@@ -26,7 +26,8 @@ from lmlab.model.scoring import (
 )
 from lmlab.run.compare import window_losses
 from lmlab.run.scaling import validation_loss
-from lmlab.tokenizer import EOS, save_tokenizer, special_id, train_bpe
+from lmlab.tokenizer import EOS, save_tokenizer, special_id
+from lmlab.tokenizer.train import train_bpe
 from lmlab.train.loop import evaluate_loss
 from lmlab.train.objectives import causal_batch
 

@@ -22,7 +22,8 @@ from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
 from lmlab.model.loading import load_model
 from lmlab.model.scoring import token_loss_sum
-from lmlab.tokenizer import EOS, load_tokenizer, save_tokenizer, special_id, train_bpe
+from lmlab.tokenizer import EOS, load_tokenizer, save_tokenizer, special_id
+from lmlab.tokenizer.train import train_bpe
 from lmlab.train.batch import Batch, LossOut, doc_positions, logits_of, token_cross_entropy
 from lmlab.train.distributed import Dist
 from lmlab.train.loop import (

@@ -75,7 +75,7 @@ stage_command(
     "eval → report. Finished stages are reused; an interrupted run resumes.",
 )
 for _stage, _what in [
-    ("tokenizer", "Train the byte-level BPE tokenizer and write the token shards."),
+    ("tokenizer", "Train the tokenizer (tokenizer.kind) and write the token shards."),
     ("pretrain", "Pre-train the model (resumes from its last checkpoint)."),
     ("sft", "Instruction-tune the pre-trained model on corpus question/answer pairs."),
 ]:

@@ -18,7 +18,9 @@ per row (`per_row`) where rows are compared or texts scored one by one.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -53,14 +55,44 @@ def logits_tensor(out) -> torch.Tensor:
 
 
 def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
-    """Bytes each token id decodes to. In byte-level BPE one character of a token's string
-    stands for exactly one byte; special tokens stand for none."""
+    """UTF-8 bytes each token id stands for, so that over any text the lengths of its
+    tokens sum to the text's length in bytes, whatever the tokenizer's kind.
+
+    In a byte-level tokenizer (its decoder maps characters back to bytes: lmlab's BPE,
+    WordPiece and Unigram, GPT-2's) each character of a piece is one byte. Otherwise a
+    piece is its own UTF-8, with SentencePiece's "▁" the one space it stands for and a
+    byte-fallback piece `<0xNN>` one byte. A continuation prefix (WordPiece's "##") stands
+    for nothing; special tokens stand for none, other added tokens for their text."""
+    spec = json.loads(tok.to_str())
+    model = spec.get("model") or {}
+    prefix = model.get("continuing_subword_prefix") or ""
+    byte_level = "ByteLevel" in _types(spec.get("decoder"))
+    byte_fallback = bool(model.get("byte_fallback"))
+    added = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
     lengths = np.zeros(vocab_size, dtype=np.int64)
-    special = {t.content for t in tok.get_added_tokens_decoder().values()}
     for token, i in tok.get_vocab().items():
-        if i < vocab_size and token not in special:
+        if i >= vocab_size:
+            continue
+        if token in added:
+            lengths[i] = 0 if added[token] else len(token.encode())
+            continue
+        if prefix and token.startswith(prefix) and len(token) > len(prefix):
+            token = token[len(prefix) :]
+        if byte_level:
             lengths[i] = len(token)
+        elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            lengths[i] = 1
+        else:
+            lengths[i] = len(token.replace("\u2581", " ").encode())
     return lengths
+
+
+def _types(node: dict | None) -> set[str]:
+    """The `type` of a tokenizer.json component and of every part of a Sequence."""
+    if not node:
+        return set()
+    parts = node.get("decoders") or node.get("pretokenizers") or []
+    return {node.get("type", ""), *(t for p in parts for t in _types(p))}
 
 
 def stream_windows(

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -34,6 +34,7 @@ from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import SIZE_KEYS, resolve_fields
+from lmlab.tokenizer.train import MIN_VOCAB
 from lmlab.train.loop import TrainConfig
 from lmlab.train.objectives import check_objective
 from lmlab.train.pretrain import PretrainConfig
@@ -43,14 +44,16 @@ from lmlab.train.pretrain import PretrainConfig
 class TokenizerConfig:
     __pydantic_config__ = STRICT
 
+    kind: Literal["bpe", "wordpiece", "unigram"] = "bpe"  # lmlab.tokenizer.train.KINDS
     vocab_size: PosInt = 4096
-    min_frequency: PosInt = 2
+    min_frequency: PosInt = 2  # bpe and wordpiece: a merge must occur this often
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 300:
+        least = MIN_VOCAB[self.kind]
+        if self.vocab_size < least:
             raise UsageError(
-                f"vocab_size={self.vocab_size} is too small; byte-level BPE needs "
-                "at least 300 (256 bytes + special tokens + merges)"
+                f"vocab_size={self.vocab_size} is too small; byte-level {self.kind} needs "
+                f"at least {least} (its byte pieces + special tokens + learned pieces)"
             )
 
 

@@ -18,7 +18,8 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
 from lmlab.model.precision import resolve_precision
 from lmlab.run.rundir import Run
-from lmlab.tokenizer import iter_texts, save_tokenizer, train_bpe
+from lmlab.tokenizer import iter_texts, save_tokenizer
+from lmlab.tokenizer.train import train_tokenizer
 from lmlab.train import distributed as dist_
 from lmlab.train.pretrain import pretrain
 from lmlab.utils import hash_obj, write_json, write_jsonl
@@ -38,11 +39,13 @@ def stage_tokenizer(run: Run) -> dict:
     cfg = run.recipe.tokenizer
     docs = run.stage_dir("data") / "documents"
     out = run.stage_dir("tokenizer")
-    log(f"tokenizer: training byte-level BPE, vocabulary {cfg.vocab_size}")
-    tok = train_bpe(iter_texts(docs / "train.jsonl"), cfg.vocab_size, cfg.min_frequency)
+    log(f"tokenizer: training byte-level {cfg.kind}, vocabulary {cfg.vocab_size}")
+    texts = iter_texts(docs / "train.jsonl")
+    tok = train_tokenizer(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency)
     save_tokenizer(tok, out)
     splits = write_token_shards(docs, tok, out / "tokens", run.recipe.data)
     return {
+        "kind": cfg.kind,
         "vocab_size": tok.get_vocab_size(),
         "tokens": {s: v["tokens"] for s, v in splits.items()},
         "bytes_per_token": round(splits["train"]["bytes"] / max(splits["train"]["tokens"], 1), 3),
