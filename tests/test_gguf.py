@@ -36,7 +36,8 @@ from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
 from lmlab.model.transformer import Transformer, apply_rope, rope_tables
-from lmlab.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from lmlab.tokenizer import load_tokenizer, save_tokenizer
+from lmlab.tokenizer.train import train_bpe
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -76,7 +76,9 @@ def _option(f: dataclasses.Field, hint) -> inspect.Parameter:
 @app.command()
 @generation_options()
 def generate(
-    model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
+    model: Annotated[
+        str, typer.Argument(help="A run or checkpoint directory, an HF directory, a GGUF file.")
+    ],
     prompt: Annotated[
         list[str], typer.Option(help="Text to continue (repeat for a batch of prompts).")
     ],
@@ -90,7 +92,9 @@ def generate(
     ] = None,
     cd_alpha: Annotated[float, typer.Option(help="Contrastive plausibility threshold.")] = 0.1,
     amateur_temperature: Annotated[float, typer.Option(help="Amateur's temperature.")] = 1.0,
-    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
+    chat: Annotated[
+        bool, typer.Option(help="Wrap the prompt in the model's own chat template.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per output.")] = False,
 ) -> None:
     """Continue prompts with any decoding strategy; one plain prompt streams its text."""
@@ -99,13 +103,15 @@ def generate(
     from lmlab.infer.generate import Contrast, generate_batch
     from lmlab.infer.session import load_for_generation, stream_reply
     from lmlab.infer.speculative import speculative_generate
-    from lmlab.tokenizer import format_chat
+    from lmlab.tokenizer.chat import encode_chat
 
     if draft and amateur:
         raise UsageError("--draft and --amateur: choose speculative or contrastive decoding")
     m, tok, cfg, _ = load_for_generation(model, gen, stop_at_end_of_turn=chat)
-    texts = [format_chat([{"role": "user", "content": p}]) if chat else p for p in prompt]
-    ids = [tok.encode(t).ids for t in texts]
+    ids = [
+        encode_chat(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p).ids
+        for p in prompt
+    ]
     contrast = Contrast(load_model(amateur), cd_alpha, amateur_temperature) if amateur else None
     simple = len(prompt) == 1 and cfg.n == 1 and cfg.num_beams == 1 and cfg.logprobs is None
     if simple and not json_out and not draft:
@@ -162,10 +168,12 @@ def _print_completions(comps, prompt: list[str], tok, chat: bool, json_out: bool
 @app.command()
 @generation_options("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 def chat(
-    model: Annotated[str, typer.Argument(help="A run directory or a checkpoint directory.")],
+    model: Annotated[
+        str, typer.Argument(help="A run or checkpoint directory, an HF directory, a GGUF file.")
+    ],
     gen: GenerationConfig,
 ) -> None:
-    """Talk to a model through its chat template (/reset, /history, /exit; Ctrl-C stops a reply)."""
+    """Talk to a model in its own chat template (/reset, /history, /exit; Ctrl-C stops a reply)."""
     from lmlab.infer.session import chat_loop, load_for_generation
 
     m, tok, cfg, ckpt = load_for_generation(model, gen, stop_at_end_of_turn=True)

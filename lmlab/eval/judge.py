@@ -160,15 +160,17 @@ def answer_questions(model, tok, questions: Sequence[str], chat: bool, max_new_t
     """Greedy answers, through the chat template when `chat` (an instruction-tuned model)."""
     from lmlab.infer import generate_batch
     from lmlab.prompt.fewshot import few_shot_prompt
-    from lmlab.tokenizer import END, EOS, format_chat, special_id
+    from lmlab.tokenizer.chat import encode_chat, stop_ids_of
 
-    stops = [special_id(tok, EOS)] + ([special_id(tok, END)] if chat else [])
-    prompts = [
-        format_chat([{"role": "user", "content": q}]) if chat else few_shot_prompt(q, [])
+    stops = stop_ids_of(tok, chat)
+    ids = [
+        encode_chat(tok, [{"role": "user", "content": q}])
+        if chat
+        else tok.encode(few_shot_prompt(q, [])).ids
         for q in questions
     ]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stops, stop_strings=["\n\n"])
-    comps = generate_batch(model, [tok.encode(p).ids for p in prompts], cfg, tokenizer=tok)
+    comps = generate_batch(model, ids, cfg, tokenizer=tok)
     return [c.text.strip() for c in comps]
 
 

@@ -11,7 +11,7 @@ from lmlab.eval.metrics import clean_generation, exact_match, mean_stderr, rouge
 from lmlab.infer.generate import stream
 from lmlab.infer.options import GenerationConfig
 from lmlab.prompt.fewshot import few_shot_prompt
-from lmlab.tokenizer import END, EOS, format_chat, special_id
+from lmlab.tokenizer.chat import apply_chat_template, stop_ids_of
 
 
 def answer(
@@ -40,12 +40,12 @@ def evaluate_qa(
     label: str,
 ) -> dict:
     """mode "few-shot" (base) or "chat" (SFT); returns metrics with standard errors and items."""
-    stop = [special_id(tok, EOS), special_id(tok, END)]
+    stop = stop_ids_of(tok, chat=True)  # the base model's few-shot answers end there too
     rows = []
     with progress(f"qa {label}", total=len(items)) as bar:
         for item in items:
             if mode == "chat":
-                prompt = format_chat([{"role": "user", "content": item["question"]}])
+                prompt = apply_chat_template(tok, [{"role": "user", "content": item["question"]}])
             else:
                 prompt = few_shot_prompt(item["question"], shots)
             pred = answer(model, tok, prompt, max_new_tokens, stop, first_line=mode != "chat")

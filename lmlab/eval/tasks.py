@@ -382,11 +382,11 @@ def run_task(
     """Score a task: {metric: {value, stderr}} plus one record per document. With `chat`,
     each prompt becomes a user turn and the answer is scored or generated as the
     assistant's (an instruction-tuned model's format, as lm-eval's apply_chat_template)."""
-    from lmlab.tokenizer import format_chat
+    from lmlab.tokenizer.chat import apply_chat_template
 
     def prompt_of(doc: dict) -> str:
         ctx = context_of(task, doc, fewshot_docs(task, rng, doc))
-        return format_chat([{"role": "user", "content": ctx}]) if chat else ctx
+        return apply_chat_template(tok, [{"role": "user", "content": ctx}]) if chat else ctx
 
     docs = read_docs(task.data_files[task.test_split], task.kind)[:limit]
     rng = np.random.default_rng(seed)

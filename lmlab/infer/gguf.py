@@ -10,6 +10,8 @@ Three conventions differ from lmlab's (which are Hugging Face's):
 - RoPE: lmlab rotates the two halves of each head (`rotate_half`); llama.cpp's `llama`
   graph rotates adjacent pairs. The rows of q_proj/k_proj are permuted per head so that
   pair i is (row i, row i + head_dim/2) -> (row 2i, row 2i+1); the function is unchanged.
+  The permutation and llama.cpp's tensor names live in `lmlab.model.gguf`, which reads
+  GGUF files back (`load_model(file.gguf)`) with the same table.
 - Vocabulary: GGUF holds one token per embedding row. lmlab pads the embedding to a
   multiple of 64 rows that no token uses; the export slices them off (vocab_size rows),
   and fills any id the tokenizer lacks below vocab_size with an UNUSED `[PADi]` token.
@@ -30,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.config import ModelConfig
+
+# unpermute_qk, the inverse, is imported from here by the export's tests
+from lmlab.model.gguf import is_gguf, permute_qk, tensor_map, unpermute_qk  # noqa: F401
 from lmlab.tokenizer import END
 from lmlab.utils import atomic_path, claim_output_file
 
@@ -47,14 +53,6 @@ QTYPES: dict[str, tuple[str, int, float]] = {
 }
 BLOCK = 32  # q8_0 / q4_0 block length along a row; other row lengths fall back to f16
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 split regex
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise UsageError("GGUF export needs the gguf package: pip install 'lmlab[gguf]'") from None
-    return gguf
 
 
 # --- what llama.cpp's llama architecture can express ------------------------------------
@@ -98,24 +96,6 @@ def check_gguf_fit(cfg: ModelConfig) -> None:
         )
 
 
-# --- the RoPE layout change ---------------------------------------------------------------
-
-
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection from rotate_half order (per head: first half, second half)
-    to llama.cpp's interleaved pairs (per head: x1[0], x2[0], x1[1], x2[1], ...)."""
-    rest = w.shape[1:]
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, hd // 2, *rest).transpose(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `permute_qk`."""
-    rest = w.shape[1:]
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, hd // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
-
-
 # --- tensors ------------------------------------------------------------------------------
 
 
@@ -154,50 +134,26 @@ def lmlab_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def tensor_plan(cfg: ModelConfig, read: Callable[[str], torch.Tensor]) -> list[_Tensor]:
-    """Every GGUF tensor of `cfg`, in llama.cpp's names and order, each loaded (by
-    `read(lmlab name)`) only when it is written."""
+    """Every GGUF tensor of `cfg`, in llama.cpp's names and order (`tensor_map`, which the
+    reader shares), each loaded (by `read(lmlab name)`) only when it is written."""
     shapes = lmlab_shapes(cfg)
-    v = cfg.vocab_size
     out: list[_Tensor] = []
+    for m in tensor_map(cfg):
+        shape = shapes[m.lmlab[0]]
+        if m.vocab:  # padded rows no token uses are cut
+            shape = (cfg.vocab_size, *shape[1:])
+        if len(m.lmlab) > 1:  # experts stacked: [n_experts, out, in]
+            shape = (len(m.lmlab), *shape)
 
-    def add(name: str, lm: str, quantize: bool = True, fn=None) -> None:
-        def load() -> torch.Tensor:
-            return fn(read(lm)) if fn is not None else read(lm)
+        def load(m=m) -> torch.Tensor:
+            if len(m.lmlab) > 1:
+                return torch.stack([read(n) for n in m.lmlab])
+            t = read(m.lmlab[0])
+            if m.vocab:
+                t = t[: cfg.vocab_size]
+            return permute_qk(t, m.rope_heads) if m.rope_heads else t
 
-        out.append(_Tensor(name, shapes[lm], load, quantize))
-
-    def vocab_rows(name: str, lm: str) -> None:  # padded rows no token uses are cut
-        out.append(_Tensor(name, (v, cfg.d_model), lambda: read(lm)[:v], True))
-
-    h, kv = cfg.n_heads, cfg.n_kv_heads
-    vocab_rows("token_embd.weight", "embed_tokens.weight")
-    for i in range(cfg.n_layers):
-        lm, blk = f"layers.{i}", f"blk.{i}"
-        add(f"{blk}.attn_norm.weight", f"{lm}.input_layernorm.weight", quantize=False)
-        add(f"{blk}.attn_q.weight", f"{lm}.self_attn.q_proj.weight", fn=lambda t: permute_qk(t, h))
-        add(f"{blk}.attn_k.weight", f"{lm}.self_attn.k_proj.weight", fn=lambda t: permute_qk(t, kv))
-        add(f"{blk}.attn_v.weight", f"{lm}.self_attn.v_proj.weight")
-        add(f"{blk}.attn_output.weight", f"{lm}.self_attn.o_proj.weight")
-        add(f"{blk}.ffn_norm.weight", f"{lm}.post_attention_layernorm.weight", quantize=False)
-        projections = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
-        if not cfg.n_experts:
-            for gg, p in projections:
-                add(f"{blk}.ffn_{gg}.weight", f"{lm}.mlp.{p}.weight")
-            continue
-        add(f"{blk}.ffn_gate_inp.weight", f"{lm}.mlp.router.weight", quantize=False)
-        for gg, p in projections:  # experts stacked: [n_experts, out, in]
-            names = [f"{lm}.mlp.experts.{e}.{p}.weight" for e in range(cfg.n_experts)]
-            out.append(
-                _Tensor(
-                    f"{blk}.ffn_{gg}_exps.weight",
-                    (cfg.n_experts, *shapes[names[0]]),
-                    lambda names=names: torch.stack([read(n) for n in names]),
-                    True,
-                )
-            )
-    add("output_norm.weight", "norm.weight", quantize=False)
-    if not cfg.tie_embeddings:  # a tied model has no output.weight: llama.cpp reuses token_embd
-        vocab_rows("output.weight", "lm_head.weight")
+        out.append(_Tensor(m.gguf, shape, load, m.matrix))
     return out
 
 
@@ -214,7 +170,6 @@ def ggml_type_for(t: _Tensor, qtype: str) -> str:
 
 def encode_tensor(x: np.ndarray, type_name: str) -> np.ndarray:
     """float32 array -> the bytes (or f32/f16 array) GGUF stores for `type_name`."""
-    gguf = _gguf()
     if type_name == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if type_name == "F16":
@@ -223,11 +178,10 @@ def encode_tensor(x: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def _qt(type_name: str):
-    return _gguf().GGMLQuantizationType[type_name]
+    return gguf.GGMLQuantizationType[type_name]
 
 
 def _nbytes(shape: tuple[int, ...], type_name: str) -> int:
-    gguf = _gguf()
     if type_name == "F32":
         return 4 * int(np.prod(shape))
     if type_name == "F16":
@@ -284,7 +238,6 @@ def _check_byte_level_bpe(tok: dict, path: Path) -> None:
 
 def read_vocab(ckpt: Path, vocab_size: int) -> GGUFVocab:
     """The GGUF vocabulary of a checkpoint's tokenizer, one token per id < `vocab_size`."""
-    gguf = _gguf()
     path = ckpt / "tokenizer.json"
     if not path.is_file():
         raise UsageError(
@@ -344,15 +297,6 @@ def _rope_base(cfg: ModelConfig) -> float:
     return theta
 
 
-def is_gguf(path: Path) -> bool:
-    """Whether `path` starts with GGUF's magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def export_gguf(
     checkpoint_dir: str | Path, out_path: str | Path, qtype: str = "f16", overwrite: bool = False
 ) -> Path:
@@ -369,7 +313,6 @@ def export_gguf(
     if qtype not in QTYPES:
         raise UsageError(f"qtype {qtype!r} is not supported; choose from {', '.join(QTYPES)}")
     claim_output_file(out_path, "GGUF", is_gguf, overwrite=overwrite)
-    gguf = _gguf()
     ckpt = resolve_checkpoint(checkpoint_dir)
     cfg_json = read_config(ckpt)
     if cfg_json.get("format") != FORMAT:
@@ -427,7 +370,6 @@ def export_gguf(
 
 
 def _write_metadata(writer, cfg: ModelConfig, vocab: GGUFVocab, qtype: str, ckpt: Path) -> None:
-    gguf = _gguf()
     writer.add_name(cfg.preset or "lmlab")
     writer.add_file_type(QTYPES[qtype][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

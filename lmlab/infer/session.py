@@ -1,9 +1,10 @@
 """Talking to a model: loading it for generation, streaming a reply as text, and the chat
 loop behind `lmlab chat`. Kept out of the command line so a server can reuse them.
 
-A conversation is a list of turns (`{"role", "content"}`) that the tokenizer's chat template
-renders for each reply; a reply cut short by Ctrl-C still joins it, so the next turn sees
-what the model had said.
+A conversation is a list of turns (`{"role", "content"}`) that the model's own chat template
+renders for each reply (`lmlab.tokenizer.chat`: lmlab's for lmlab's models, the one a
+Hugging Face directory or GGUF file carries for theirs); a reply cut short by Ctrl-C still
+joins it, so the next turn sees what the model had said.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from lmlab import load_model, load_tokenizer
 from lmlab.infer.generate import Contrast, TextStreamer, stream
 from lmlab.infer.options import GenerationConfig
 from lmlab.model.loading import resolve_checkpoint
-from lmlab.tokenizer import END, EOS, format_chat, special_id
+from lmlab.tokenizer.chat import encode_chat, stop_ids_of
 
 
 def load_for_generation(path: str, cfg: GenerationConfig, stop_at_end_of_turn: bool = False):
-    """(model, tokenizer, config, checkpoint directory) for a run or checkpoint directory.
+    """(model, tokenizer, config, model path) for a run or checkpoint directory, a Hugging
+    Face directory or a GGUF file.
 
     The settings are validated before the slow load, so a bad one fails at once; the
-    config returned also stops at the tokenizer's EOS and, for chat, at the end of a turn."""
+    config returned also stops at the model's own EOS and, for chat, at its end of a turn."""
     cfg.validate()
     ckpt = resolve_checkpoint(path)
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
-    stops = [special_id(tok, EOS)] + ([special_id(tok, END)] if stop_at_end_of_turn else [])
+    stops = stop_ids_of(tok, chat=stop_at_end_of_turn)
     return model, tok, replace(cfg, stop_ids=[*cfg.stop_ids, *stops]), ckpt
 
 
@@ -54,7 +56,7 @@ def stream_reply(
 
 @dataclass
 class Chat:
-    """A conversation with a model through its chat template."""
+    """A conversation with a model through its own chat template."""
 
     model: object
     tok: object
@@ -67,7 +69,7 @@ class Chat:
         self.history.append({"role": "user", "content": text})
         said: list[int] = []
         try:
-            ids = self.tok.encode(format_chat(self.history)).ids
+            ids = encode_chat(self.tok, self.history)
             stream_reply(self.model, self.tok, ids, self.cfg, stdout, out=said)
         finally:
             self.history.append({"role": "assistant", "content": self.tok.decode(said)})

@@ -1,11 +1,12 @@
 """One loader for every on-disk form of a model: the loader registry (DESIGN.md's seam).
 
-Each form (an lmlab checkpoint, a quantized checkpoint, a Hugging Face directory, ...) is
-one small module in `lmlab.model.formats` that calls `register_format` (from
-`lmlab.model.formats.registry`) with a `detect` and a `load_model`. `load_model` asks
-every registered form whether it reads the path (or a run directory's newest model) and
-hands the path to the one that does; adding a form is adding a file to that package,
-never an edit here.
+Each form (an lmlab checkpoint, a quantized checkpoint, a Hugging Face directory, a GGUF
+file, ...) is one small module in `lmlab.model.formats` that calls `register_format` (from
+`lmlab.model.formats.registry`) with a `detect` and a `load_model`, and a `load_tokenizer`
+when the form keeps its tokenizer outside a `tokenizer.json`. `load_model` asks every
+registered form whether it reads the path (or a run directory's newest model) and hands
+the path to the one that does; adding a form is adding a file to that package, never an
+edit here.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import torch
 
 import lmlab.model.formats  # noqa: F401  (its modules register every form on import)
 from lmlab.errors import UsageError
-from lmlab.model.formats.registry import FORMATS, Format, register_format
+from lmlab.model.formats.registry import FORMATS, Format, TokenizerFiles, register_format
+from lmlab.model.store import resolve_model
 
 __all__ = [
     "Format",
+    "TokenizerFiles",
     "find_format",
     "formats",
+    "load_form_tokenizer",
     "load_model",
     "register_format",
     "resolve_checkpoint",
@@ -38,8 +42,9 @@ def formats() -> list[Format]:
 
 def find_format(path: str | Path) -> tuple[Format, Path]:
     """The form `path` is in, and where its model is: `path` itself, or in a run
-    directory, the SFT model if there is one, else the pre-trained one."""
-    p = Path(path)
+    directory, the SFT model if there is one, else the pre-trained one. A store name
+    (`lmlab models list`) stands for its converted checkpoint or installed GGUF file."""
+    p = resolve_model(path)
     if not p.exists():
         raise UsageError(f"{p}: no such checkpoint or run directory")
     known = formats()
@@ -57,6 +62,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """Load a model in any registered form (an lmlab checkpoint, a quantized checkpoint, a
-    Hugging Face model directory) or a run directory's newest model, in eval mode."""
+    Hugging Face model directory, a GGUF file) or a run directory's newest model, in eval
+    mode."""
     fmt, where = find_format(path)
     return fmt.load_model(where, device)
+
+
+def load_form_tokenizer(path: str | Path) -> TokenizerFiles | None:
+    """The tokenizer of `path` when it is in a form that supplies its own (a GGUF file), or
+    None: then the tokenizer is the `tokenizer.json` that `lmlab.tokenizer` finds."""
+    p = resolve_model(path)
+    if not p.exists():
+        return None
+    readers = [f for f in formats() if f.load_tokenizer is not None]
+    for cand in (p, *(p / run_model for run_model in RUN_MODELS)):
+        for fmt in readers:
+            if fmt.detect(cand):
+                return fmt.load_tokenizer(cand)
+    return None

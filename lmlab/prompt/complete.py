@@ -16,19 +16,19 @@ GenerateFn = Callable[[list, "GenerationConfig"], list[list[str]]]
 
 
 def model_generate_fn(model, tokenizer, chat: bool, batch_size: int = 16) -> GenerateFn:
-    """Generation through `lmlab.infer.generate_batch`, `batch_size` prompts at a time."""
+    """Generation through `lmlab.infer.generate_batch`, `batch_size` prompts at a time;
+    chat messages in the model's own chat template, stopping at its own end tokens."""
     from lmlab.infer import generate_batch
-    from lmlab.tokenizer import END, EOS, format_chat, special_id
+    from lmlab.tokenizer.chat import encode_chat, stop_ids_of
 
-    stop = [special_id(tokenizer, EOS)] + ([special_id(tokenizer, END)] if chat else [])
+    stop = stop_ids_of(tokenizer, chat)
 
     def gen(prompts: list, cfg) -> list[list[str]]:
         cfg = dataclasses.replace(cfg, stop_ids=stop)
         out: list[list[str]] = [[] for _ in prompts]
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            texts = [format_chat(p) if chat else p for p in chunk]
-            ids = [tokenizer.encode(t).ids for t in texts]
+            ids = [encode_chat(tokenizer, p) if chat else tokenizer.encode(p).ids for p in chunk]
             for c in generate_batch(model, ids, cfg, tokenizer=tokenizer):
                 out[start + c.prompt_index].append(c.text or "")
         return out

@@ -1,17 +1,19 @@
-"""Byte-level BPE tokenizer (Zhao et al. §4.1.2), trained with the `tokenizers` library.
+"""Tokenizers (Zhao et al. §4.1.2): saving, loading, special tokens, the chat template.
 
-Byte-level means every string is encodable (no unknown token) and decoding is exact.
-The special tokens frame documents and chat turns; the chat template is the one place
-that decides how a conversation becomes tokens, shared by SFT, evaluation and `chat`.
+Training (byte-level BPE, WordPiece, Unigram) is in `lmlab.tokenizer.train`; byte-level
+means every string is encodable (no unknown token) and decoding is exact, whatever the
+kind. The special tokens frame documents and chat turns; the chat template is the one
+place that decides how a conversation becomes tokens, shared by SFT, evaluation and `chat`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from lmlab.errors import CheckpointError
 from lmlab.utils import atomic_path, write_json
@@ -30,22 +32,6 @@ CHAT_TEMPLATE = (
     "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE on an iterator of texts (streamed, never held whole)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> None:
@@ -88,12 +74,58 @@ def find_tokenizer_file(path: str | Path) -> Path:
     )
 
 
+# What `load_tokenizer` read beside each tokenizer it returned (tokenizer_config.json and
+# generation_config.json, or what a GGUF file's metadata says instead), keyed by the
+# tokenizer object: `lmlab.tokenizer.chat` finds the model's chat template and stop ids
+# there wherever the tokenizer travels without its path.
+_CONFIGS: WeakKeyDictionary[Tokenizer, tuple[dict, dict]] = WeakKeyDictionary()
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    f = find_tokenizer_file(path)
+    """The tokenizer of a model form that carries its own (a GGUF file; the loader registry
+    is asked first), else the `tokenizer.json` of a checkpoint, tokenizer or run directory.
+    The config files read with it stay attached (`tokenizer_configs`). A store name
+    stands for its model (`lmlab.model.store`)."""
+    p = Path(path)
+    if not (p / "tokenizer.json").is_file() and p.name != "tokenizer.json":
+        # imported here: the data stages, which load tokenizer directories, stay torch-free
+        from lmlab.model.loading import load_form_tokenizer
+        from lmlab.model.store import resolve_model
+
+        p = resolve_model(p)
+        files = load_form_tokenizer(p)
+        if files is not None:
+            _CONFIGS[files.tokenizer] = (files.config, files.generation)
+            return files.tokenizer
+    f = find_tokenizer_file(p)
     try:
-        return Tokenizer.from_file(str(f))
+        tok = Tokenizer.from_file(str(f))
     except Exception as e:  # the Rust error text names what is wrong
         raise CheckpointError(f"{f}: not a valid tokenizer.json ({e})") from None
+    _CONFIGS[tok] = _read_configs(f.parent)
+    return tok
+
+
+def tokenizer_configs(tok: Tokenizer) -> tuple[dict, dict]:
+    """(tokenizer_config, generation_config) that `load_tokenizer` read with `tok`; empty
+    dicts for a tokenizer made in memory."""
+    return _CONFIGS.get(tok, ({}, {}))
+
+
+def _read_configs(folder: Path) -> tuple[dict, dict]:
+    found = []
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        f = folder / name
+        try:
+            conf = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+        found.append(conf if isinstance(conf, dict) else {})
+    config, generation = found
+    jinja = folder / "chat_template.jinja"  # where transformers now saves the template
+    if "chat_template" not in config and jinja.is_file():
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+    return config, generation
 
 
 def special_id(tok: Tokenizer, token: str) -> int:
