@@ -21,7 +21,8 @@ from lmlab.config import STRICT, PosInt
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.model.loading import load_model
-from lmlab.tokenizer import END, PAD, format_chat, special_id
+from lmlab.tokenizer import load_tokenizer, pad_id
+from lmlab.tokenizer.chat import encode_exchange
 from lmlab.train.batch import Batch, LossFn, token_cross_entropy
 from lmlab.train.loop import TrainConfig, train
 
@@ -36,9 +37,9 @@ class SFTConfig(PairsConfig):
 
 
 def encode_example(tok: Tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels: the prompt is masked (-100), the answer and `<|end|>` are learned."""
-    prompt = tok.encode(format_chat([{"role": "user", "content": question}])).ids
-    reply = tok.encode(answer).ids + [special_id(tok, END)]
+    """Token ids and labels in the model's own chat template: the prompt is masked (-100),
+    the answer and the end of its turn (lmlab's `<|end|>`, ChatML's `<|im_end|>`) learned."""
+    prompt, reply = encode_exchange(tok, [{"role": "user", "content": question}], answer)
     return prompt + reply, [-100] * len(prompt) + reply
 
 
@@ -82,7 +83,7 @@ def sft(
     curve shows generalisation to modules the model was not tuned on. `objective` is the
     loss (default: cross-entropy on the answer tokens, the prompt's targets being -100).
     """
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tok = load_tokenizer(tokenizer_dir)  # with its chat template and special tokens
     rows = _read_pairs(pairs_dir / "train.jsonl")
     if not rows:
         raise UsageError(
@@ -93,7 +94,7 @@ def sft(
         encode_example(tok, r["question"], r["answer"])
         for r in _read_pairs(pairs_dir / "heldout.jsonl")
     ]
-    pad = special_id(tok, PAD)
+    pad = pad_id(tok)
     model = load_model(base_dir)
     n = len(examples)
     bs = cfg.batch_size

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from lmlab.console import log, progress
 from lmlab.data.shards import write_manifest
 from lmlab.errors import UsageError
-from lmlab.tokenizer import EOS, load_tokenizer, special_id
+from lmlab.tokenizer import end_of_text_id, load_tokenizer
 from lmlab.utils import atomic_path
 
 BATCH = 512
@@ -59,7 +59,7 @@ def _tokenize_by_source(
     tok: Tokenizer, jsonl: Path, tmp_dir: Path, split: str, dtype: Any, shares: dict[str, float]
 ) -> dict[str, dict]:
     """One temporary token file per source; returns per-source lengths and extra-epoch flags."""
-    eos = special_id(tok, EOS)
+    eos = end_of_text_id(tok)
     files: dict[str, Any] = {}
     runs: dict[str, dict] = {}
     with ExitStack() as stack, progress(f"tokenize {split}", total=None, unit="docs") as bar:

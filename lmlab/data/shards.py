@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmlab.errors import UsageError
-from lmlab.tokenizer import EOS, special_id
+from lmlab.tokenizer import end_of_text_id
 from lmlab.utils import read_json, write_json
 
 
@@ -30,7 +30,7 @@ def write_manifest(
             "format": "lmlab-token-shards/1",
             "dtype": "uint16" if vocab <= 2**16 else "uint32",
             "vocab_size": vocab,
-            "eos_id": special_id(tok, EOS),
+            "eos_id": end_of_text_id(tok),
             "curriculum": curriculum,
             "splits": splits,
         },

@@ -25,7 +25,8 @@ from lmlab.model.transformer import Transformer
 from lmlab.utils import atomic_dir, write_json
 
 FORMAT = "lmlab-checkpoint/1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# the tokenizer and the conventions that travel with it (chat template, stop ids)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def save_checkpoint(

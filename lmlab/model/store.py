@@ -181,3 +181,16 @@ def get_model(name: str, progress=print) -> Path:
                     dst.write(chunk)
         progress(f"converting {m.file} -> {out}")
         return convert_from_gguf(gguf, out, overwrite=True)
+
+
+def model_identity(ref: str | Path) -> dict:
+    """What a model reference stands for now (its resolved path, and the size and
+    modification time of its files), so that work cached from one model is not reused for
+    another under the same name."""
+    p = resolve_model(ref)
+    files = [p] if p.is_file() else sorted(f for f in p.glob("*") if f.is_file())
+    stamp = {}
+    for f in files:
+        st = f.stat()
+        stamp[f.name] = [st.st_size, st.st_mtime_ns]
+    return {"ref": str(ref), "path": str(p.resolve()), "files": stamp}

@@ -88,6 +88,10 @@ class Recipe(BaseModel):
     name: str = "tiny"
     seed: Int = 1337
     threads: PosInt | None = None  # torch CPU threads; None = all cores
+    # a real model to start from (a store name, a checkpoint or Hugging Face directory, a
+    # GGUF file): the tokenizer stage takes its tokenizer, pre-training copies it, and SFT
+    # and evaluation run on it; `tokenizer:`, `model:` and `pretrain:` are then unused
+    base_model: str | None = None
     data: PipelineConfig = Field(
         default_factory=lambda: PipelineConfig(profile="code", val_fraction=0.05)
     )
@@ -130,6 +134,15 @@ class Recipe(BaseModel):
     def _fits_across_stages(self) -> Recipe:
         """Constraints between stages, checked here so that no stage runs (and writes)
         before a later one would fail on them."""
+        if self.base_model is not None:
+            if not self.base_model.strip():
+                raise ValueError("base_model: empty; give a store name or a model path")
+            if self.variants:
+                raise ValueError(
+                    "base_model: variants compare architectures trained here from scratch; "
+                    "a base model has its own"
+                )
+            return self  # the model's own limits are checked when it is loaded
         models = {"model": self.model}
         models.update({f"variants.{k}": m for k, m in self._variant_models.items()})
         for where, m in models.items():

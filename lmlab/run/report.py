@@ -151,7 +151,21 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
         ]
         sections.append(("Stage timings", rows))
     summ = stages.get("pretrain", {}).get("summary", {})
-    if summ:
+    if "base_model" in summ:  # pre-training skipped: the run starts from a real model
+        arch = summ.get("architecture", {})
+        shape = " × ".join(str(arch.get(k)) for k in ("n_layers", "d_model", "n_heads"))
+        sections.append(
+            (
+                "Base model (pre-training skipped)",
+                [
+                    ["", "value"],
+                    ["model", str(summ["base_model"])],
+                    ["parameters", f"{summ.get('parameters', 0):,}"],
+                    ["layers × width × heads", shape],
+                ],
+            )
+        )
+    elif summ:
         m = recipe.get("model", {})
         sections.append(
             (

@@ -26,6 +26,8 @@ import torch
 from lmlab.console import log
 from lmlab.data.pipeline import RULES_VERSION
 from lmlab.errors import UsageError
+from lmlab.model.loading import find_format
+from lmlab.model.store import model_identity
 from lmlab.prompt.sandbox import resolve_isolation
 from lmlab.run.compare import run_comparison
 from lmlab.run.recipe import Recipe
@@ -72,6 +74,14 @@ def data_facts(recipe: Recipe) -> dict:
     return {"rules": RULES_VERSION}
 
 
+def base_model_facts(recipe: Recipe) -> dict:
+    """The base model a recipe starts from, as its files are now (none: the key of a run
+    trained from scratch is as it always was)."""
+    if recipe.base_model is None:
+        return {}
+    return {"base_model": model_identity(recipe.base_model)}
+
+
 def eval_facts(recipe: Recipe) -> dict:
     """Whether the code task can run here: results cached without it (no bubblewrap) are
     not reused once it can."""
@@ -85,9 +95,14 @@ def eval_facts(recipe: Recipe) -> dict:
 
 PIPELINE = (
     Stage("data", stage_data, ("data",), (), facts=data_facts),
-    Stage("tokenizer", stage_tokenizer, ("tokenizer",), ("data",)),
+    Stage("tokenizer", stage_tokenizer, ("tokenizer",), ("data",), facts=base_model_facts),
     Stage(
-        "pretrain", stage_pretrain, ("model", "pretrain", "seed"), ("tokenizer",), all_ranks=True
+        "pretrain",
+        stage_pretrain,
+        ("model", "pretrain", "seed"),
+        ("tokenizer",),
+        all_ranks=True,
+        facts=base_model_facts,
     ),
     Stage("sft", stage_sft, ("sft", "seed"), ("data", "tokenizer", "pretrain"), all_ranks=True),
     Stage(
@@ -140,6 +155,8 @@ def run_recipe(
         raise UsageError(f"--force {force!r}: not a stage (stages: {', '.join(STAGES)})")
     run = Run(recipe, Path(runs_dir) / check_name(name or recipe.name))
     check_run_dir(run.dir)
+    if recipe.base_model is not None:  # a missing base model fails before any stage runs
+        find_format(recipe.base_model)
     d = dist_.setup() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else dist_.Dist()
     # one writer per run directory: rank 0 holds the lock (its ranks work in step with it)
     with dir_lock(run.dir) if d.main else contextlib.nullcontext():

@@ -14,11 +14,12 @@ from lmlab.data.mixture import write_token_shards
 from lmlab.data.pipeline import prepare
 from lmlab.data.shards import open_split
 from lmlab.errors import UsageError
+from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.loading import load_model
 from lmlab.model.precision import resolve_precision
 from lmlab.run.rundir import Run
-from lmlab.tokenizer import iter_texts, save_tokenizer
+from lmlab.tokenizer import iter_texts, load_tokenizer, save_model_tokenizer, save_tokenizer
 from lmlab.tokenizer.train import train_tokenizer
 from lmlab.train import distributed as dist_
 from lmlab.train.pretrain import pretrain
@@ -39,13 +40,21 @@ def stage_tokenizer(run: Run) -> dict:
     cfg = run.recipe.tokenizer
     docs = run.stage_dir("data") / "documents"
     out = run.stage_dir("tokenizer")
-    log(f"tokenizer: training byte-level {cfg.kind}, vocabulary {cfg.vocab_size}")
-    texts = iter_texts(docs / "train.jsonl")
-    tok = train_tokenizer(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency)
-    save_tokenizer(tok, out)
+    base = run.recipe.base_model
+    if base is not None:  # the base model's own, with its chat template and stop ids
+        log(f"tokenizer: {base}'s own")
+        tok = load_tokenizer(base)
+        save_model_tokenizer(tok, out)
+        kind = f"{base}'s"
+    else:
+        log(f"tokenizer: training byte-level {cfg.kind}, vocabulary {cfg.vocab_size}")
+        texts = iter_texts(docs / "train.jsonl")
+        tok = train_tokenizer(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency)
+        save_tokenizer(tok, out)
+        kind = cfg.kind
     splits = write_token_shards(docs, tok, out / "tokens", run.recipe.data)
     return {
-        "kind": cfg.kind,
+        "kind": kind,
         "vocab_size": tok.get_vocab_size(),
         "tokens": {s: v["tokens"] for s, v in splits.items()},
         "bytes_per_token": round(splits["train"]["bytes"] / max(splits["train"]["tokens"], 1), 3),
@@ -59,7 +68,35 @@ def _model_config(run: Run) -> ModelConfig:
     return ModelConfig.from_dict(cfg)
 
 
+def copy_base_model(run: Run) -> dict:
+    """Pre-training skipped: the base model, saved as the stage's model (an lmlab checkpoint
+    in float32, whatever form it came in) with the tokenizer stage's files beside it."""
+    base = run.recipe.base_model
+    model = load_model(base)
+    cfg = model.cfg
+    seq = max(run.recipe.sft.train.seq_len, run.recipe.pretrain.seq_len)
+    if seq > cfg.max_seq_len:
+        raise UsageError(
+            f"base_model {base}: its context is {cfg.max_seq_len} tokens; lower "
+            f"sft.train.seq_len and pretrain.seq_len (now {seq}) to fit"
+        )
+    out = run.stage_dir("pretrain") / "model"
+    if dist_.current().main:  # under torchrun one rank writes it, the others wait for it
+        log(f"pretrain: skipped; {base} ({cfg.num_params():,} parameters) is the base model")
+        save_checkpoint(
+            model.float(), out, tokenizer_dir=run.stage_dir("tokenizer"), extra={"base_model": base}
+        )
+    dist_.barrier()
+    return {
+        "base_model": base,
+        "parameters": cfg.num_params(),
+        "architecture": {k: getattr(cfg, k) for k in ("n_layers", "d_model", "n_heads")},
+    }
+
+
 def stage_pretrain(run: Run) -> dict:
+    if run.recipe.base_model is not None:
+        return copy_base_model(run)
     mcfg = _model_config(run)
     cfg = run.recipe.pretrain
     say = log if dist_.current().main else (lambda *_: None)
@@ -117,7 +154,7 @@ def stage_eval(run: Run) -> dict:
     from lmlab.eval.qa import evaluate_qa, pick_items
 
     cfg = run.recipe.eval
-    tok = Tokenizer.from_file(str(run.stage_dir("tokenizer") / "tokenizer.json"))
+    tok = load_tokenizer(run.stage_dir("tokenizer"))  # with its chat template
     val = open_split(run.stage_dir("tokenizer") / "tokens", "val")
     models = {
         "base": load_model(run.stage_dir("pretrain") / "model"),

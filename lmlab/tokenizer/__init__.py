@@ -128,6 +128,53 @@ def _read_configs(folder: Path) -> tuple[dict, dict]:
     return config, generation
 
 
+def save_model_tokenizer(tok: Tokenizer, out_dir: str | Path) -> None:
+    """Write a model's own tokenizer as `load_tokenizer` read it: `tokenizer.json` with the
+    `tokenizer_config.json` (special tokens, chat template) and `generation_config.json`
+    (stop ids) that came with it, so it keeps its conventions wherever it is copied."""
+    out = Path(out_dir)
+    config, generation = tokenizer_configs(tok)
+    with atomic_path(out / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    write_json(out / "tokenizer_config.json", config)
+    if generation:
+        write_json(out / "generation_config.json", generation)
+
+
+def _config_id(tok: Tokenizer, role: str) -> int | None:
+    """The id of the `{role}_token` a tokenizer's config names (`eos`: the first of
+    generation_config's `eos_token_id` first), or None."""
+    config, generation = tokenizer_configs(tok)
+    if role == "eos":
+        eos = generation.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    token = config.get(f"{role}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    return tok.token_to_id(token) if isinstance(token, str) else None
+
+
+def end_of_text_id(tok: Tokenizer) -> int:
+    """The id that ends each document in the token shards: `<|endoftext|>` where the
+    vocabulary has it (lmlab's, GPT-2's, SmolLM's), else the model's own EOS."""
+    i = tok.token_to_id(EOS)
+    if i is None:
+        i = _config_id(tok, "eos")
+    if i is None:
+        raise CheckpointError(f"tokenizer has no {EOS} and its config names no eos_token")
+    return i
+
+
+def pad_id(tok: Tokenizer) -> int:
+    """The id that pads a batch (its targets are masked, so any id is correct): `<|pad|>`,
+    else the model's pad token, else its end of text."""
+    i = tok.token_to_id(PAD)
+    if i is None:
+        i = _config_id(tok, "pad")
+    return end_of_text_id(tok) if i is None else i
+
+
 def special_id(tok: Tokenizer, token: str) -> int:
     i = tok.token_to_id(token)
     if i is None:

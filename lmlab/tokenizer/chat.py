@@ -100,6 +100,27 @@ def encode_chat(
     return tok.encode(text, add_special_tokens=False).ids
 
 
+def encode_exchange(
+    tok: Tokenizer, messages: list[dict[str, Any]], reply: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) of a conversation and the assistant's reply to it, in the
+    model's own template: the prompt ends with the assistant's header, the reply runs
+    through the template's end of the turn. Instruction tuning learns the reply alone.
+    lmlab's models: `format_chat(messages)`, then the reply and `<|end|>`, as always."""
+    if chat_template_of(tok) == CHAT_TEMPLATE:
+        return tok.encode(format_chat(messages)).ids, tok.encode(reply).ids + [special_id(tok, END)]
+    prompt = apply_chat_template(tok, messages, add_generation_prompt=True)
+    turn = {"role": "assistant", "content": reply}
+    full = apply_chat_template(tok, [*messages, turn], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise UsageError(
+            "chat template: the conversation with the reply does not begin with the prompt "
+            "rendered for generation, so the prompt cannot be told from the reply"
+        )
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    return ids, tok.encode(full[len(prompt) :], add_special_tokens=False).ids
+
+
 def render_chat(
     template: str,
     messages: list[dict[str, Any]],

