@@ -374,7 +374,12 @@ def convert_from_gguf(src: str | Path, out_dir: str | Path, overwrite: bool = Fa
         write_json(d / "tokenizer_config.json", config)
         write_json(d / "generation_config.json", generation)
 
-    arch = value(open_gguf(src), "general.architecture")
-    extra = {"converted_from": {"gguf": str(src), "architecture": arch}}
+    reader = open_gguf(src)
+    source = {"gguf": str(src), "architecture": value(reader, "general.architecture")}
+    # what an export back to GGUF writes again (a split has several llama.cpp names)
+    for key, field in (("name", "general.name"), ("tokenizer_pre", "tokenizer.ggml.pre")):
+        if isinstance(value(reader, field), str):
+            source[key] = value(reader, field)
+    extra = {"converted_from": source}
     save_checkpoint(model, out_dir, extra=extra, write_extra=write_tokenizer, kind="convert")
     return Path(out_dir)

@@ -20,6 +20,7 @@ It lives in the model layer because the loader registry asks the GGUF form for i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,43 @@ PRE_TOKENIZERS = {
     "qwen2": lambda: _byte_level(QWEN2_SPLIT),
     "deepseek-r1-qwen": lambda: _byte_level(QWEN2_SPLIT),
 }
+
+
+def _split_shape(spec: Any) -> Any:
+    """A `tokenizer.json` pre-tokenizer reduced to what decides how text is split."""
+    if not isinstance(spec, dict):
+        return spec
+    kind = spec.get("type")
+    if kind == "Sequence":
+        steps = tuple(_split_shape(s) for s in spec.get("pretokenizers") or [])
+        return steps[0] if len(steps) == 1 else steps
+    if kind == "ByteLevel":
+        return kind, bool(spec.get("add_prefix_space", True)), bool(spec.get("use_regex", True))
+    if kind == "Digits":
+        return kind, bool(spec.get("individual_digits", False))
+    if kind == "Split":
+        pattern = spec.get("pattern") or {}
+        return (
+            kind,
+            pattern.get("Regex", pattern.get("String")),
+            spec.get("behavior"),
+            bool(spec.get("invert", False)),
+        )
+    return kind, json.dumps(spec, sort_keys=True)
+
+
+def pre_tokenizer_name(spec: Any, prefer: str | None = None) -> str | None:
+    """The `tokenizer.ggml.pre` name whose split `spec` (a `tokenizer.json` pre_tokenizer)
+    is, or None: `prefer` (the name a converted file had) when it fits, else the first
+    name in `PRE_TOKENIZERS` that does (names with one split are aliases to llama.cpp)."""
+    shape = _split_shape(spec)
+    names = [prefer] if prefer in PRE_TOKENIZERS else []
+    for name in [*names, *PRE_TOKENIZERS]:
+        probe = Tokenizer(models.BPE())
+        probe.pre_tokenizer = PRE_TOKENIZERS[name]()
+        if _split_shape(json.loads(probe.to_str())["pre_tokenizer"]) == shape:
+            return name
+    return None
 
 
 def value(reader: Any, key: str, default: Any = None) -> Any:

@@ -11,6 +11,9 @@ edit here.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from lmlab.model.store import resolve_model
 __all__ = [
     "Format",
     "TokenizerFiles",
+    "as_checkpoint",
     "find_format",
     "formats",
     "load_form_tokenizer",
@@ -58,6 +62,22 @@ def find_format(path: str | Path) -> tuple[Format, Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model path as given, or a run directory's newest model (SFT if present, else base)."""
     return find_format(path)[1]
+
+
+@contextmanager
+def as_checkpoint(path: str | Path, scratch: str | Path | None = None) -> Iterator[Path]:
+    """`path` as a checkpoint directory (lmlab's or Hugging Face's) for the verbs that read
+    its files: a directory as `resolve_checkpoint` finds it; a form that has none (a GGUF
+    file, a store name's installed GGUF) converted with its tokenizer files into a
+    temporary directory under `scratch` (default: the system's), removed afterwards."""
+    fmt, where = find_format(path)
+    if fmt.convert is None:
+        yield where
+        return
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lmlab-convert-", dir=scratch) as tmp:
+        yield fmt.convert(where, Path(tmp) / where.stem)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmlab.model.formats.registry import TokenizerFiles, register_format
-from lmlab.model.gguf import is_gguf, load_gguf_model, open_gguf
+from lmlab.model.gguf import convert_from_gguf, is_gguf, load_gguf_model, open_gguf
 from lmlab.model.gguf_vocab import read_gguf_tokenizer
 
 
@@ -20,4 +20,4 @@ def load_tokenizer(path: Path) -> TokenizerFiles:
     return TokenizerFiles(*read_gguf_tokenizer(open_gguf(path), path))
 
 
-register_format("gguf", detect, load_gguf_model, load_tokenizer)
+register_format("gguf", detect, load_gguf_model, load_tokenizer, convert_from_gguf)

@@ -30,12 +30,15 @@ class Format:
     the weights); `load_model(path, device)` returns it as a `torch.nn.Module`. A form that
     keeps its tokenizer somewhere other than a `tokenizer.json` beside the weights (a GGUF
     file's metadata) also has `load_tokenizer(path)`; `lmlab.tokenizer.load_tokenizer`
-    asks for it before looking for `tokenizer.json`."""
+    asks for it before looking for `tokenizer.json`. A form that is not a checkpoint
+    directory has `convert(path, out_dir)`, which writes it as one with its tokenizer
+    files, so the verbs that read checkpoint files (quantize, export) take it too."""
 
     name: str
     detect: Callable[[Path], bool]
     load_model: Callable[[Path, str], torch.nn.Module]
     load_tokenizer: Callable[[Path], TokenizerFiles] | None = None
+    convert: Callable[[Path, Path], Path] | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -46,9 +49,10 @@ def register_format(
     detect: Callable[[Path], bool],
     load_model: Callable[[Path, str], torch.nn.Module],
     load_tokenizer: Callable[[Path], TokenizerFiles] | None = None,
+    convert: Callable[[Path, Path], Path] | None = None,
 ) -> Format:
     """Add (or, under the same name, replace) the reader of one on-disk form. Detectors
     must not overlap: each path is in one form, so the order of registration is moot."""
-    fmt = Format(name, detect, load_model, load_tokenizer)
+    fmt = Format(name, detect, load_model, load_tokenizer, convert)
     FORMATS[name] = fmt
     return fmt
