@@ -15,10 +15,12 @@ Three conventions differ from lmlab's (which are Hugging Face's):
 - Vocabulary: GGUF holds one token per embedding row. lmlab pads the embedding to a
   multiple of 64 rows that no token uses; the export slices them off (vocab_size rows),
   and fills any id the tokenizer lacks below vocab_size with an UNUSED `[PADi]` token.
-- Tokenizer: lmlab's byte-level BPE (`tokenizers`, GPT-2 regex pre-tokenizer, no prefix
-  space) is llama.cpp's `gpt2` model with pre-tokenizer `gpt-2` (the same regex).
-  Special tokens are CONTROL tokens, matched in text when llama.cpp tokenizes with
-  `special=True`, as `tokenizers` always does.
+- Tokenizer: a byte-level BPE is llama.cpp's `gpt2` model with the pre-tokenizer name
+  of its split: lmlab's own (GPT-2 regex, no prefix space) is `gpt-2`; an imported
+  model's is the name its GGUF file had (`smollm`, `llama-bpe`, `qwen2`, ...), with its
+  own special tokens, BOS/EOS/UNK/PAD ids and chat template. Special tokens are CONTROL
+  tokens, matched in text when llama.cpp tokenizes with `special=True`, as `tokenizers`
+  always does.
 
 Weights are read and written one tensor at a time (bounded memory); the file is written
 under a temporary name and renamed into place.
@@ -41,6 +43,7 @@ from lmlab.model.config import ModelConfig
 
 # unpermute_qk, the inverse, is imported from here by the export's tests
 from lmlab.model.gguf import is_gguf, permute_qk, tensor_map, unpermute_qk  # noqa: F401
+from lmlab.model.gguf_vocab import PRE_TOKENIZERS, pre_tokenizer_name
 from lmlab.tokenizer import END
 from lmlab.utils import atomic_path, claim_output_file
 
@@ -52,7 +55,6 @@ QTYPES: dict[str, tuple[str, int, float]] = {
     "q4_0": ("Q4_0", 2, 4.5),  # blocks of 32: one f16 scale + 32 4-bit values
 }
 BLOCK = 32  # q8_0 / q4_0 block length along a row; other row lengths fall back to f16
-PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 split regex
 
 
 # --- what llama.cpp's llama architecture can express ------------------------------------
@@ -197,8 +199,9 @@ class GGUFVocab:
     tokens: list[str]
     types: list[int]
     merges: list[str]
-    special: dict[str, int]  # bos, eos, pad, eot -> id (present ones only)
+    special: dict[str, int]  # bos, eos, unk, pad, eot -> id (present ones only)
     chat_template: str | None
+    pre: str  # tokenizer.ggml.pre: llama.cpp's name for the split
 
 
 def _read_json(path: Path) -> Any:
@@ -208,10 +211,12 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def _check_byte_level_bpe(tok: dict, path: Path) -> None:
-    """Refuse a tokenizer.json llama.cpp's gpt2 tokenizer would not reproduce."""
+def _check_byte_level_bpe(tok: dict, path: Path, prefer: str | None = None) -> str:
+    """The `tokenizer.ggml.pre` name of a tokenizer.json that llama.cpp's gpt2 tokenizer
+    reproduces; any other is refused. `prefer`: the name the model's GGUF file had."""
     model = tok.get("model") or {}
     pre = tok.get("pre_tokenizer") or {}
+    name = pre_tokenizer_name(pre, prefer)
     problems = []
     if model.get("type") != "BPE":
         problems.append(f"model.type={model.get('type')!r} (needs BPE)")
@@ -220,10 +225,11 @@ def _check_byte_level_bpe(tok: dict, path: Path) -> None:
             problems.append(f"model.{key}={model[key]!r} (needs null)")
     if model.get("byte_fallback") or model.get("ignore_merges"):
         problems.append("model.byte_fallback/ignore_merges (needs false)")
-    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        problems.append(f"pre_tokenizer={pre!r} (needs ByteLevel with use_regex)")
-    elif pre.get("add_prefix_space"):
-        problems.append("pre_tokenizer.add_prefix_space=true (needs false)")
+    if name is None:
+        problems.append(
+            f"pre_tokenizer={pre!r} (needs the split of one of llama.cpp's pre-tokenizers: "
+            f"{', '.join(PRE_TOKENIZERS)}; ByteLevel without a prefix space)"
+        )
     if tok.get("normalizer") is not None:
         problems.append(f"normalizer={tok['normalizer'].get('type')!r} (needs null)")
     post = tok.get("post_processor")
@@ -234,10 +240,12 @@ def _check_byte_level_bpe(tok: dict, path: Path) -> None:
             f"{path}: not a byte-level BPE that llama.cpp's gpt2 tokenizer reproduces: "
             + "; ".join(problems)
         )
+    return name
 
 
-def read_vocab(ckpt: Path, vocab_size: int) -> GGUFVocab:
-    """The GGUF vocabulary of a checkpoint's tokenizer, one token per id < `vocab_size`."""
+def read_vocab(ckpt: Path, vocab_size: int, prefer_pre: str | None = None) -> GGUFVocab:
+    """The GGUF vocabulary of a checkpoint's tokenizer, one token per id < `vocab_size`,
+    with the special-token ids its tokenizer_config.json and generation_config.json name."""
     path = ckpt / "tokenizer.json"
     if not path.is_file():
         raise UsageError(
@@ -247,7 +255,7 @@ def read_vocab(ckpt: Path, vocab_size: int) -> GGUFVocab:
     tok = _read_json(path)
     if not isinstance(tok, dict) or not isinstance((tok.get("model") or {}).get("vocab"), dict):
         raise CheckpointError(f"{path}: not a tokenizers file (no model.vocab object)")
-    _check_byte_level_bpe(tok, path)
+    pre = _check_byte_level_bpe(tok, path, prefer_pre)
     by_id: dict[int, str] = {i: s for s, i in tok["model"]["vocab"].items()}
     types = {i: int(gguf.TokenType.NORMAL) for i in by_id}
     for added in tok.get("added_tokens") or []:
@@ -268,7 +276,7 @@ def read_vocab(ckpt: Path, vocab_size: int) -> GGUFVocab:
         conf = _read_json(ckpt / "tokenizer_config.json")
     ids = {s: i for i, s in by_id.items()}
     special_ids: dict[str, int] = {}
-    for role in ("bos", "eos", "pad"):
+    for role in ("bos", "eos", "unk", "pad"):
         s = conf.get(f"{role}_token")
         s = s.get("content") if isinstance(s, dict) else s
         if isinstance(s, str) and s in ids:
@@ -279,9 +287,26 @@ def read_vocab(ckpt: Path, vocab_size: int) -> GGUFVocab:
         special_ids["bos"] = special_ids["eos"]
     if END in ids:  # the end of a chat turn (lmlab's chat template)
         special_ids["eot"] = ids[END]
+    else:  # a model's own: a stop id beside EOS in its generation_config.json
+        gen = (
+            _read_json(ckpt / "generation_config.json")
+            if (ckpt / "generation_config.json").is_file()
+            else {}
+        )
+        stops = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        stops = stops if isinstance(stops, list) else [stops]
+        others = [i for i in stops if isinstance(i, int) and 0 <= i < vocab_size]
+        others = [i for i in others if i != special_ids.get("eos")]
+        if others:
+            special_ids["eot"] = others[0]
     template = conf.get("chat_template")
     return GGUFVocab(
-        tokens, token_types, merges, special_ids, template if isinstance(template, str) else None
+        tokens,
+        token_types,
+        merges,
+        special_ids,
+        template if isinstance(template, str) else None,
+        pre,
     )
 
 
@@ -305,15 +330,20 @@ def export_gguf(
     `qtype`: f32, f16, q8_0 or q4_0 for the weight matrices (norms stay f32). The file
     appears under `out_path` only once complete; an existing file is replaced only when it
     is a GGUF file and `overwrite`."""
-    from safetensors import safe_open
-
-    from lmlab.model.checkpoint import FORMAT, read_config
-    from lmlab.model.loading import resolve_checkpoint
+    from lmlab.model.loading import as_checkpoint
 
     if qtype not in QTYPES:
         raise UsageError(f"qtype {qtype!r} is not supported; choose from {', '.join(QTYPES)}")
     claim_output_file(out_path, "GGUF", is_gguf, overwrite=overwrite)
-    ckpt = resolve_checkpoint(checkpoint_dir)
+    with as_checkpoint(checkpoint_dir, scratch=Path(out_path).resolve().parent) as ckpt:
+        return _export_gguf(ckpt, Path(out_path), qtype)
+
+
+def _export_gguf(ckpt: Path, out_path: Path, qtype: str) -> Path:
+    from safetensors import safe_open
+
+    from lmlab.model.checkpoint import FORMAT, read_config
+
     cfg_json = read_config(ckpt)
     if cfg_json.get("format") != FORMAT:
         raise UsageError(f"{ckpt / 'config.json'}: not an lmlab checkpoint (format != {FORMAT})")
@@ -321,7 +351,9 @@ def export_gguf(
         raise CheckpointError(f"{ckpt / 'config.json'}: no 'model' key")
     cfg = ModelConfig.from_dict(cfg_json["model"])
     check_gguf_fit(cfg)
-    vocab = read_vocab(ckpt, cfg.vocab_size)
+    source = cfg_json.get("converted_from")
+    source = source if isinstance(source, dict) else {}
+    vocab = read_vocab(ckpt, cfg.vocab_size, source.get("tokenizer_pre"))
 
     weights = ckpt / "model.safetensors"
     try:
@@ -355,7 +387,7 @@ def export_gguf(
         with atomic_path(out_path) as tmp:
             writer = gguf.GGUFWriter(str(tmp), "llama")
             try:
-                _write_metadata(writer, cfg, vocab, qtype, ckpt)
+                _write_metadata(writer, cfg, vocab, qtype, source.get("name"))
                 for t, ty in zip(plan, types, strict=True):
                     dtype = np.float16 if ty == "F16" else np.float32
                     writer.add_tensor_info(t.name, t.shape, dtype, _nbytes(t.shape, ty), _qt(ty))
@@ -369,8 +401,10 @@ def export_gguf(
     return Path(out_path)
 
 
-def _write_metadata(writer, cfg: ModelConfig, vocab: GGUFVocab, qtype: str, ckpt: Path) -> None:
-    writer.add_name(cfg.preset or "lmlab")
+def _write_metadata(
+    writer, cfg: ModelConfig, vocab: GGUFVocab, qtype: str, name: str | None
+) -> None:
+    writer.add_name(name if isinstance(name, str) else cfg.preset or "lmlab")
     writer.add_file_type(QTYPES[qtype][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(cfg.vocab_size)
@@ -392,18 +426,20 @@ def _write_metadata(writer, cfg: ModelConfig, vocab: GGUFVocab, qtype: str, ckpt
         writer.add_expert_count(cfg.n_experts)
         writer.add_expert_used_count(cfg.experts_top_k)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
     adders = {
         "bos": writer.add_bos_token_id,
         "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
         "pad": writer.add_pad_token_id,
         "eot": writer.add_eot_token_id,
     }
     for role, i in vocab.special.items():
         adders[role](i)
+    writer.add_add_space_prefix(False)  # a byte-level BPE never adds one (checked above)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     if vocab.chat_template:
