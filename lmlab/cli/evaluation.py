@@ -90,7 +90,10 @@ def eval_cmd(
         raise UsageError("--limit must be >= 1")
     if self_consistency < 1:
         raise UsageError("--self-consistency must be >= 1")
-    out_dir = out or Path(target) / "eval-tasks"
+    # beside a model directory; for a file or store name (never written into): ./eval-tasks/NAME
+    where = Path(target)
+    name = where.stem if where.suffix.lower() == ".gguf" else where.name
+    out_dir = out or (where / "eval-tasks" if where.is_dir() else Path("eval-tasks") / name)
     if compare_to is not None:  # checked before any model time is spent
         if not (compare_to / "results.json").is_file():
             raise UsageError(f"--compare-to {compare_to}: no results.json (an `lmlab eval` output)")

@@ -129,7 +129,9 @@ def convert(
     if from_gguf is None and src is None:
         raise UsageError("convert: give a Hugging Face directory, or --from-gguf FILE.gguf")
     from lmlab.model.gguf import convert_from_gguf, is_gguf
+    from lmlab.model.store import resolve_model
 
+    src = resolve_model(src) if src is not None else None  # a store name: its file
     if from_gguf is not None or src.suffix.lower() == ".gguf" or is_gguf(src):
         print(convert_from_gguf(from_gguf or src, out, overwrite=overwrite))
         return
@@ -140,7 +142,9 @@ def convert(
 
 @app.command()
 def export(
-    ckpt: Annotated[Path, typer.Argument(help="An lmlab checkpoint or run directory.")],
+    ckpt: Annotated[
+        Path, typer.Argument(help="An lmlab checkpoint, run directory, GGUF file or store name.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="The directory (hf) or file (gguf).")],
     to: Annotated[str, typer.Option("--to", "--format", help="Target format: hf or gguf.")] = "hf",
     family: Annotated[
@@ -153,7 +157,8 @@ def export(
     overwrite: Overwrite = False,
 ) -> None:
     """Export a checkpoint as a Hugging Face model directory (loads with AutoModel*) or a
-    GGUF file for llama.cpp (LLaMA-family checkpoints)."""
+    GGUF file for llama.cpp (LLaMA-family checkpoints). A GGUF file or store name is
+    converted first, and its own tokenizer, chat template and stop ids are exported."""
     from lmlab.model.loading import resolve_checkpoint
 
     if to == "gguf":
@@ -185,13 +190,22 @@ def quantize(
     threshold: Annotated[float, typer.Option(help="llm_int8: outlier magnitude.")] = 6.0,
     include_lm_head: Annotated[bool, typer.Option(help="Quantize the output head too.")] = False,
     eval_data: Annotated[
-        Path | None, typer.Option(help="Token shards or a run for the perplexity check.")
+        Path | None,
+        typer.Option(help="Token shards, a run, or a text file for the perplexity check."),
     ] = None,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 50_000,
+    eval_seq_len: Annotated[
+        int | None,
+        typer.Option(help="Perplexity window (default: the training window, else the context)."),
+    ] = None,
+    speed: Annotated[
+        bool, typer.Option(help="Measure forward and decode speed before and after.")
+    ] = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Post-training weight quantization, with a size / memory / speed / perplexity report."""
+    """Post-training weight quantization, with a size / memory / speed / perplexity report.
+    Takes a GGUF file or store name too (converted first; its tokenizer travels along)."""
     from lmlab.infer.quantize import format_report, quantize_checkpoint
 
     set_quiet(quiet)
@@ -206,5 +220,7 @@ def quantize(
         progress=not quiet,
         eval_data=eval_data,
         overwrite=overwrite,
+        eval_seq_len=eval_seq_len,
+        measure_speed=speed,
     )
     print(format_report(report))

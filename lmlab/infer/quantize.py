@@ -22,7 +22,7 @@ from torch import nn
 
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.checkpoint import FORMAT, read_config
-from lmlab.model.loading import load_model, resolve_checkpoint
+from lmlab.model.loading import as_checkpoint, load_model, resolve_checkpoint
 from lmlab.model.quant import (
     check_options,
     int8_backend_name,
@@ -84,15 +84,18 @@ def find_eval_tokens(ckpt: Path, eval_data: str | Path | None) -> tuple[Path | N
     """The token-shard directory whose `val` split scores the model, or (None, why not).
 
     A checkpoint inside a run (runs/NAME/pretrain/model, runs/NAME/sft/model, or a compare
-    variant) uses the run's held-out shards, as the eval stage does."""
+    variant) uses the run's held-out shards, as the eval stage does. A text file is
+    returned as it is (the model's own tokenizer tokenizes it)."""
     if eval_data is not None:
         p = Path(eval_data)
+        if p.is_file():
+            return p, ""
         for cand in (p, p / "tokenizer" / "tokens"):
             if _is_token_shards(cand):
                 return cand, ""
         raise UsageError(
-            f"{p}: eval data must be a token-shard directory (with manifest.json) or a run "
-            "directory"
+            f"{p}: eval data must be a token-shard directory (with manifest.json), a run "
+            "directory or a text file"
         )
     for parent in list(ckpt.resolve().parents)[:3]:
         cand = parent / "tokenizer" / "tokens"
@@ -100,7 +103,7 @@ def find_eval_tokens(ckpt: Path, eval_data: str | Path | None) -> tuple[Path | N
             return cand, ""
     return None, (
         f"no held-out tokens: {ckpt} is not inside a run directory (runs/NAME/...); "
-        "pass eval_data (a token-shard directory)"
+        "pass eval_data (a token-shard directory, or a text file for a model of its own)"
     )
 
 
@@ -116,10 +119,16 @@ def _is_token_shards(path: Path) -> bool:
 
 
 def _eval_setup(
-    ckpt: Path, cfg, raw: dict, eval_data: str | Path | None, eval_tokens: int
+    ckpt: Path,
+    cfg,
+    raw: dict,
+    eval_data: str | Path | None,
+    eval_tokens: int,
+    seq_len: int | None = None,
 ) -> tuple[dict | None, str]:
     """What the shared scorer (`stream_scores`) needs: tokens, tokenizer, window length; or
-    (None, why not)."""
+    (None, why not). The window is `seq_len`, else the one the model was trained with,
+    else its context length."""
     from tokenizers import Tokenizer
 
     from lmlab.data.shards import open_split
@@ -130,6 +139,11 @@ def _eval_setup(
     shards, why = find_eval_tokens(ckpt, eval_data)
     if shards is None:
         return None, why
+    if seq_len is None:
+        seq_len = (raw.get("training") or {}).get("config", {}).get("seq_len") or cfg.max_seq_len
+    seq_len = min(int(seq_len), cfg.max_seq_len)
+    if shards.is_file():
+        return _text_setup(ckpt, shards, eval_tokens, seq_len), ""
     vocab = read_json(shards / "manifest.json").get("vocab_size")
     if vocab != cfg.vocab_size:
         msg = f"{shards}: tokenized with a {vocab}-token vocabulary, the model has {cfg.vocab_size}"
@@ -148,8 +162,6 @@ def _eval_setup(
         if eval_data is not None:
             raise
         return None, str(e)
-    seq_len = (raw.get("training") or {}).get("config", {}).get("seq_len") or cfg.max_seq_len
-    seq_len = min(int(seq_len), cfg.max_seq_len)
     if min(len(val) - 1, eval_tokens) < seq_len:
         return (
             None,
@@ -157,6 +169,30 @@ def _eval_setup(
         )
     setup = {"tokens": val, "tokenizer": Tokenizer.from_file(str(tok_file)), "seq_len": seq_len}
     return {**setup, "data": str(shards), "max_tokens": eval_tokens}, ""
+
+
+def _text_setup(ckpt: Path, text_file: Path, eval_tokens: int, seq_len: int) -> dict:
+    """A text file as held-out tokens, tokenized by the checkpoint's own tokenizer: how a
+    model that was not trained here (an imported one) gets its perplexity checked."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok_file = ckpt / "tokenizer.json"
+    if not tok_file.is_file():
+        raise UsageError(f"--eval-data {text_file}: a text file needs {tok_file} to tokenize it")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--eval-data {text_file}: not UTF-8 text") from None
+    tok = Tokenizer.from_file(str(tok_file))
+    ids = np.asarray(tok.encode(text).ids, dtype=np.int64)
+    if min(len(ids) - 1, eval_tokens) < seq_len:
+        raise UsageError(
+            f"--eval-data {text_file}: {len(ids)} tokens, fewer than one {seq_len}-token "
+            "window (give more text, or a shorter --eval-seq-len)"
+        )
+    setup = {"tokens": ids, "tokenizer": tok, "seq_len": seq_len}
+    return {**setup, "data": str(text_file), "max_tokens": eval_tokens}
 
 
 def _perplexity(model: nn.Module, setup: dict, label: str) -> dict:
@@ -181,7 +217,8 @@ def _probe_inputs(cfg, setup: dict | None, new_tokens: int, speed: bool) -> dict
         ids = torch.randint(0, cfg.vocab_size, (4 * t,), generator=torch.Generator().manual_seed(0))
     if len(ids) < 4 * t:  # tiny validation split: repeat it
         ids = ids.repeat(4 * t // len(ids) + 1)
-    batch = ids[: 4 * t].view(4, t)
+    rows = 4 if speed else 1  # a batch to time forward passes on; else one row to check
+    batch = ids[: rows * t].view(rows, t)
     new_tokens = max(1, min(new_tokens, cfg.max_seq_len - 17))
     return {
         "batch": batch,
@@ -204,34 +241,72 @@ def quantize_checkpoint(
     decode_tokens: int = 32,
     measure_speed: bool = True,
     overwrite: bool = False,
+    eval_seq_len: int | None = None,
 ) -> dict:
     """Quantize the checkpoint (or run's model) `src` into the checkpoint directory `out`,
     written atomically with `quantization.json`; returns that report.
 
     The report compares the model before and after: weights file size, parameter memory,
     forward and greedy-decode tokens/s (at the process's thread count) and validation
-    perplexity on the first `eval_tokens` held-out tokens (see `find_eval_tokens`). An
-    existing `out` is replaced only when it is an earlier `quantize` output and `overwrite`."""
-    from lmlab.console import is_quiet, log, set_quiet
-    from lmlab.model.encdec import EncoderDecoder
-    from lmlab.model.transformer import Transformer
-    from lmlab.utils import write_json
-
+    perplexity on the first `eval_tokens` held-out tokens (see `find_eval_tokens`) in
+    windows of `eval_seq_len`. A GGUF file (or store name) is converted first, so its own
+    tokenizer files travel with the quantized checkpoint. An existing `out` is replaced
+    only when it is an earlier `quantize` output and `overwrite`."""
     check_options(method, group_size, threshold)
     if not (isinstance(eval_tokens, int) and eval_tokens > 0):
         raise UsageError(f"eval_tokens {eval_tokens!r}: must be a positive number of tokens")
+    if eval_seq_len is not None and not (isinstance(eval_seq_len, int) and eval_seq_len > 0):
+        raise UsageError(f"eval_seq_len {eval_seq_len!r}: must be a positive number of tokens")
     ckpt = resolve_checkpoint(src)
     out = Path(out)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise UsageError(f"--out {out}: would replace the checkpoint being quantized")
     claim_output_dir(out, "quantize", overwrite=overwrite)
+    with as_checkpoint(ckpt, scratch=out.resolve().parent) as ckpt_dir:
+        return _quantize(
+            ckpt_dir,
+            ckpt,
+            out,
+            method,
+            group_size,
+            threshold,
+            include_lm_head,
+            eval_tokens,
+            progress,
+            eval_data,
+            decode_tokens,
+            measure_speed,
+            eval_seq_len,
+        )
+
+
+def _quantize(
+    ckpt: Path,
+    source: Path,
+    out: Path,
+    method: str,
+    group_size: int,
+    threshold: float,
+    include_lm_head: bool,
+    eval_tokens: int,
+    progress: bool,
+    eval_data: str | Path | None,
+    decode_tokens: int,
+    measure_speed: bool,
+    eval_seq_len: int | None,
+) -> dict:
+    from lmlab.console import is_quiet, log, set_quiet
+    from lmlab.model.encdec import EncoderDecoder
+    from lmlab.model.transformer import Transformer
+    from lmlab.utils import write_json
+
     raw = read_config(ckpt)
     if raw.get("quantization"):
         raise UsageError(f"{ckpt}: already quantized ({raw['quantization'].get('method')})")
     fp = load_model(ckpt)
     if not isinstance(fp, Transformer | EncoderDecoder):
         raise UsageError(f"{ckpt}: only lmlab model families can be quantized")
-    setup, why = _eval_setup(ckpt, fp.cfg, raw, eval_data, eval_tokens)
+    setup, why = _eval_setup(ckpt, fp.cfg, raw, eval_data, eval_tokens, eval_seq_len)
     probe = _probe_inputs(fp.cfg, setup, decode_tokens, measure_speed)
     names = quantizable(fp, include_lm_head)
     fp_bytes = sum(_weight_bytes(fp.get_submodule(n)) for n in names)
@@ -239,7 +314,7 @@ def quantize_checkpoint(
     quiet_before = is_quiet()
     set_quiet(quiet_before or not progress)
     try:
-        log(f"quantize: {method}, {len(names)} linear layers of {ckpt}")
+        log(f"quantize: {method}, {len(names)} linear layers of {source}")
         lm = {}
         if setup is not None:
             lm["before"] = _perplexity(fp, setup, "fp32")
@@ -249,6 +324,7 @@ def quantize_checkpoint(
         outliers = outlier_share(model)  # over the perplexity windows (or the probe batch)
         speed = compare_speed({"before": fp, "after": model}, probe) if measure_speed else None
         report = _report(ckpt, out, model, memory_bytes(fp), speed, lm, setup, why, probe)
+        report["source"] = str(source)  # not the converted copy of a GGUF file
         report["quantized_weight_bytes"] = {
             "before": fp_bytes,
             "after": sum(model.get_submodule(n).quantized_bytes() for n in names),
@@ -274,7 +350,7 @@ def quantize_checkpoint(
             extra = {k: v for k, v in raw.items() if k not in ("format", "model")}
         else:  # a Hugging Face directory, converted on load
             extra = {"converted_from": "huggingface"}
-        extra["quantized_from"] = str(ckpt)
+        extra["quantized_from"] = str(source)
         save_quantized(
             model, out, tokenizer_dir=ckpt, extra=extra, write_extra=finish, kind="quantize"
         )

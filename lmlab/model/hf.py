@@ -1040,10 +1040,18 @@ def export_to_hf(
     A checkpoint without tokenizer.json is refused (transformers could not use the
     export) unless `tokenizer=False`; an existing `out_dir` is replaced only when it is an
     earlier export and `overwrite`. `ckpt_dir` is a checkpoint directory; `lmlab export`
-    also takes a run directory, which it resolves to its newest model first."""
+    also takes a run directory, which it resolves to its newest model first. A form with
+    no checkpoint directory (a GGUF file, a store name) is converted into a temporary one
+    beside `out_dir` first, so its own tokenizer files are what is exported."""
     ckpt = Path(ckpt_dir)
     if not (ckpt / "config.json").is_file():
-        raise UsageError(f"{ckpt}: not a checkpoint directory (no config.json)")
+        from lmlab.model.loading import as_checkpoint, find_format  # it imports this module
+
+        if find_format(ckpt)[0].convert is None:
+            raise UsageError(f"{ckpt}: not a checkpoint directory (no config.json)")
+        out = claim_output_dir(out_dir, "export-hf", overwrite=overwrite)
+        with as_checkpoint(ckpt, scratch=out.parent) as tmp:
+            return export_to_hf(tmp, out_dir, family, overwrite, tokenizer)
     claim_output_dir(out_dir, "export-hf", overwrite=overwrite)
     if tokenizer and not (ckpt / "tokenizer.json").is_file():
         raise UsageError(
@@ -1075,6 +1083,13 @@ def export_to_hf(
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         if fam == "t5":
             gen["decoder_start_token_id"] = hf_cfg["decoder_start_token_id"]
+        own = ckpt / "generation_config.json"  # a model's own stop ids (say EOS and EOT)
+        if own.is_file():
+            stops = _read_json_file(own).get("eos_token_id")
+            if isinstance(stops, int) or (
+                isinstance(stops, list) and stops and all(isinstance(i, int) for i in stops)
+            ):
+                gen["eos_token_id"] = stops
         _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
         if tokenizer:
             _export_tokenizer(ckpt, tmp)
@@ -1155,6 +1170,16 @@ def _special_token_ids(ckpt: Path) -> dict[str, int | None]:
 
 
 # --- small helpers --------------------------------------------------------------------
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _write_json(path: Path, obj: Any) -> None:
