@@ -30,6 +30,22 @@ pytestmark = pytest.mark.skipif(
     "is the real model these checks run",
 )
 QUESTION = "What is the capital of France?"
+PROSE = (  # English text for the perplexity check, fixed here so the numbers do not drift
+    "The village sat at the edge of a wide valley, where the river slowed and spread into "
+    "shallow pools before it reached the sea. Every spring the farmers waited for the water "
+    "to fall, then walked the fields to see which walls had survived the floods. The older "
+    "ones remembered a year when the river changed its course overnight, leaving the mill "
+    "dry and the bridge standing over nothing but mud and stones. Nobody blamed the river; "
+    "they simply built a new mill further down and learned to read the colour of the water. "
+    "In the long evenings, children were told how the first families had come over the hills "
+    "with their goats and a single cart, and how they had chosen the valley because the "
+    "soil was dark and the winters were short. Teachers at the small school explained the "
+    "seasons with a lamp and an orange, and most pupils could name every star that rose "
+    "above the eastern ridge. When the railway finally arrived, the station master kept a "
+    "garden on the platform, and travellers often missed their trains because they stopped "
+    "to admire his roses. Today the valley is quieter, but the market still opens every "
+    "Saturday morning, and the bakery sells the same dark bread it sold a hundred years ago."
+)
 CHATS = [
     [{"role": "user", "content": QUESTION}],
     [
@@ -128,16 +144,17 @@ def quantized(store, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quant")
     text = root / "text.txt"
-    text.write_text((Path(__file__).parents[1] / "docs" / "interop.md").read_text())
+    text.write_text(PROSE)
     out = {}
     for method in ("int8", "int4"):
         report = quantize_checkpoint(
             store,
             root / method,
             method,
+            group_size=32,
             eval_data=text,
-            eval_tokens=256,
-            eval_seq_len=128,
+            eval_tokens=192,
+            eval_seq_len=96,
             measure_speed=False,
             progress=False,
         )
@@ -149,13 +166,15 @@ def test_quantize_reports_the_perplexity_change(quantized):
     changes = {}
     for method, (ckpt, report) in quantized.items():
         ppl = report["perplexity"]
-        assert ppl["measured"] and ppl["tokens"] == 256 and ppl["seq_len"] == 128
+        assert ppl["measured"] and ppl["tokens"] == 192 and ppl["seq_len"] == 96
         assert 1 < ppl["before"] < 1000  # far below the 49152 of a model that knows nothing
         changes[method] = ppl["relative_change"]
         assert json.loads((ckpt / "quantization.json").read_text())["method"] == method
         assert report["reload_max_abs_diff"] == 0
-    assert abs(changes["int8"]) < 0.02 and abs(changes["int4"]) < 0.5
-    assert abs(changes["int8"]) < abs(changes["int4"])
+    assert 0 < abs(changes["int8"]) < 0.02
+    # the file's weights are Q4_1 (blocks of 32: scale and minimum), which INT4 with groups
+    # of 32 (the same scheme) represents again up to the rounding of its fp16 scales
+    assert quantized["int4"][1]["weight_relative_error"] < 1e-3 and abs(changes["int4"]) < 1e-3
 
 
 def test_quantize_from_the_gguf_by_name_and_bad_input(cli, tmp_path):
