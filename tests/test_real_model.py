@@ -258,7 +258,7 @@ def test_eval_task_file_built_in_suites_chat_and_calibration(cli, tmp_path):
 def test_export_hf_loads_in_transformers_with_equal_logits_and_template(store, cli, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    code, _, err = cli("export", NAME, "--to", "hf", "--out", str(out))
+    code, _, err = cli("export", str(SMOLLM), "--to", "hf", "--out", str(out))  # converted first
     assert code == 0, err
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -273,6 +273,7 @@ def test_export_hf_loads_in_transformers_with_equal_logits_and_template(store, c
         assert want == apply_chat_template(tok, msgs)  # the GGUF's own template, rendered
     assert (ref_tok.eos_token, ref_tok.bos_token) == ("<|im_end|>", "<|im_start|>")
     assert ref.generation_config.eos_token_id == 2 and ref.config.eos_token_id == 2
+    assert not list(tmp_path.glob(".lmlab-convert-*"))  # the converted copy is gone
 
 
 def test_export_gguf_round_trip_keeps_tensors_and_tokenizer(store, cli, tmp_path):
