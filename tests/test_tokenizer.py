@@ -182,9 +182,9 @@ def test_recipe_kind_and_vocabulary_bounds(tmp_path):
 def test_smoke_runs_every_stage(kind, tmp_path):
     """Token shards, pre-training, SFT's chat template, evaluation's bits per byte and
     generation all work on the kind's ids."""
-    lmlab_cmd(
-        "run", "smoke", "--quiet", "--set", f"tokenizer.kind={kind}", cwd=tmp_path, check=True
-    )
+    short = ["pretrain.max_steps=10", "sft.train.max_steps=4", "eval.questions=2"]
+    sets = [a for s in [f"tokenizer.kind={kind}", *short] for a in ("--set", s)]
+    lmlab_cmd("run", "smoke", "--quiet", *sets, cwd=tmp_path, check=True)
     run = tmp_path / "runs" / "smoke"
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert all(s["status"] == "done" for s in stages.values()) and "report" in stages
