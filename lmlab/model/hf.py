@@ -97,13 +97,7 @@ def read_hf_config(src: str | Path) -> dict[str, Any]:
     path = Path(src) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (not a Hugging Face model directory)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return _read_json_file(path)
 
 
 def is_supported(src: str | Path) -> bool:
