@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -308,6 +309,10 @@ class Terminal:
             tail = bytes(self.seen)[-500:]
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {marker!r} in {tail!r}")
+            # wait at most until the deadline: a read that blocks would never time out
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                continue  # the deadline check above reports what was seen
             try:
                 chunk = os.read(self.fd, 4096)
             except OSError:
