@@ -218,6 +218,136 @@ def test_stop_ids_logprobs_and_length_cap():
     assert_all_free(sched)
 
 
+# --- what a server needs: samples, stop strings, logit bias, aborts ------------------------
+
+
+# on a block boundary, with a partial block, a one-token prompt, a prefill in chunks
+@pytest.mark.parametrize("prompt_len,chunk", [(8, None), (11, None), (1, None), (9, 4)])
+def test_n_samples_prefill_once_and_equal_separately_seeded_requests(prompt_len, chunk):
+    model = tiny_model()
+    prompt = list(range(5, 5 + prompt_len))
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7, n=3)
+    sched = Scheduler(model, block_size=4, prefill_chunk=chunk)
+    got = sched.run([prompt], cfg)
+    assert sched.stats.prefill_tokens == prompt_len  # one prefill for the three samples
+    assert len(got) == 3 and len({tuple(g) for g in got}) > 1
+    alone = [
+        Scheduler(model, block_size=4, prefix_caching=False).run(
+            [prompt], GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7 + i)
+        )[0]
+        for i in range(3)
+    ]
+    assert got == alone
+    assert_all_free(sched)
+
+
+def test_forked_samples_share_full_blocks_and_copy_the_partial_one():
+    model = tiny_model()
+    sched = Scheduler(model, block_size=4)
+    rid = sched.add(list(range(1, 11)), GenerationConfig(max_new_tokens=5, n=2))  # 2.5 blocks
+    sched.step()  # prefill, fork, first token each
+    a, b = sorted(sched.running, key=lambda r: r.id)
+    assert [a.id, b.id] == [rid, rid + 1]
+    assert a.seq.blocks[:2] == b.seq.blocks[:2]  # the full prompt blocks, shared
+    assert a.seq.blocks[2] != b.seq.blocks[2]  # the partial one, copied
+    assert all(sched.cache.alloc.ref[x] == 2 for x in a.seq.blocks[:2])
+    while sched.has_work():
+        sched.step()
+    assert sched.finished[rid].output == sched.finished[rid + 1].output  # greedy: the same
+    assert sched.finished[rid].output == generate(
+        model, list(range(1, 11)), RefConfig(max_new_tokens=5)
+    )
+    assert_all_free(sched)
+
+
+def byte_tokenizer():
+    """A byte-level BPE of exactly the tiny model's 300 ids, so its outputs decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "every",
+        "dog",
+        "ran",
+        "off",
+        "quickly",
+        "into",
+        "green",
+        "fields",
+    ]
+    text = " ".join(w1 + w2 for w1 in words for w2 in words)
+    tok.train_from_iterator([text] * 5, trainer)
+    assert tok.get_vocab_size() == VOCAB
+    return tok
+
+
+def test_stop_strings_end_a_request_as_generate_does():
+    from lmlab.infer.generate import generate_batch
+
+    model, tok = tiny_model(), byte_tokenizer()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    free = generate(model, prompt, RefConfig(max_new_tokens=30))
+    text = tok.decode(free)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop and stop in text
+    cfg = GenerationConfig(max_new_tokens=30, stop_strings=[stop])
+    ref = generate_batch(model, [prompt], cfg, tokenizer=tok)[0]
+    assert ref.finish_reason == "stop" and len(ref.tokens) < len(free)
+    sched = Scheduler(model, block_size=4, tokenizer=tok)
+    rid = sched.add(prompt, cfg)
+    events = list(sched.stream())
+    assert events[-1].finish_reason == "stop"
+    assert sched.finished[rid].output == ref.tokens  # runs to the token completing the stop
+    assert stop in tok.decode(ref.tokens) and stop not in tok.decode(ref.tokens[:-1])
+    assert_all_free(sched)
+
+
+def test_logit_bias_steers_greedy_as_generate_does():
+    model = tiny_model()
+    prompt = [3, 1, 4, 1, 5]
+    free = generate(model, prompt, RefConfig(max_new_tokens=6))
+    cfg = GenerationConfig(max_new_tokens=6, logit_bias={17: 100.0, free[0]: -100.0})
+    steered = generate(model, prompt, cfg)
+    assert steered == [17] * 6
+    assert Scheduler(model, block_size=4).run([prompt], cfg) == [steered]
+
+
+def test_abort_frees_blocks_at_once_and_keeps_unforked_samples():
+    model = tiny_model()
+    sched = Scheduler(model, block_size=4, max_batch=4)
+    keep = sched.add([1, 2, 3, 4, 5], GenerationConfig(max_new_tokens=20))
+    gone = sched.add([6, 7, 8, 9, 10, 11], GenerationConfig(max_new_tokens=20))
+    sched.step()
+    sched.step()
+    used = sched.cache.alloc.used
+    sched.abort([gone])
+    assert sched.cache.alloc.used < used and [r.id for r in sched.running] == [keep]
+    # a request still queued with its samples: the parent goes, its samples are queued alone
+    parent = sched.add([1, 2, 3], GenerationConfig(max_new_tokens=3, n=3))
+    sched.abort([parent])
+    assert [r.id for r in sched.waiting] == [parent + 1, parent + 2]
+    sched.abort([parent + 1, parent + 2])
+    while sched.has_work():
+        sched.step()
+    assert set(sched.finished) == {keep}
+    assert sched.finished[keep].output == generate(
+        model, [1, 2, 3, 4, 5], RefConfig(max_new_tokens=20)
+    )
+    assert_all_free(sched)
+
+
 # --- prefix sharing ----------------------------------------------------------------------
 
 
@@ -340,8 +470,10 @@ def test_cache_refuses_to_write_a_shared_block():
 def test_bad_input_is_a_usage_error():
     model = tiny_model()
     sched = Scheduler(model, block_size=4, n_blocks=6)
-    with pytest.raises(UsageError, match="max_seq_len=96"):
+    with pytest.raises(UsageError, match="max_len=96"):
         sched.add(list(range(97)))
+    with pytest.raises(UsageError, match="max_len must be in"):
+        Scheduler(model, max_len=97)
     with pytest.raises(UsageError, match="needs 8 blocks of 4; the cache has 6"):
         sched.add(list(range(20)), GenerationConfig(max_new_tokens=10))
     with pytest.raises(UsageError, match="empty prompt"):
@@ -350,8 +482,14 @@ def test_bad_input_is_a_usage_error():
         sched.add([1, 300])
     with pytest.raises(UsageError, match="num_beams"):
         sched.add([1, 2], GenerationConfig(num_beams=2))
-    with pytest.raises(UsageError, match="stop_strings"):
+    with pytest.raises(UsageError, match="stop_strings.*no tokenizer"):
         sched.add([1, 2], GenerationConfig(stop_strings=["x"]))
+    with pytest.raises(UsageError, match="n is not supported"):
+        Scheduler(model, max_batch=2).add([1, 2], GenerationConfig(n=3))
+    with pytest.raises(UsageError, match="logit_bias token ids"):
+        sched.add([1, 2], GenerationConfig(logit_bias={300: 1.0}))
+    with pytest.raises(UsageError, match="logit-bias values"):
+        sched.add([1, 2], GenerationConfig(logit_bias={3: 101.0}))
     with pytest.raises(UsageError, match="temperature"):
         sched.add([1, 2], GenerationConfig(temperature=-1))
     with pytest.raises(UsageError, match="prefix"):

@@ -24,8 +24,8 @@ def _opt(default, help: str, **more):
     """A field with its help text; `flags` names the CLI flags when they are not the field's
     own name, `parse` turns the flag's text into the value, `cli=False` keeps it off the CLI."""
     meta = {"help": help, **more}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -53,6 +53,9 @@ class GenerationConfig:
         False, "Beams: true, false or never.", parse=parse_early_stopping
     )
     num_return_sequences: int = _opt(1, "Beams: the n best.")
+    logit_bias: dict[int, float] = _opt(
+        {}, "Added to these token ids' logits before any choice.", cli=False
+    )
     logprobs: int | None = _opt(None, "Report log-probs of the chosen and top-k tokens.")
     seed: int | None = _opt(None, "Seed for sampling.")
 
@@ -77,6 +80,10 @@ class GenerationConfig:
             ),
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
             (all(s for s in self.stop_strings), "stop strings must not be empty"),
+            (
+                all(-100 <= v <= 100 for v in self.logit_bias.values()),
+                "logit_bias values must be in [-100, 100]",
+            ),
         ]
         for ok, msg in checks:
             if not ok:  # named as the CLI flags are (--top-p)
@@ -89,9 +96,11 @@ class GenerationConfig:
 
     @property
     def has_penalties(self) -> bool:
+        """Whether anything reshapes the logits before the pick (penalties, a logit bias)."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or self.no_repeat_ngram_size > 0
+            or bool(self.logit_bias)
         )

@@ -115,6 +115,12 @@ class BlockAllocator:
             self.by_hash[h] = block
             self.hash_of[block] = h
 
+    def share(self, block: int) -> None:
+        """One more holder of a block already in use (a forked sample's prompt)."""
+        if self.ref[block] <= 0:
+            raise RuntimeError(f"paged KV cache: block {block} is not in use and cannot be shared")
+        self.ref[block] += 1
+
     def release(self, block: int) -> None:
         if self.ref[block] <= 0:
             raise RuntimeError(f"paged KV cache: block {block} released twice")
@@ -228,6 +234,30 @@ class PagedKVCache:
         for block in reversed(seq.blocks):
             self.alloc.release(block)
         seq.blocks, seq.hashes, seq.n_cached = [], [], 0
+
+    def fork(self, src: Sequence, dst: Sequence) -> bool:
+        """Give `dst` (same tokens as `src`, no blocks yet) `src`'s cached prompt: its full
+        blocks are shared, its partial last block is copied (both sequences write there
+        next). False, with nothing changed, when no block is free for the copy."""
+        if dst.blocks or dst.tokens[: src.n_cached] != src.tokens[: src.n_cached]:
+            raise RuntimeError("paged KV cache: fork into a sequence that differs or holds blocks")
+        bs = self.block_size
+        full, rem = divmod(src.n_cached, bs)
+        copy = None
+        if rem:
+            if not self.alloc.available:
+                return False
+            copy = self.alloc.allocate()
+            at, to = src.blocks[full] * bs, copy * bs
+            self.k[:, to : to + rem] = self.k[:, at : at + rem]
+            self.v[:, to : to + rem] = self.v[:, at : at + rem]
+        for block in src.blocks[:full]:
+            self.alloc.share(block)
+        dst.blocks = [*src.blocks[:full], *([copy] if copy is not None else [])]
+        dst.hashes = list(src.hashes[:full])
+        dst.n_cached = src.n_cached
+        self._note_peak()
+        return True
 
     def _commit(self, seq: Sequence, t: int) -> None:
         """`t` more tokens are stored: name the blocks that became full."""

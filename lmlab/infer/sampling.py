@@ -5,7 +5,7 @@ The order and semantics follow transformers' logits processors, so results can b
 against them: repetition penalty (CTRL: divide a positive logit, multiply a negative one),
 no-repeat n-gram, then temperature, top-k, top-p (nucleus) and min-p. Presence and
 frequency penalties are OpenAI's: subtract `presence` once and `frequency` per occurrence,
-counted over the generated tokens only.
+counted over the generated tokens only; so is `logit_bias`, a fixed shift per token id.
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def apply_penalties(logits: torch.Tensor, hist: History, cfg: GenerationConfig) 
     if cfg.frequency_penalty or cfg.presence_penalty:
         logits -= cfg.frequency_penalty * hist.counts
         logits -= cfg.presence_penalty * (hist.counts > 0).to(logits.dtype)
+    if cfg.logit_bias:  # OpenAI's logit_bias: a fixed shift per token id
+        ids = torch.tensor(list(cfg.logit_bias), device=logits.device)
+        logits[:, ids] += torch.tensor(list(cfg.logit_bias.values()), device=logits.device)
     if cfg.no_repeat_ngram_size > 0:
         for r, seq in enumerate(hist.seqs):
             banned = banned_ngram_tokens(seq, cfg.no_repeat_ngram_size)

@@ -17,17 +17,23 @@ always fits alone (`add` refuses a request that could not), so everything finish
 
 Sampling is per request through `lmlab.infer.sampling` with one `torch.Generator` each,
 so a seeded request draws the same tokens whatever else shares its batch.
+
+What a server needs on top: `n > 1` samples of one prompt are prefilled once, then forked
+(their full prompt blocks shared, the partial last one copied), sample i seeded with
+seed + i; stop strings end a request as soon as its decoded text holds one (given the
+tokenizer); `abort` frees a request's blocks at once (a client that went away).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lmlab.errors import UsageError
+from lmlab.infer.engine import StopStrings
 from lmlab.infer.options import GenerationConfig
 from lmlab.infer.paged import PagedKVCache, Sequence, check_model
 from lmlab.infer.sampling import History, apply_penalties, make_generator, pick, top_logprobs
@@ -39,7 +45,7 @@ class Event:
     its last event (finish_reason "stop") but is not part of the output."""
 
     request_id: int
-    token: int
+    token: int  # a stop string's last token is part of the output; a stop id is not
     logprob: float | None = None  # the model's log-probability of `token`, if asked
     top_logprobs: list[tuple[int, float]] | None = None
     finished: bool = False
@@ -67,6 +73,8 @@ class Request:
     seq: Sequence
     gen: torch.Generator
     hist: History | None
+    stops: StopStrings | None = None
+    samples: list[Request] = field(default_factory=list)  # n > 1: forked after the prefill
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -75,8 +83,10 @@ class Scheduler:
     """Continuous batching of generation requests on one causal decoder.
 
     `n_blocks` sizes the cache (default: every one of `max_batch` sequences can reach
-    `max_seq_len`, so nothing is ever preempted); `prefill_chunk` splits a long prompt over
-    several steps so that one long prefill does not stall the others' decoding."""
+    `max_len` tokens, so nothing is ever preempted); `prefill_chunk` splits a long prompt over
+    several steps so that one long prefill does not stall the others' decoding. `max_len`
+    (default: the model's `max_seq_len`) bounds prompt + output; `tokenizer` lets requests
+    stop at strings."""
 
     def __init__(
         self,
@@ -86,9 +96,18 @@ class Scheduler:
         max_batch: int = 32,
         prefill_chunk: int | None = None,
         prefix_caching: bool = True,
+        max_len: int | None = None,
+        tokenizer=None,
     ) -> None:
         self.model = check_model(model)
         self.cfg = self.model.cfg
+        self.max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= self.max_len <= self.cfg.max_seq_len:
+            raise UsageError(
+                f"scheduler: max_len must be in [1, {self.cfg.max_seq_len}] (the model's "
+                f"max_seq_len), got {self.max_len}"
+            )
+        self.tokenizer = tokenizer
         if max_batch < 1:
             raise UsageError(f"scheduler: max_batch must be >= 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -96,7 +115,7 @@ class Scheduler:
         if block_size < 1:
             raise UsageError(f"scheduler: block_size must be >= 1, got {block_size}")
         if n_blocks is None:
-            n_blocks = max_batch * -(-self.cfg.max_seq_len // block_size)
+            n_blocks = max_batch * -(-self.max_len // block_size)
         self.cache = PagedKVCache.for_model(self.model, n_blocks, block_size)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -111,36 +130,40 @@ class Scheduler:
     # --- requests ------------------------------------------------------------------------
 
     def add(self, prompt_ids: list[int], cfg: GenerationConfig | None = None) -> int:
-        """Queue a request; returns its id. Refuses what this scheduler cannot serve."""
-        return self._enqueue(self._request(prompt_ids, cfg))
+        """Queue a request; returns its id (its `n` samples take that id and the n - 1 after
+        it). Refuses what this scheduler cannot serve."""
+        return self._enqueue(self.request(prompt_ids, cfg))
 
     def _enqueue(self, req: Request) -> int:
-        req.id = self._next_id
-        self._next_id += 1
+        for r in (req, *req.samples):
+            r.id = self._next_id
+            self._next_id += 1
         self.waiting.append(req)
         return req.id
 
-    def _request(self, prompt_ids: list[int], cfg: GenerationConfig | None) -> Request:
+    def request(self, prompt_ids: list[int], cfg: GenerationConfig | None = None) -> Request:
+        """A validated request, not yet queued (`enqueue` queues it): a server checks a
+        request in its own thread and hands it to the thread that steps the scheduler."""
         cfg = (cfg or GenerationConfig()).validate()
         unsupported = [
             (cfg.num_beams != 1, "num_beams", "beam search needs lmlab.infer.generate"),
-            (cfg.n != 1, "n", "add the request n times, with different seeds"),
-            (bool(cfg.stop_strings), "stop_strings", "the scheduler works on ids: use stop_ids"),
+            (cfg.n > self.max_batch, "n", f"more samples than max_batch={self.max_batch}"),
+            (bool(cfg.stop_strings) and self.tokenizer is None, "stop_strings", "no tokenizer"),
         ]
         for bad, key, hint in unsupported:
             if bad:
                 raise UsageError(f"scheduler: generation.{key} is not supported ({hint})")
         prompt = [int(t) for t in prompt_ids]
-        max_len, vocab = self.cfg.max_seq_len, self.cfg.vocab_size
+        max_len, vocab = self.max_len, self.cfg.vocab_size
         if not prompt:
             raise UsageError("scheduler: empty prompt")
         if len(prompt) > max_len:
-            raise UsageError(
-                f"scheduler: prompt of {len(prompt)} tokens exceeds max_seq_len={max_len}"
-            )
+            raise UsageError(f"scheduler: prompt of {len(prompt)} tokens exceeds max_len={max_len}")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise UsageError(f"scheduler: prompt token ids must be in [0, {vocab})")
-        # the model sees at most max_seq_len positions; the last token is never fed back
+        if any(not 0 <= int(t) < vocab for t in cfg.logit_bias):
+            raise UsageError(f"scheduler: logit_bias token ids must be in [0, {vocab})")
+        # the model sees at most max_len positions; the last token is never fed back
         limit = min(cfg.max_new_tokens, max_len - len(prompt) + 1)
         need = self.cache.blocks_for(len(prompt) + limit - 1)
         if need > self.cache.n_blocks:
@@ -148,9 +171,44 @@ class Scheduler:
                 f"scheduler: a request of {len(prompt)} prompt + {limit} new tokens needs "
                 f"{need} blocks of {self.cache.block_size}; the cache has {self.cache.n_blocks}"
             )
-        hist = History([prompt], self.cfg.vocab_size) if cfg.has_penalties else None
-        gen = make_generator(cfg.seed, "cpu")
-        return Request(-1, prompt, cfg, limit, Sequence(list(prompt)), gen, hist)
+        reqs = []
+        for i in range(cfg.n):
+            seed = None if cfg.seed is None else cfg.seed + i
+            c = replace(cfg, n=1, seed=seed)
+            hist = History([prompt], vocab) if c.has_penalties else None
+            stops = StopStrings(self.tokenizer, c.stop_strings) if c.stop_strings else None
+            gen = make_generator(seed, "cpu")
+            reqs.append(Request(-1, prompt, c, limit, Sequence(list(prompt)), gen, hist, stops))
+        reqs[0].samples = reqs[1:]
+        return reqs[0]
+
+    def enqueue(self, req: Request) -> list[int]:
+        """Queue a request made by `request`; the ids of its samples."""
+        self._enqueue(req)
+        return [r.id for r in (req, *req.samples)]
+
+    def abort(self, ids: Iterable[int]) -> None:
+        """Drop these requests wherever they are, freeing their blocks now. A sample not yet
+        forked from an aborted request is queued on its own instead."""
+        ids = set(ids)
+        for req in [r for r in self.running if r.id in ids]:
+            self.cache.release(req.seq)
+            self.running.remove(req)
+            self._orphan(req, ids, at=len(self.waiting))
+        for i, req in reversed(list(enumerate(self.waiting))):
+            if req.id in ids:
+                del self.waiting[i]
+                self._orphan(req, ids, at=i)
+            else:
+                req.samples = [r for r in req.samples if r.id not in ids]
+        for i in ids & self.finished.keys():
+            del self.finished[i]
+
+    def _orphan(self, req: Request, ids: set[int], at: int) -> None:
+        """Queue the samples still attached to a request that goes away."""
+        for sample in reversed([r for r in req.samples if r.id not in ids]):
+            self.waiting.insert(at, sample)
+        req.samples = []
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -162,32 +220,42 @@ class Scheduler:
         """Continue chunked prefills, admit and prefill what fits, then decode one token for
         every running sequence."""
         events: list[Event] = []
-        for req in [r for r in self.running if r.seq.pending > 1]:
+        for req in [r for r in self.running if self._prefilling(r)]:
             events += self._prefill(req)
         # one at a time: a prompt's blocks are named by its prefill, so the next request
         # admitted in this same step already finds a prefix they share
         while (req := self._admit()) is not None:
-            if req.seq.pending > 1:
+            if self._prefilling(req):
                 events += self._prefill(req)
-        decoding = self._make_room([r for r in self.running if r.seq.pending == 1])
+        decoding = [r for r in self.running if r.seq.pending == 1 and not r.samples]
+        decoding = self._make_room(decoding)
         if decoding:
             events += self._decode(decoding)
         self.stats.steps += 1
         self.stats.peak_blocks_used = self.cache.peak_used
         return events
 
+    @staticmethod
+    def _prefilling(req: Request) -> bool:
+        """More than the last token to run, or samples to fork after it (a decode step has
+        no place to fork them, even for a one-token prompt)."""
+        return req.seq.pending > 1 or bool(req.samples)
+
     def _admit(self) -> Request | None:
         """First come, first served: the head of the queue waits until it fits (a preempted
         request is back at the head, so it is not overtaken). Its prompt's blocks are
         reserved whole, and this step's decode must still find its blocks free."""
-        if not self.waiting or len(self.running) >= self.max_batch:
+        if not self.waiting:
+            return None
+        req = self.waiting[0]
+        if self.running and len(self.running) + 1 + len(req.samples) > self.max_batch:
             return None
         cache = self.cache
-        req = self.waiting[0]
         seq = req.seq
         hit = cache.match_prefix(seq) if self.prefix_caching else 0
         growth = sum(cache.blocks_needed(r.seq, 1) for r in self.running if r.seq.pending == 1)
-        if cache.blocks_needed(seq, seq.pending) + growth > cache.alloc.available:
+        copies = len(req.samples) if len(seq.tokens) % cache.block_size else 0
+        if cache.blocks_needed(seq, seq.pending) + copies + growth > cache.alloc.available:
             cache.release(seq)
             return None
         self.stats.prefix_hit_tokens += hit
@@ -208,7 +276,21 @@ class Scheduler:
         self.stats.prefill_tokens += t
         if seq.pending:  # a chunk: the rest follows next step
             return []
-        return self._sample([req], logits[:, -1, :].float())
+        reqs = [req, *self._fork(req)]
+        return self._sample(reqs, logits[:, -1, :].float().expand(len(reqs), -1))
+
+    def _fork(self, req: Request) -> list[Request]:
+        """The samples of a prefilled prompt, now holding its cache (those for which no block
+        is left go back to the queue and are prefilled on their own, mostly from the
+        prefix cache)."""
+        forked, left = [], []
+        for sample in req.samples:
+            (forked if self.cache.fork(req.seq, sample.seq) else left).append(sample)
+        req.samples = []
+        self.waiting.extendleft(reversed(left))
+        self.running.extend(forked)
+        self.running.sort(key=lambda r: r.id)
+        return forked
 
     def _make_room(self, decoding: list[Request]) -> list[Request]:
         """Free blocks for this step's decode, preempting the youngest sequences if needed."""
@@ -272,7 +354,9 @@ class Scheduler:
             else:
                 req.output.append(token)
                 self.stats.generated_tokens += 1
-                if len(req.output) >= req.limit:
+                if req.stops is not None and req.stops.hit(req.output):
+                    ev.finish_reason = "stop"
+                elif len(req.output) >= req.limit:
                     ev.finish_reason = "length"
             if ev.finish_reason is not None:
                 ev.finished = True
@@ -299,13 +383,14 @@ class Scheduler:
         prompts: list[list[int]],
         cfgs: GenerationConfig | list[GenerationConfig] | None = None,
     ) -> list[list[int]]:
-        """Generate for every prompt; the outputs in prompt order (stop ids left out)."""
+        """Generate for every prompt; the outputs in prompt order, a prompt's `n` samples
+        one after the other (stop ids left out)."""
         if cfgs is None or isinstance(cfgs, GenerationConfig):
             cfgs = [cfgs or GenerationConfig()] * len(prompts)
         if len(cfgs) != len(prompts):
             raise UsageError(f"scheduler: {len(prompts)} prompts but {len(cfgs)} configs")
-        reqs = [self._request(p, c) for p, c in zip(prompts, cfgs, strict=True)]  # all valid
-        ids = [self._enqueue(r) for r in reqs]
+        reqs = [self.request(p, c) for p, c in zip(prompts, cfgs, strict=True)]  # all valid
+        ids = [i for r in reqs for i in self.enqueue(r)]
         for _ in self.stream():
             pass
         return [self.finished.pop(i).output for i in ids]

@@ -519,8 +519,10 @@ class Transformer(nn.Module):
 
     Optional inputs: `attention_mask` ([B, S] padding mask over past + current tokens, or a
     bool [B, 1, T, S] mask such as `document_mask`), `position_ids` [B, T], `prefix_len`
-    [B] (prefix decoders: tokens before it see each other both ways), a `KVCache`, and
-    `logits_to_keep` (as transformers: only the last n positions' logits; 0 = all)."""
+    [B] (prefix decoders: tokens before it see each other both ways), a `KVCache`,
+    `logits_to_keep` (as transformers: only the last n positions' logits; 0 = all), and
+    `hidden=True` for the final hidden states [B, T, d_model] in place of the logits
+    (what embeddings pool)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -566,6 +568,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | int | None = None,
         logits_to_keep: int = 0,
+        hidden: bool = False,
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t = input_ids.shape
@@ -622,6 +625,8 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         if cfg.has_final_norm:
             x = self.norm(x)
+        if hidden:
+            return x
         return self.lm_head(x)[..., : cfg.vocab_size]
 
 
