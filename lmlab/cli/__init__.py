@@ -1,7 +1,15 @@
 """The `lmlab` command, one module per group of verbs; importing them registers the verbs on
 the app in the order `lmlab --help` lists them."""
 
-from lmlab.cli import data, evaluation, generation, models, pipeline, scaling  # noqa: F401
+from lmlab.cli import (  # noqa: F401
+    data,
+    evaluation,
+    generation,
+    models,
+    pipeline,
+    scaling,
+    serving,
+)
 from lmlab.cli.app import app, main
 
 __all__ = ["app", "main"]
