@@ -73,3 +73,50 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def scripted_checkpoint(root: Path, pieces: list[str]) -> Path:
+    """A real checkpoint whose greedy chat reply is exactly `pieces` joined, then its end of
+    turn: each piece is a token of its own, and the weights make every token predict the
+    next (attention and MLP outputs zeroed, so each position sees only its own token; the
+    output head maps that token's normed embedding to its successor). For the browser test,
+    which needs a model that says precisely what it is asked to render."""
+    from lmlab.model.checkpoint import save_checkpoint
+    from lmlab.model.config import ModelConfig
+    from lmlab.model.transformer import Transformer
+    from lmlab.tokenizer import save_tokenizer
+    from lmlab.tokenizer.chat import encode_chat, stop_ids_of
+    from lmlab.tokenizer.train import train_bpe
+
+    tok = train_bpe(TEXTS, vocab_size=320, min_frequency=1)
+    tok.add_tokens(pieces)
+    chain = [tok.token_to_id(p) for p in pieces]
+    if len(set(chain)) != len(chain) or None in chain:
+        raise ValueError("the pieces must be distinct")
+    save_tokenizer(tok, root / "tok")
+    header = encode_chat(tok, [{"role": "user", "content": "x"}])[-1]  # ends every prompt
+    end = stop_ids_of(tok, chat=True)[-1]
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        n_layers=1,
+        d_model=64,
+        n_heads=4,
+        ffn_hidden=64,
+        max_seq_len=256,
+        tie_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+        emb = model.embed_tokens.weight
+        model.lm_head.weight.zero_()
+        steps = [header, *chain]
+        for a, b in zip(steps, [*chain, end], strict=True):
+            x = emb[a] / emb[a].pow(2).mean().sqrt()
+            model.lm_head.weight[b] += 0.5 * x
+    return save_checkpoint(model, root / "ckpt", tokenizer_dir=root / "tok")
