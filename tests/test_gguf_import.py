@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.infer.gguf import export_gguf
 from lmlab.infer.options import GenerationConfig
-from lmlab.infer.session import chat_loop, load_for_generation
+from lmlab.infer.session import Chat, chat_loop, load_for_generation
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.gguf import TYPES, dequantize, open_gguf, permute_qk, tensor_map, unpermute_qk
@@ -610,6 +610,6 @@ def test_smollm_saved_by_transformers_chats_in_its_own_template(smol, tmp_path):
         msgs, tokenize=False, add_generation_prompt=True
     )
     out = io.StringIO()
-    chat = chat_loop(model, tok, cfg, io.StringIO("What is the capital of France?\n"), out)
+    chat = chat_loop(Chat(model, tok, cfg), io.StringIO("What is the capital of France?\n"), out)
     reply = chat.history[-1]["content"]
     assert "Paris" in reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply

@@ -189,7 +189,7 @@ def test_chat_loop_keeps_the_conversation_and_resets_it(smoke_run):
     import io
 
     from lmlab.infer.options import GenerationConfig
-    from lmlab.infer.session import chat_loop, load_for_generation
+    from lmlab.infer.session import Chat, chat_loop, load_for_generation
 
     model, tok, cfg, _ = load_for_generation(
         str(smoke_run), GenerationConfig(max_new_tokens=4), stop_at_end_of_turn=True
@@ -197,7 +197,7 @@ def test_chat_loop_keeps_the_conversation_and_resets_it(smoke_run):
     assert len(cfg.stop_ids) == 2  # EOS and the end of a turn
     out = io.StringIO()
     stdin = io.StringIO("hello\n/history\n/reset\n\nagain\n/history\n/exit\nnever read\n")
-    chat = chat_loop(model, tok, cfg, stdin, out)
+    chat = chat_loop(Chat(model, tok, cfg), stdin, out)
     text = out.getvalue()
     assert text.count("model> ") == 2 and "you> " not in text  # not a terminal: no prompt
     assert text.count("[user] hello") == 1 and "[user] again" in text

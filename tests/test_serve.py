@@ -23,6 +23,7 @@ from lmlab.serve.app import Settings, create_app
 from lmlab.serve.engine import EngineLimits, load_engine
 from lmlab.serve.metrics import Metrics
 from lmlab.tokenizer.chat import encode_chat, stop_ids_of
+from tests.conftest import SMOLLM, needs_smollm
 from tests.serving import running, tiny_checkpoint
 
 openai = pytest.importorskip("openai")
@@ -417,3 +418,72 @@ def test_prometheus_text_parses(server):
         assert line.startswith("#") or re.match(r"^[a-z_:]+(\{[^}]*\})? [-+0-9.eInf]+$", line), line
     json.dumps(text)
     base64.b64encode(text.encode())
+
+
+# --- lmlab chat --url: the terminal chat over the same protocol ----------------------------
+
+
+def test_chat_url_talks_to_the_server_and_keeps_the_history(server, monkeypatch, capsys):
+    import io
+
+    from tests.conftest import lmlab_here
+
+    url, engines = server
+    engine = engines[NAME]
+    first = "Hello world, how are you today?"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{first}\nAnd then?\n/history\n"))
+    code, out, err = lmlab_here(
+        monkeypatch, capsys, "chat", "--url", url, "--api-key", KEY, "--max-new-tokens", "12"
+    )
+    assert code == 0, err
+    turn1 = [{"role": "user", "content": first}]
+    want1, _, _ = reference(engine, encode_chat(engine.tok, turn1), chat=True, max_new_tokens=12)
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": want1},
+        {"role": "user", "content": "And then?"},
+    ]
+    want2, _, _ = reference(engine, encode_chat(engine.tok, turn2), chat=True, max_new_tokens=12)
+    # the second turn was answered with the history
+    assert out.startswith(f"model> {want1}\nmodel> {want2}\n")
+    assert f"[assistant] {want2}" in out
+    # refused and unreachable: one clear line, exit 2
+    for args, said in [
+        (["--url", url, "--api-key", "wrong"], "401"),
+        (["nope", "--url", url, "--api-key", KEY], "does not serve 'nope'"),
+        (["--url", "http://127.0.0.1:9"], "no answer from the server"),
+        (["--url", "ftp://x"], "http://"),
+    ]:
+        code, out, err = lmlab_here(monkeypatch, capsys, "chat", *args)
+        assert code == 2 and said in err, (args, err)
+
+
+# --- the real model ------------------------------------------------------------------------
+
+
+@needs_smollm
+def test_smollm2_through_the_server_equals_lmlab_generate():
+    from lmlab.infer.session import load_for_generation
+
+    engine = load_engine("smollm2", str(SMOLLM), EngineLimits(max_concurrency=4), Metrics())
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with running(create_app({"smollm2": engine})) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=12, temperature=0
+        )
+        pieces = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="smollm2", messages=question, max_tokens=12, temperature=0, stream=True
+            )
+            if c.choices
+        ]
+    model, tok, cfg, _ = load_for_generation(
+        str(SMOLLM), GenerationConfig(max_new_tokens=12), stop_at_end_of_turn=True
+    )
+    prompt = encode_chat(tok, question)
+    want = generate_batch(model, [prompt], cfg, tokenizer=tok)[0]
+    assert "Paris" in want.text
+    assert r.choices[0].message.content == want.text == "".join(pieces)
+    assert r.usage.prompt_tokens == len(prompt)

@@ -169,19 +169,43 @@ def _print_completions(comps, prompt: list[str], tok, chat: bool, json_out: bool
 @generation_options("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 def chat(
     model: Annotated[
-        str, typer.Argument(help="A run or checkpoint directory, an HF directory, a GGUF file.")
-    ],
+        str | None,
+        typer.Argument(
+            help="A run or checkpoint directory, an HF directory, a GGUF file; with --url, "
+            "the served model's name (default: the first it lists)."
+        ),
+    ] = None,
+    *,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Talk to an OpenAI-compatible server instead (lmlab serve, vLLM…)."),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="The server's key (default: env LMLAB_API_KEY).")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt (with --url).")] = None,
     gen: GenerationConfig,
 ) -> None:
     """Talk to a model in its own chat template (/reset, /history, /exit; Ctrl-C stops a reply)."""
-    from lmlab.infer.session import chat_loop, load_for_generation
+    from lmlab.infer.session import Chat, chat_loop, load_for_generation
 
+    if url is not None:
+        from lmlab.prompt.remote import RemoteChat
+
+        remote = RemoteChat.open(url, model, gen, api_key=api_key, system=system)
+        log(f"chatting with {remote.model} at {url}; /reset, /history, /exit")
+        chat_loop(remote, sys.stdin, sys.stdout)
+        return
+    if model is None:
+        raise UsageError("chat: give a MODEL, or --url of a server")
+    if system is not None:
+        raise UsageError("chat: --system is for --url; a local model's template has its own")
     m, tok, cfg, ckpt = load_for_generation(model, gen, stop_at_end_of_turn=True)
     log(
         f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /history, /exit; "
         "Ctrl-C stops a reply, Ctrl-C at the prompt quits"
     )
-    chat_loop(m, tok, cfg, sys.stdin, sys.stdout)
+    chat_loop(Chat(m, tok, cfg), sys.stdin, sys.stdout)
 
 
 bench_app = typer.Typer(help="Measure speed on this machine.", no_args_is_help=True)

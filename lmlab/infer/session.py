@@ -10,9 +10,10 @@ joins it, so the next turn sees what the model had said.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from lmlab import load_model, load_tokenizer
+from lmlab.errors import UsageError
 from lmlab.infer.generate import Contrast, TextStreamer, stream
 from lmlab.infer.options import GenerationConfig
 from lmlab.model.loading import resolve_checkpoint
@@ -76,11 +77,19 @@ class Chat:
         return self.history[-1]["content"]
 
 
-def chat_loop(model, tok, cfg: GenerationConfig, stdin: TextIO, stdout: TextIO) -> Chat:
+class Conversation(Protocol):
+    """What the chat loop talks to: a local `Chat`, or a model behind a server
+    (`lmlab.prompt.remote.RemoteChat`)."""
+
+    history: list[dict[str, str]]
+
+    def reply(self, text: str, stdout: TextIO) -> str: ...
+
+
+def chat_loop(chat: Conversation, stdin: TextIO, stdout: TextIO) -> Conversation:
     """Read a line, answer it, until /exit, /quit or the end of input; /reset forgets the
     conversation, /history prints it. Ctrl-C during a reply stops that reply only; Ctrl-C
     at the prompt ends the loop (the user is leaving, not failing). Returns the chat."""
-    chat = Chat(model, tok, cfg)
     interactive = stdin.isatty()
     while True:
         try:
@@ -111,4 +120,6 @@ def chat_loop(model, tok, cfg: GenerationConfig, stdin: TextIO, stdout: TextIO) 
             chat.reply(line, stdout)
         except KeyboardInterrupt:  # stop this reply only; what it said stays in the history
             stdout.write(" [stopped]\n")
+        except UsageError as e:  # a server refused the turn: say why, keep talking
+            stdout.write(f"[error] {e}\n")
     return chat
