@@ -128,6 +128,24 @@ def test_run_and_stream_agree_and_chunked_prefill():
     chunked = Scheduler(model, block_size=8, prefill_chunk=5)
     assert chunked.run(prompts, cfgs) == ref
     assert chunked.stats.forwards > whole.stats.forwards
+    # a prompt-token budget per step: the same tokens, never more than 23 prompt tokens a
+    # step, and the first request decodes before the last is admitted
+    budgeted = Scheduler(model, block_size=8, prefill_budget=23)
+    ids = [budgeted.add(p, c) for p, c in zip(prompts, cfgs, strict=True)]
+    per_step, first_token_step, admitted_step = [], None, {}
+    while budgeted.has_work():
+        before = budgeted.stats.prefill_tokens
+        events = budgeted.step()
+        per_step.append(budgeted.stats.prefill_tokens - before)
+        if first_token_step is None and any(e.request_id == ids[0] for e in events):
+            first_token_step = len(per_step)
+        for r in budgeted.running:
+            admitted_step.setdefault(r.id, len(per_step))
+    assert max(per_step) <= 23 and sum(per_step) == sum(map(len, prompts))
+    assert first_token_step < admitted_step[ids[-1]]
+    assert [budgeted.finished.pop(i).output for i in ids] == ref
+    with pytest.raises(UsageError, match="prefill_budget"):
+        Scheduler(model, prefill_budget=0)
 
 
 # --- sampling ----------------------------------------------------------------------------

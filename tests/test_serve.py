@@ -185,6 +185,14 @@ def test_completions_lists_echo_logprobs_and_streaming(server, client):
     assert "".join(pieces) == want
 
 
+def test_logit_bias_and_ignore_eos(server, client):
+    kw = dict(model=NAME, prompt="Hello", max_tokens=5, temperature=0, logit_bias={"0": 100})
+    r = client.completions.create(**kw)  # the end of text, made certain, ends it at once
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    r = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
 def test_embeddings_are_mean_pooled_hidden_states(server, client):
     _, engines = server
     engine = engines[NAME]
@@ -374,7 +382,7 @@ def test_timeout_is_504_and_frees_the_request(ckpt):
             "prompt": "The quick",
             "max_tokens": 180,
             "temperature": 0,
-            "logit_bias": {"0": -100},
+            "ignore_eos": True,
             "repetition_penalty": 1.1,
         }
         r = httpx.post(url + "/v1/completions", json=body, timeout=30)

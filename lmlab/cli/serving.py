@@ -41,6 +41,10 @@ def serve(
         int | None, typer.Option(help="Longest prompt + output (default: the model's context).")
     ] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="Memory for the paged KV cache.")] = 1.0,
+    max_prefill_tokens: Annotated[
+        int,
+        typer.Option(help="Prompt tokens run per step: a burst of arrivals is spread out."),
+    ] = 512,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 4.0,
     request_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take before it is aborted (504).")
@@ -56,6 +60,7 @@ def serve(
         max_waiting=max_waiting,
         max_model_len=max_model_len,
         kv_cache_gb=kv_cache_gb,
+        max_prefill_tokens=max_prefill_tokens,
     )
     run_server(
         model,

@@ -84,7 +84,10 @@ class Scheduler:
 
     `n_blocks` sizes the cache (default: every one of `max_batch` sequences can reach
     `max_len` tokens, so nothing is ever preempted); `prefill_chunk` splits a long prompt over
-    several steps so that one long prefill does not stall the others' decoding. `max_len`
+    several steps so that one long prefill does not stall the others' decoding;
+    `prefill_budget` caps the prompt tokens run per step over all requests (vLLM's
+    max_num_batched_tokens), so a burst of arrivals is admitted over several steps, the
+    first of them streaming early and the running ones still decoding. `max_len`
     (default: the model's `max_seq_len`) bounds prompt + output; `tokenizer` lets requests
     stop at strings."""
 
@@ -96,6 +99,7 @@ class Scheduler:
         max_batch: int = 32,
         prefill_chunk: int | None = None,
         prefix_caching: bool = True,
+        prefill_budget: int | None = None,
         max_len: int | None = None,
         tokenizer=None,
     ) -> None:
@@ -118,7 +122,11 @@ class Scheduler:
             n_blocks = max_batch * -(-self.max_len // block_size)
         self.cache = PagedKVCache.for_model(self.model, n_blocks, block_size)
         self.max_batch = max_batch
+        if prefill_budget is not None and prefill_budget < 1:
+            raise UsageError(f"scheduler: prefill_budget must be >= 1, got {prefill_budget}")
         self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
+        self._spent = 0  # prompt tokens run in this step
         self.prefix_caching = prefix_caching
         self.device = next(self.model.parameters()).device
         self.waiting: deque[Request] = deque()
@@ -220,11 +228,13 @@ class Scheduler:
         """Continue chunked prefills, admit and prefill what fits, then decode one token for
         every running sequence."""
         events: list[Event] = []
+        self._spent = 0
         for req in [r for r in self.running if self._prefilling(r)]:
-            events += self._prefill(req)
+            if self._room() > 0:
+                events += self._prefill(req)
         # one at a time: a prompt's blocks are named by its prefill, so the next request
         # admitted in this same step already finds a prefix they share
-        while (req := self._admit()) is not None:
+        while self._room() > 0 and (req := self._admit()) is not None:
             if self._prefilling(req):
                 events += self._prefill(req)
         decoding = [r for r in self.running if r.seq.pending == 1 and not r.samples]
@@ -234,6 +244,10 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.peak_blocks_used = self.cache.peak_used
         return events
+
+    def _room(self) -> float:
+        """Prompt tokens this step may still run."""
+        return float("inf") if self.prefill_budget is None else self.prefill_budget - self._spent
 
     @staticmethod
     def _prefilling(req: Request) -> bool:
@@ -269,6 +283,8 @@ class Scheduler:
         """Run (a chunk of) a sequence's pending tokens; at the end, sample its next token."""
         seq = req.seq
         t = seq.pending if self.prefill_chunk is None else min(seq.pending, self.prefill_chunk)
+        t = int(min(t, self._room()))
+        self._spent += t
         view = self.cache.prefill_view(seq, t)
         ids = torch.tensor([seq.tokens[seq.n_cached : seq.n_cached + t]], device=self.device)
         logits = self.model(ids, cache=view, logits_to_keep=1)

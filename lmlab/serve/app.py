@@ -585,7 +585,7 @@ def _config(body, engine: Engine, prompt_len: int, want: int | None, param: str,
             param=param if room >= 1 else ("messages" if chat else "prompt"),
             code="context_length_exceeded",
         )
-    stop_ids = stop_ids_of(engine.tok, chat=chat)
+    stop_ids = [] if body.ignore_eos else stop_ids_of(engine.tok, chat=chat)
     try:
         return body.generation(room if want is None else want, stop_ids, None).validate()
     except (ValueError, UsageError) as e:

@@ -53,6 +53,7 @@ class EngineLimits:
     max_model_len: int | None = None  # prompt + output; None: the model's max_seq_len
     kv_cache_gb: float = 1.0  # the paged KV pool (less when every sequence fits in less)
     block_size: int = 16
+    max_prefill_tokens: int = 512  # prompt tokens per step: a burst of arrivals is spread
 
 
 class Engine:
@@ -79,8 +80,16 @@ class Engine:
                 f"--max-model-len {max_len}: must be in [1, {model.cfg.max_seq_len}] "
                 f"(the context of {name})"
             )
-        if limits.max_concurrency < 1 or limits.max_waiting < 0 or limits.kv_cache_gb <= 0:
-            raise UsageError("serve: --max-concurrency >= 1, --max-waiting >= 0, --kv-cache-gb > 0")
+        if (
+            limits.max_concurrency < 1
+            or limits.max_waiting < 0
+            or limits.kv_cache_gb <= 0
+            or limits.max_prefill_tokens < 1
+        ):
+            raise UsageError(
+                "serve: needs --max-concurrency >= 1, --max-waiting >= 0, --kv-cache-gb > 0, "
+                "--max-prefill-tokens >= 1"
+            )
         p = next(model.parameters())
         per_block = PagedKVCache.block_bytes(model.cfg, limits.block_size, p.dtype)
         every = limits.max_concurrency * -(-max_len // limits.block_size)
@@ -98,6 +107,8 @@ class Engine:
             max_batch=limits.max_concurrency,
             max_len=max_len,
             tokenizer=tok,
+            prefill_chunk=limits.max_prefill_tokens,
+            prefill_budget=limits.max_prefill_tokens,
         )
         self.max_len = max_len
         self.cond = threading.Condition()
