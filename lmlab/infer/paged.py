@@ -152,7 +152,8 @@ class PagedKVCache:
     """Key and value pools [layers, n_blocks · block_size + 1, kv_heads, head_dim].
 
     Slot `block · block_size + offset` holds one token's keys/values; the extra last slot
-    stays zero and pads the shorter rows of a batch (masked out, but finite)."""
+    pads the shorter rows of a batch (always masked out; padding queries write their
+    finite, unused keys there)."""
 
     def __init__(
         self,
@@ -296,17 +297,28 @@ class PagedKVCache:
         )
 
     def decode_view(self, seqs: list[Sequence]) -> PagedView:
-        """One new token per sequence, rows of different lengths. Keys are gathered
-        right-aligned into [B, kv, S, hd] (S = the longest row), the shorter rows padded on
-        the left with the zero slot, so every query sits at slot S-1 and a key's slot
-        distance is its real distance (ALiBi, T5 biases and sliding windows stay right);
-        `attention_mask` marks the real keys and `position_ids` give each row's position."""
-        for seq in seqs:
-            if seq.pending != 1 or self.blocks_needed(seq, 1):
-                raise RuntimeError("paged KV cache: decode_view before reserve")
+        """One new token per sequence, rows of different lengths (`batch_view` with t = 1)."""
+        return self.batch_view(seqs, [1] * len(seqs))
+
+    def batch_view(self, seqs: list[Sequence], ts: list[int]) -> PagedView:
+        """`ts[r]` new tokens for each sequence, rows of different lengths, in one forward.
+
+        Keys are gathered right-aligned into [B, kv, S, hd] (S = the longest row after
+        this forward), the shorter rows padded on the left with the pad slot; the queries
+        [B, T] (T = max ts) are right-aligned too, so each row's queries sit at the last
+        slots of its keys and a key's slot distance is its real distance (causality, ALiBi,
+        T5 biases and sliding windows stay right). `attention_mask` marks the real keys,
+        `position_ids` give each query's position. A padding query writes its keys and
+        values to the pad slot, never into a sequence's blocks: right-aligned, its slot
+        would be a real cached token's."""
+        for seq, t in zip(seqs, ts, strict=True):
+            if t < 1 or seq.pending < t or self.blocks_needed(seq, t):
+                raise RuntimeError("paged KV cache: batch_view before reserve")
             self._check_writable(seq)
-        lengths = torch.tensor([s.n_cached + 1 for s in seqs], dtype=torch.long)
-        s_max = int(lengths.max())
+        new = torch.tensor(ts, dtype=torch.long)
+        cached = torch.tensor([s.n_cached for s in seqs], dtype=torch.long)
+        lengths = cached + new
+        s_max, t_max = int(lengths.max()), int(new.max())
         bs = self.block_size
         width = self.blocks_for(s_max)
         table = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -318,17 +330,26 @@ class PagedKVCache:
         position = position.clamp(min=0)
         slots = table.gather(1, position // bs) * bs + position % bs
         slots = torch.where(real, slots, torch.full_like(slots, self.pad_slot))
+        query = torch.arange(t_max)[None, :] >= (t_max - new)[:, None]  # [B, T] real queries
+        write = torch.where(
+            query,
+            slots[:, s_max - t_max :],
+            torch.full_like(query, self.pad_slot, dtype=torch.long),
+        )
         device = self.k.device
         padded = not bool(real.all())
         return PagedView(
             self,
             seqs,
-            1,
-            write=slots[:, -1].to(device),
+            t_max,
+            write=write.reshape(-1).to(device),
             gather=slots.to(device),
-            pos=s_max - 1,
+            pos=s_max - t_max,
             attention_mask=real.to(device) if padded else None,
-            position_ids=(lengths - 1)[:, None].to(device),
+            position_ids=(lengths[:, None] - t_max + torch.arange(t_max)[None, :])
+            .clamp(min=0)
+            .to(device),
+            counts=ts,
         )
 
     def _check_writable(self, seq: Sequence) -> None:
@@ -351,6 +372,7 @@ class PagedView:
     pos: int
     attention_mask: torch.Tensor | None = None  # [B, S] real keys (None: no padding)
     position_ids: torch.Tensor | None = None  # [B, t] (None: pos.. for a single row)
+    counts: list[int] | None = None  # new tokens per row when rows differ (else t each)
 
     @property
     def capacity(self) -> int:
@@ -367,5 +389,5 @@ class PagedView:
 
     def advance(self, t: int) -> None:
         self.pos += t
-        for seq in self.seqs:
-            self.cache._commit(seq, t)
+        for seq, n in zip(self.seqs, self.counts or [t] * len(self.seqs), strict=True):
+            self.cache._commit(seq, n)

@@ -35,7 +35,7 @@ import torch
 from lmlab.errors import UsageError
 from lmlab.infer.engine import StopStrings
 from lmlab.infer.options import GenerationConfig
-from lmlab.infer.paged import PagedKVCache, Sequence, check_model
+from lmlab.infer.paged import PagedKVCache, Sequence, block_hash, check_model
 from lmlab.infer.sampling import History, apply_penalties, make_generator, pick, top_logprobs
 
 
@@ -227,16 +227,15 @@ class Scheduler:
     def step(self) -> list[Event]:
         """Continue chunked prefills, admit and prefill what fits, then decode one token for
         every running sequence."""
-        events: list[Event] = []
         self._spent = 0
-        for req in [r for r in self.running if self._prefilling(r)]:
-            if self._room() > 0:
-                events += self._prefill(req)
-        # one at a time: a prompt's blocks are named by its prefill, so the next request
-        # admitted in this same step already finds a prefix they share
+        self._computing: set[bytes] = set()  # blocks this step's prefills will fill
+        batch = [(r, self._take(r)) for r in self.running if self._prefilling(r) and self._room()]
         while self._room() > 0 and (req := self._admit()) is not None:
             if self._prefilling(req):
-                events += self._prefill(req)
+                batch.append((req, self._take(req)))
+        events: list[Event] = []
+        for group in self._groups(batch):
+            events += self._prefill(group)
         decoding = [r for r in self.running if r.seq.pending == 1 and not r.samples]
         decoding = self._make_room(decoding)
         if decoding:
@@ -269,7 +268,10 @@ class Scheduler:
         hit = cache.match_prefix(seq) if self.prefix_caching else 0
         growth = sum(cache.blocks_needed(r.seq, 1) for r in self.running if r.seq.pending == 1)
         copies = len(req.samples) if len(seq.tokens) % cache.block_size else 0
-        if cache.blocks_needed(seq, seq.pending) + copies + growth > cache.alloc.available:
+        fits = cache.blocks_needed(seq, seq.pending) + copies + growth <= cache.alloc.available
+        upto = len(seq.tokens) - 1  # the blocks a prefix match could take
+        shares = self.prefix_caching and not self._computing.isdisjoint(self._names(seq, upto))
+        if not fits or shares:  # shares: next step its prefix is cached
             cache.release(seq)
             return None
         self.stats.prefix_hit_tokens += hit
@@ -279,21 +281,75 @@ class Scheduler:
         self.running.sort(key=lambda r: r.id)
         return req
 
-    def _prefill(self, req: Request) -> list[Event]:
-        """Run (a chunk of) a sequence's pending tokens; at the end, sample its next token."""
+    def _take(self, req: Request) -> int:
+        """How many of a sequence's pending tokens this step runs (its chunk, within the
+        budget), noting the blocks they will fill so that a request sharing them waits a
+        step and finds them cached instead of computing them again."""
         seq = req.seq
         t = seq.pending if self.prefill_chunk is None else min(seq.pending, self.prefill_chunk)
         t = int(min(t, self._room()))
         self._spent += t
-        view = self.cache.prefill_view(seq, t)
-        ids = torch.tensor([seq.tokens[seq.n_cached : seq.n_cached + t]], device=self.device)
-        logits = self.model(ids, cache=view, logits_to_keep=1)
+        self._computing.update(self._names(seq, seq.n_cached + t)[len(seq.hashes) :])
+        return t
+
+    def _names(self, seq: Sequence, upto: int) -> list[bytes]:
+        """The names of the sequence's full blocks within its first `upto` tokens."""
+        bs = self.cache.block_size
+        names = list(seq.hashes)
+        for i in range(len(names), upto // bs):
+            names.append(block_hash(names[-1] if names else b"", seq.tokens[i * bs : (i + 1) * bs]))
+        return names
+
+    @staticmethod
+    def _groups(batch: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """Prefills run together in one forward when padding to the longest costs little:
+        sorted by length, a group grows while its padded tokens stay within 1.5 times its
+        real ones (or 64 more)."""
+        groups: list[list[tuple[Request, int]]] = []
+        for item in sorted(batch, key=lambda x: x[1]):
+            if groups:
+                g = groups[-1]
+                real = sum(t for _, t in g) + item[1]
+                if (len(g) + 1) * item[1] <= max(1.5 * real, real + 64):
+                    g.append(item)
+                    continue
+            groups.append([item])
+        return groups
+
+    def _prefill(self, group: list[tuple[Request, int]]) -> list[Event]:
+        """Run (a chunk of) each sequence's pending tokens in one forward; a sequence whose
+        prompt is done samples its next token (and forks its samples)."""
+        seqs = [r.seq for r, _ in group]
+        ts = [t for _, t in group]
+        width = max(ts)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (seq, t) in enumerate(zip(seqs, ts, strict=True)):
+            ids[row, width - t :] = torch.tensor(seq.tokens[seq.n_cached : seq.n_cached + t])
+        ids = ids.to(self.device)
+        if len(group) == 1:
+            view = self.cache.prefill_view(seqs[0], ts[0])
+            logits = self.model(ids, cache=view, logits_to_keep=1)
+        else:
+            view = self.cache.batch_view(seqs, ts)
+            logits = self.model(
+                ids,
+                cache=view,
+                attention_mask=view.attention_mask,
+                position_ids=view.position_ids,
+                logits_to_keep=1,
+            )
         self.stats.forwards += 1
-        self.stats.prefill_tokens += t
-        if seq.pending:  # a chunk: the rest follows next step
+        self.stats.prefill_tokens += sum(ts)
+        reqs, rows = [], []
+        for row, (req, _) in enumerate(group):
+            if req.seq.pending:  # a chunk: the rest follows next step
+                continue
+            done = [req, *self._fork(req)]
+            reqs += done
+            rows += [row] * len(done)
+        if not reqs:
             return []
-        reqs = [req, *self._fork(req)]
-        return self._sample(reqs, logits[:, -1, :].float().expand(len(reqs), -1))
+        return self._sample(reqs, logits[rows, -1, :].float())
 
     def _fork(self, req: Request) -> list[Request]:
         """The samples of a prefilled prompt, now holding its cache (those for which no block
