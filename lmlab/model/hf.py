@@ -87,6 +87,8 @@ GATED_ACT = {
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# lmlab's chat template ends each turn with this token (lmlab.tokenizer.END, a layer above)
+LMLAB_END_OF_TURN = "<|end|>"
 
 
 # --- reading an HF directory ----------------------------------------------------------
@@ -1078,6 +1080,10 @@ def export_to_hf(
         if fam == "t5":
             gen["decoder_start_token_id"] = hf_cfg["decoder_start_token_id"]
         own = ckpt / "generation_config.json"  # a model's own stop ids (say EOS and EOT)
+        end_of_turn = special.pop("end_of_turn_id", None)
+        if end_of_turn is not None and end_of_turn != gen["eos_token_id"]:
+            # lmlab's chat template ends a turn with <|end|>: transformers must stop there too
+            gen["eos_token_id"] = [i for i in (gen["eos_token_id"], end_of_turn) if i is not None]
         if own.is_file():
             stops = _read_json_file(own).get("eos_token_id")
             if isinstance(stops, int) or (
@@ -1160,6 +1166,9 @@ def _special_token_ids(ckpt: Path) -> dict[str, int | None]:
             tok_str = tok_str.get("content")
         if isinstance(tok_str, str):
             out[f"{role}_token_id"] = tok.token_to_id(tok_str)
+    template = conf.get("chat_template")
+    if isinstance(template, str) and LMLAB_END_OF_TURN in template:
+        out["end_of_turn_id"] = tok.token_to_id(LMLAB_END_OF_TURN)
     return out
 
 
