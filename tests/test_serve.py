@@ -495,3 +495,60 @@ def test_smollm2_through_the_server_equals_lmlab_generate():
     assert "Paris" in want.text
     assert r.choices[0].message.content == want.text == "".join(pieces)
     assert r.usage.prompt_tokens == len(prompt)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def test_lmlab_serve_command_serves_adapters_and_stops_on_ctrl_c(ckpt, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lmlab.cli", "serve", str(ckpt), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--name", "base", "--adapter", f"other={ckpt}", "--max-concurrency", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LMLAB_API_KEY": "k"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        auth = {"Authorization": "Bearer k"}  # the key came from the environment
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth).json()
+        assert [m["id"] for m in models["data"]] == ["base", "other"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "serving base" in err and "serving other" in err
+    # bad input: one clear line, exit 2, before anything listens
+    for args, said in [
+        ([str(tmp_path / "missing")], "missing"),
+        ([str(ckpt), "--adapter", "no-equals-sign"], "NAME=DIR"),
+        ([str(ckpt), "--adapter", f"{ckpt}={ckpt}", "--name", str(ckpt)], "must differ"),
+        ([str(ckpt), "--max-model-len", "100000"], "--max-model-len"),
+        ([str(ckpt), "--port", "70000"], "--port"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "lmlab.cli", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2 and said in r.stderr, (args, r.stderr)
