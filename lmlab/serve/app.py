@@ -230,22 +230,27 @@ def create_app(engines: dict[str, Engine], settings: Settings | None = None) -> 
         engine = engine_of(body.model)
         _refuse(body)
         prompts = _prompts(body.prompt, engine, "prompt")
+        cfgs = []
+        for ids in prompts:  # every prompt checked before any is queued
+            cfg = _config(body, engine, len(ids), body.max_tokens, "max_tokens", chat=False)
+            cfg.logprobs = body.logprobs
+            cfgs.append(cfg)
+        echoed = [None] * len(prompts)
+        if body.echo and body.logprobs is not None:
+            echoed = [
+                await asyncio.to_thread(_prompt_logprobs, engine, ids, body.logprobs)
+                for ids in prompts
+            ]
         runs = []
         try:
-            for ids in prompts:
-                cfg = _config(body, engine, len(ids), body.max_tokens, "max_tokens", chat=False)
-                cfg.logprobs = body.logprobs
+            for ids, cfg, lps in zip(prompts, cfgs, echoed, strict=True):
                 handle = _submit(engine, ids, cfg)
                 runs.append(Generation(engine, handle, cfg, settings.request_timeout, ids))
+                runs[-1].prompt_logprobs = lps
         except BaseException:
             for run in runs:
                 engine.abort(run.handle)
             raise
-        if body.echo and body.logprobs is not None:
-            for run in runs:
-                run.prompt_logprobs = await asyncio.to_thread(
-                    _prompt_logprobs, engine, run.prompt, body.logprobs
-                )
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_completion_chunks(runs, body, usage), *runs)
