@@ -283,3 +283,30 @@ def test_export_gguf_round_trip_keeps_tensors_and_tokenizer(store, cli, tmp_path
     assert apply_chat_template(tok, CHATS[1]) == apply_chat_template(
         load_tokenizer(SMOLLM), CHATS[1]
     )
+
+
+def test_the_server_answers_as_lmlab_generate(store):
+    """`lmlab serve`'s chat completion (streamed and not) through the official client."""
+    openai = pytest.importorskip("openai")
+    from lmlab.infer.generate import generate_batch
+    from lmlab.infer.options import GenerationConfig
+    from lmlab.serve.app import create_app
+    from lmlab.serve.engine import EngineLimits, load_engine
+    from lmlab.serve.metrics import Metrics
+    from lmlab.tokenizer.chat import encode_chat, stop_ids_of
+    from tests.serving import running
+
+    engine = load_engine(NAME, str(store), EngineLimits(max_concurrency=4), Metrics())
+    question = CHATS[0]
+    with running(create_app({NAME: engine})) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        kw = dict(model=NAME, messages=question, max_tokens=12, temperature=0)
+        r = client.chat.completions.create(**kw)
+        streamed = client.chat.completions.create(**kw, stream=True)
+        pieces = [c.choices[0].delta.content or "" for c in streamed if c.choices]
+    prompt = encode_chat(engine.tok, question)
+    cfg = GenerationConfig(max_new_tokens=12, stop_ids=stop_ids_of(engine.tok, chat=True))
+    want = generate_batch(engine.model, [prompt], cfg, tokenizer=engine.tok)[0]
+    assert "Paris" in want.text
+    assert r.choices[0].message.content == want.text == "".join(pieces)
+    assert r.usage.prompt_tokens == len(prompt)
