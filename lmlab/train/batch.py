@@ -28,6 +28,8 @@ class Batch:
       (prefix-decoder models) and carry no loss.
     - `decoder_inputs` [B, S]: encoder-decoder; `inputs` go to the encoder, `targets` align
       with `decoder_inputs`.
+    - `ref_logps` [B]: a frozen reference model's summed log-probs of each row's targets,
+      computed once before training (preference objectives such as DPO).
     """
 
     inputs: torch.Tensor
@@ -35,6 +37,7 @@ class Batch:
     doc_ids: torch.Tensor | None = None
     prefix_len: torch.Tensor | None = None
     decoder_inputs: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
 
     def rows(self, sl: slice) -> Batch:
         """The same batch restricted to rows `sl` (a data-parallel rank's share)."""

@@ -1,0 +1,297 @@
+"""Direct preference optimisation on the training loop's loss seam: preference pairs in
+TRL's conventions, the reference model's log-probabilities computed once, and the DPO
+family's losses (`lmlab.adapt.preference`) as the objective.
+
+Why cache the reference: DPO compares the policy with the model it started from on the
+same pairs. Those log-probs never change, so they are computed in one pass before
+training and carried in each batch (`Batch.ref_logps`); the reference model is never
+held in memory beside the policy, which halves the weights in memory and skips a forward
+per step. Because the objective is a `LossFn`, exact resume, spike rollback, gradient
+accumulation, logging and DDP hold as they do for pre-training and SFT.
+
+Rows of a batch interleave the pairs: row 2i is pair i's chosen completion, 2i + 1 its
+rejected one, so that any contiguous even slice (a data-parallel rank's) keeps pairs whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from lmlab.adapt.preference import dpo_loss
+from lmlab.adapt.sft import collate
+from lmlab.config import STRICT, Fraction, PosFloat
+from lmlab.console import log
+from lmlab.errors import UsageError
+from lmlab.model.loading import as_checkpoint, load_model
+from lmlab.model.scoring import IGNORE
+from lmlab.tokenizer import load_tokenizer, pad_id
+from lmlab.tokenizer.chat import encode_exchange
+from lmlab.train.batch import Batch, LossOut, logits_of
+from lmlab.train.loop import TrainConfig, train
+from lmlab.utils import claim_output_dir, mark_output
+
+
+@dataclass
+class DPOConfig:
+    """The preference loss (defaults as TRL's: sigmoid DPO, beta 0.1) and the held-out
+    share of the pairs that the validation loss is measured on."""
+
+    __pydantic_config__ = STRICT
+
+    beta: PosFloat = 0.1
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: Fraction = 0.0  # > 0: conservative DPO (sigmoid) or robust DPO
+    heldout: Fraction = 0.1
+
+
+@dataclass
+class Pair:
+    """A prompt as chat messages and the two completions (assistant replies)."""
+
+    messages: list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+
+# --- preference files ---------------------------------------------------------------------
+
+
+def _messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+    if not ok:
+        raise UsageError(
+            f'{where}: field {field!r} must be a string or a list of {{"role", "content"}} messages'
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _reply(value: Any, where: str, field: str) -> str:
+    """A completion: a string, or (TRL's conversational form) one assistant message."""
+    if isinstance(value, str):
+        return value
+    turns = _messages(value, where, field)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise UsageError(f"{where}: field {field!r} must hold exactly one assistant message")
+    return turns[0]["content"]
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Paired preferences from a JSONL file in TRL's conventions: `prompt`, `chosen`,
+    `rejected`, each a string or a list of chat messages (the prompt a conversation, each
+    completion one assistant message). A string prompt is one user turn. Any bad line is
+    a `UsageError` naming the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such preference file")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UsageError(f"{where}: expected a JSON object")
+            for field in ("prompt", "chosen", "rejected"):
+                if field not in rec:
+                    raise UsageError(f"{where}: field {field!r} is missing")
+            pairs.append(
+                Pair(
+                    _messages(rec["prompt"], where, "prompt"),
+                    _reply(rec["chosen"], where, "chosen"),
+                    _reply(rec["rejected"], where, "rejected"),
+                )
+            )
+    if not pairs:
+        raise UsageError(f"{path}: no preference pairs")
+    return pairs
+
+
+# --- tokens, batches and log-probabilities ----------------------------------------------------
+
+
+def encode_pair(tok: Tokenizer, pair: Pair) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of the chosen and the rejected exchange in the model's own chat
+    template; the prompt's labels are masked, each reply and its end of turn learned."""
+    rows = []
+    for reply in (pair.chosen, pair.rejected):
+        prompt, ids = encode_exchange(tok, pair.messages, reply)
+        rows.append((prompt + ids, [IGNORE] * len(prompt) + ids))
+    return rows
+
+
+def sequence_logps(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its targets, and how many there are."""
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module,
+    rows: list[tuple[list[int], list[int]]],
+    pad: int,
+    seq_len: int,
+    batch: int = 8,
+) -> torch.Tensor:
+    """The model's summed log-probs of every row's completion, before any update."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch):
+        x, y = collate(rows[i : i + batch], pad, seq_len)
+        out.append(sequence_logps(model(x), y)[0])
+    model.train(was)
+    return torch.cat(out)
+
+
+def dpo_objective(cfg: DPOConfig):
+    """The loss seam's objective: the DPO-family loss summed over a batch's pairs, counted
+    in pairs; the implicit rewards logged (chosen, rejected, margin, accuracy)."""
+
+    def objective(model: torch.nn.Module, batch: Batch) -> LossOut:
+        if batch.ref_logps is None:
+            raise UsageError("dpo: the batch carries no reference log-probs")
+        logps, lengths = sequence_logps(logits_of(model, batch), batch.targets)
+        ref = batch.ref_logps.to(logps.dtype)
+        out = dpo_loss(
+            logps[0::2],
+            logps[1::2],
+            ref[0::2],
+            ref[1::2],
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing,
+            chosen_lengths=lengths[0::2],
+            rejected_lengths=lengths[1::2],
+        )
+        margin = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "reward_chosen": out.chosen_rewards.sum(),
+            "reward_rejected": out.rejected_rewards.sum(),
+            "reward_margin": margin.sum(),
+            "reward_accuracy": (margin > 0).float().sum(),
+        }
+        return LossOut(out.losses.sum(), out.losses.numel(), metrics)
+
+    return objective
+
+
+def make_batch(
+    rows: list[tuple[list[int], list[int]]], ref: torch.Tensor, pad: int, seq_len: int
+) -> Batch:
+    x, y = collate(rows, pad, seq_len)
+    return Batch(x, y, ref_logps=ref)
+
+
+@functools.lru_cache(maxsize=4)
+def _order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def align_dpo(
+    model_ref: str | Path,
+    data: list[str | Path],
+    out_dir: str | Path,
+    dpo: DPOConfig,
+    cfg: TrainConfig,
+    seed: int = 0,
+    one_pass: bool = False,
+) -> dict:
+    """Train `model_ref` (any form lmlab loads) with DPO on the pairs of `data`; the result
+    is an ordinary checkpoint under `out_dir/model`. `one_pass`: as many steps as one pass
+    over the training pairs takes (replacing `cfg.max_steps`)."""
+    out_dir = claim_output_dir(out_dir, "align-dpo", resume=True)  # before any work
+    pairs = [p for path in data for p in read_pairs(path)]
+    with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
+        tok = load_tokenizer(ckpt)
+        model = load_model(ckpt)
+        encoded = [encode_pair(tok, p) for p in pairs]
+        too_long = sum(max(len(ids) for ids, _ in e) > cfg.seq_len + 1 for e in encoded)
+        if too_long:
+            log(f"dpo: {too_long} of {len(pairs)} pairs are longer than seq_len={cfg.seq_len}: cut")
+        order = np.random.default_rng(seed).permutation(len(encoded))
+        n_held = int(round(dpo.heldout * len(encoded))) if len(encoded) > 1 else 0
+        held = [encoded[i] for i in order[:n_held]]
+        train_pairs = [encoded[i] for i in order[n_held:]]
+        if not train_pairs:
+            raise UsageError("dpo: no pairs left to train on (lower heldout or add data)")
+        pad = pad_id(tok)
+        log(f"dpo: reference log-probs of {len(encoded)} pairs (computed once)")
+        ref_train = reference_logps(model, [r for e in train_pairs for r in e], pad, cfg.seq_len)
+        ref_held = (
+            reference_logps(model, [r for e in held for r in e], pad, cfg.seq_len) if held else None
+        )
+        n = len(train_pairs)
+        if one_pass:
+            cfg.max_steps = max(1, n // cfg.batch_size)
+
+        def get_batch(_index: int, start: int, count: int) -> Batch:
+            rows, refs = [], []
+            for r in range(start, start + count):
+                epoch, k = divmod(r, n)
+                i = int(_order(seed, epoch, n)[k])
+                rows += train_pairs[i]
+                refs.append(ref_train[2 * i : 2 * i + 2])
+            return make_batch(rows, torch.cat(refs), pad, cfg.seq_len)
+
+        vals = []
+        bs = cfg.batch_size
+        for i in range(0, min(len(held), bs * cfg.eval_batches), bs):
+            chunk = held[i : i + bs]
+            vals.append(
+                make_batch(
+                    [r for e in chunk for r in e],
+                    ref_held[2 * i : 2 * (i + len(chunk))],
+                    pad,
+                    cfg.seq_len,
+                )
+            )
+        key = json.dumps(
+            {"dpo": dpo.__dict__, "data": [str(p) for p in data], "seed": seed}, sort_keys=True
+        )
+        log(f"dpo: {n} training pairs, {len(held)} held out, up to {cfg.step_limit} steps")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mark_output(out_dir, "align-dpo")  # a later run resumes it; nothing else may
+        summary = train(
+            model,
+            get_batch,
+            vals,
+            cfg,
+            out_dir,
+            ckpt,
+            key,
+            name="dpo",
+            objective=dpo_objective(dpo),
+        )
+    summary["pairs"] = n
+    return summary

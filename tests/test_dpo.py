@@ -1,0 +1,128 @@
+"""`lmlab align dpo` on a small checkpoint: the objective starts at ln 2 (policy = cached
+reference), training makes the chosen replies more likely than the rejected ones on
+held-out pairs, and bad preference files exit 2 naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmlab.adapt.dpo import encode_pair, read_pairs, reference_logps, sequence_logps
+from lmlab.adapt.sft import collate
+from lmlab.model.loading import load_model
+from lmlab.tokenizer import load_tokenizer, pad_id
+from tests.conftest import lmlab_here
+from tests.serving import tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GOOD = "The quick brown fox jumps over the lazy dog."
+BAD = "Hello world, how are you today?"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("dpo"))
+
+
+def write_pairs(path, n=40):
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = (
+                f"Tell me something, number {i}."
+                if i % 2
+                else [{"role": "user", "content": f"Say a sentence, please ({i})."}]
+            )
+            chosen = GOOD if i % 3 else [{"role": "assistant", "content": GOOD}]
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": BAD}) + "\n")
+    return path
+
+
+def test_dpo_prefers_the_chosen_replies_on_held_out_pairs(ckpt, tmp_path, monkeypatch, capsys):
+    data = write_pairs(tmp_path / "prefs.jsonl")
+    out = tmp_path / "dpo"
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "dpo", str(ckpt), "--data", str(data), "--out", str(out),
+        "--steps", "12", "--batch-size", "4", "--lr", "3e-3", "--beta", "0.5", "--heldout", "0.25",
+        "--seq-len", "128",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "reward_margin" in x and "val_loss" not in x]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
+    assert steps[0]["reward_margin"] == pytest.approx(0, abs=1e-4)
+    assert steps[-1]["reward_margin"] > 0 and steps[-1]["reward_accuracy"] == 1.0
+    vals = [x["val_loss"] for x in lines if "val_loss" in x]
+    assert vals and vals[-1] < math.log(2) - 0.05  # the held-out pairs moved too
+
+    # the trained checkpoint, like the reference, through the plain loaders
+    tok = load_tokenizer(out / "model")
+    pairs = read_pairs(data)[:6]
+    rows = [r for p in pairs for r in encode_pair(tok, p)]
+    before = reference_logps(load_model(ckpt), rows, pad_id(tok), 128)
+    after = reference_logps(load_model(out / "model"), rows, pad_id(tok), 128)
+    gain = (after - before).view(-1, 2)  # chosen, rejected
+    assert (gain[:, 0] > gain[:, 1]).all()
+
+
+def test_reference_logps_are_the_models_own(ckpt):
+    tok, model = load_tokenizer(ckpt), load_model(ckpt)
+    pair = read_pairs(write_pairs(ckpt.parent / "one.jsonl", n=2))[1]
+    rows = encode_pair(tok, pair)
+    got = reference_logps(model, rows, pad_id(tok), 128, batch=1)
+    for (ids, labels), value in zip(rows, got, strict=True):
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+        want = sum(logp[i, t] for i, t in enumerate(labels[1:]) if t != -100)
+        assert value.item() == pytest.approx(float(want), abs=1e-4)
+    x, y = collate(rows, pad_id(tok), 128)
+    sums, counts = sequence_logps(model(x), y)
+    assert counts.tolist() == [sum(t != -100 for t in lab[1:]) for _, lab in rows]
+
+
+def test_bad_preference_files_and_settings_exit_2(ckpt, tmp_path, monkeypatch, capsys):
+    cases = {
+        "broken.jsonl": (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": ',
+            "broken.jsonl:2: not valid JSON",
+        ),
+        "missing.jsonl": (
+            '{"prompt": "a", "chosen": "b"}\n',
+            "missing.jsonl:1: field 'rejected' is missing",
+        ),
+        "shape.jsonl": (
+            '{"prompt": 3, "chosen": "b", "rejected": "c"}\n',
+            "shape.jsonl:1: field 'prompt'",
+        ),
+        "two.jsonl": (
+            '{"prompt": "a", "chosen": [{"role": "user", "content": "x"}], "rejected": "c"}\n',
+            "two.jsonl:1: field 'chosen' must hold exactly one assistant message",
+        ),
+    }
+    for name, (text, said) in cases.items():
+        (tmp_path / name).write_text(text)
+        code, _, err = lmlab_here(
+            monkeypatch, capsys, "align", "dpo", str(ckpt), "--data", str(tmp_path / name),
+            "--out", str(tmp_path / f"out-{name}"),
+        )  # fmt: skip
+        assert code == 2 and said in err, (name, err)
+        assert not (tmp_path / f"out-{name}").exists()  # nothing half-written
+    good = write_pairs(tmp_path / "ok.jsonl", n=4)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for args, said in [(["--beta", "0"], "--beta"), (["--loss-type", "nope"], "--loss-type")]:
+        code, _, err = lmlab_here(
+            monkeypatch, capsys, "align", "dpo", str(ckpt), "--data", str(good),
+            "--out", str(tmp_path / "o"), *args,
+        )  # fmt: skip
+        assert code == 2 and said in err, (args, err)
+        assert not (tmp_path / "o").exists()
+    mine = str(tmp_path / "mine")
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "dpo", str(ckpt), "--data", str(good), "--out", mine
+    )
+    assert code == 2 and "not an lmlab output" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
