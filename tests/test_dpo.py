@@ -68,6 +68,26 @@ def test_dpo_prefers_the_chosen_replies_on_held_out_pairs(ckpt, tmp_path, monkey
     assert (gain[:, 0] > gain[:, 1]).all()
 
 
+@pytest.mark.parametrize("method,beta", [("simpo", "2.0"), ("orpo", "0.5")])
+def test_reference_free_methods_learn_the_preference(
+    method, beta, ckpt, tmp_path, monkeypatch, capsys
+):
+    data = write_pairs(tmp_path / "prefs.jsonl", n=24)
+    out = tmp_path / method
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "dpo", str(ckpt), "--data", str(data), "--out", str(out),
+        "--loss-type", method, "--beta", beta, "--steps", "10", "--batch-size", "4",
+        "--lr", "3e-3", "--seq-len", "128",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "reference log-probs" not in err  # no reference pass
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "reward_margin" in x and "val_loss" not in x]
+    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+    assert steps[-1]["reward_accuracy"] == 1.0
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
 def test_reference_logps_are_the_models_own(ckpt):
     tok, model = load_tokenizer(ckpt), load_model(ckpt)
     pair = read_pairs(write_pairs(ckpt.parent / "one.jsonl", n=2))[1]

@@ -1,6 +1,7 @@
-"""Direct preference optimisation on the training loop's loss seam: preference pairs in
-TRL's conventions, the reference model's log-probabilities computed once, and the DPO
-family's losses (`lmlab.adapt.preference`) as the objective.
+"""Preference optimisation on the training loop's loss seam: preference pairs in TRL's
+conventions, the reference model's log-probabilities computed once, and the DPO family's
+losses (`lmlab.adapt.preference`) as the objective; SimPO and ORPO, which need no
+reference, on the same pairs.
 
 Why cache the reference: DPO compares the policy with the model it started from on the
 same pairs. Those log-probs never change, so they are computed in one pass before
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.adapt.preference import dpo_loss
+from lmlab.adapt.preference import dpo_loss, orpo_odds_ratio, simpo_loss
 from lmlab.adapt.sft import collate
-from lmlab.config import STRICT, Fraction, PosFloat
+from lmlab.config import STRICT, Fraction, NonNegFloat, PosFloat
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.model.loading import as_checkpoint, load_model
@@ -47,9 +48,15 @@ class DPOConfig:
     __pydantic_config__ = STRICT
 
     beta: PosFloat = 0.1
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"] = "sigmoid"
     label_smoothing: Fraction = 0.0  # > 0: conservative DPO (sigmoid) or robust DPO
+    simpo_gamma: NonNegFloat = 0.5  # SimPO's target reward margin
     heldout: Fraction = 0.1
+
+    @property
+    def reference_free(self) -> bool:
+        """SimPO and ORPO need no reference model at all."""
+        return self.loss_type in ("simpo", "orpo")
 
 
 @dataclass
@@ -176,21 +183,31 @@ def dpo_objective(cfg: DPOConfig):
     in pairs; the implicit rewards logged (chosen, rejected, margin, accuracy)."""
 
     def objective(model: torch.nn.Module, batch: Batch) -> LossOut:
-        if batch.ref_logps is None:
-            raise UsageError("dpo: the batch carries no reference log-probs")
         logps, lengths = sequence_logps(logits_of(model, batch), batch.targets)
-        ref = batch.ref_logps.to(logps.dtype)
-        out = dpo_loss(
-            logps[0::2],
-            logps[1::2],
-            ref[0::2],
-            ref[1::2],
-            beta=cfg.beta,
-            loss_type=cfg.loss_type,
-            label_smoothing=cfg.label_smoothing,
-            chosen_lengths=lengths[0::2],
-            rejected_lengths=lengths[1::2],
-        )
+        if cfg.reference_free:
+            avg = logps / lengths.clamp(min=1)  # both use per-token averages
+            if cfg.loss_type == "simpo":
+                out = simpo_loss(
+                    avg[0::2], avg[1::2], cfg.beta, cfg.simpo_gamma, cfg.label_smoothing
+                )
+            else:  # orpo: the chosen side's SFT loss plus the odds-ratio term
+                out = orpo_odds_ratio(avg[0::2], avg[1::2], cfg.beta)
+                out.losses = out.losses - avg[0::2]
+        else:
+            if batch.ref_logps is None:
+                raise UsageError("dpo: the batch carries no reference log-probs")
+            ref = batch.ref_logps.to(logps.dtype)
+            out = dpo_loss(
+                logps[0::2],
+                logps[1::2],
+                ref[0::2],
+                ref[1::2],
+                beta=cfg.beta,
+                loss_type=cfg.loss_type,
+                label_smoothing=cfg.label_smoothing,
+                chosen_lengths=lengths[0::2],
+                rejected_lengths=lengths[1::2],
+            )
         margin = out.chosen_rewards - out.rejected_rewards
         metrics = {
             "reward_chosen": out.chosen_rewards.sum(),
@@ -246,11 +263,15 @@ def align_dpo(
         if not train_pairs:
             raise UsageError("dpo: no pairs left to train on (lower heldout or add data)")
         pad = pad_id(tok)
-        log(f"dpo: reference log-probs of {len(encoded)} pairs (computed once)")
-        ref_train = reference_logps(model, [r for e in train_pairs for r in e], pad, cfg.seq_len)
-        ref_held = (
-            reference_logps(model, [r for e in held for r in e], pad, cfg.seq_len) if held else None
-        )
+        if dpo.reference_free:
+            ref_train = torch.zeros(2 * len(train_pairs))
+            ref_held = torch.zeros(2 * len(held))
+        else:
+            log(f"dpo: reference log-probs of {len(encoded)} pairs (computed once)")
+            rows = [r for e in train_pairs for r in e]
+            ref_train = reference_logps(model, rows, pad, cfg.seq_len)
+            rows = [r for e in held for r in e]
+            ref_held = reference_logps(model, rows, pad, cfg.seq_len) if held else None
         n = len(train_pairs)
         if one_pass:
             cfg.max_steps = max(1, n // cfg.batch_size)

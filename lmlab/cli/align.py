@@ -25,7 +25,10 @@ def dpo_cmd(
     ],
     out: Annotated[Path, typer.Option(help="Output directory (resumed if it is this command's).")],
     beta: Annotated[float, typer.Option(help="Strength of the pull toward the reference.")] = 0.1,
-    loss_type: Annotated[str, typer.Option(help="sigmoid, robust, hinge or ipo.")] = "sigmoid",
+    loss_type: Annotated[
+        str, typer.Option(help="sigmoid (DPO), robust, hinge, ipo; simpo, orpo (no reference).")
+    ] = "sigmoid",
+    simpo_gamma: Annotated[float, typer.Option(help="SimPO's target reward margin.")] = 0.5,
     label_smoothing: Annotated[
         float, typer.Option(help="> 0: conservative DPO (sigmoid) or robust DPO.")
     ] = 0.0,
@@ -36,8 +39,9 @@ def dpo_cmd(
     seq_len: Annotated[int, typer.Option(help="Longest prompt + completion in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Data order and held-out split.")] = 0,
 ) -> None:
-    """Direct preference optimisation (DPO, cDPO, robust DPO, SLiC hinge, IPO) with the
-    reference's log-probs computed once; writes an ordinary checkpoint to OUT/model."""
+    """Preference optimisation: DPO, cDPO, robust DPO, SLiC hinge, IPO (the reference's
+    log-probs computed once), SimPO and ORPO (no reference); writes an ordinary checkpoint
+    to OUT/model."""
     from pydantic import TypeAdapter, ValidationError
 
     from lmlab.adapt.dpo import DPOConfig, align_dpo
@@ -46,7 +50,13 @@ def dpo_cmd(
 
     try:
         dpo = TypeAdapter(DPOConfig).validate_python(
-            dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, heldout=heldout)
+            dict(
+                beta=beta,
+                loss_type=loss_type,
+                label_smoothing=label_smoothing,
+                simpo_gamma=simpo_gamma,
+                heldout=heldout,
+            )
         )
         cfg = TypeAdapter(TrainConfig).validate_python(
             dict(
