@@ -146,3 +146,49 @@ def test_bad_preference_files_and_settings_exit_2(ckpt, tmp_path, monkeypatch, c
     )
     assert code == 2 and "not an lmlab output" in err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# --- the reward model -----------------------------------------------------------------------
+
+
+def test_reward_model_learns_and_scores_the_same_in_transformers(
+    ckpt, tmp_path, monkeypatch, capsys
+):
+    from lmlab.adapt.reward import score_positions, score_texts
+    from lmlab.model.hf import export_to_hf
+
+    transformers = pytest.importorskip("transformers")
+    data = write_pairs(tmp_path / "prefs.jsonl", n=32)
+    out = tmp_path / "rm"
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "rm", str(ckpt), "--data", str(data), "--out", str(out),
+        "--steps", "12", "--batch-size", "4", "--lr", "3e-3", "--heldout", "0.25",
+        "--center-coefficient", "0.01", "--seq-len", "128",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "score_margin" in x and "val_loss" not in x]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # a zero head: ties
+    assert steps[-1]["pair_accuracy"] == 1.0 and steps[-1]["score_margin"] > 0
+    vals = [x["val_loss"] for x in lines if "val_loss" in x]
+    assert vals[-1] < math.log(2) - 0.05
+
+    model, tok = load_model(out / "model"), load_tokenizer(out / "model")
+    assert model.cfg.reward_head
+    pairs = read_pairs(data)[:4]
+    rows = [ids for p in pairs for ids, _ in encode_pair(tok, p)]
+    scores = score_texts(model, rows, pad_id(tok), 128)
+    assert (scores[0::2] > scores[1::2]).all()  # chosen above rejected
+
+    # exported: transformers' sequence classification gives the same scores
+    hf_dir = export_to_hf(out / "model", tmp_path / "rm-hf")
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    assert type(ref).__name__.endswith("ForSequenceClassification")
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id(tok))
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    assert score_positions(ids, pad_id(tok)).tolist() == [len(r) - 1 for r in rows]
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=(ids != pad_id(tok)).long()).logits[:, 0]
+    assert torch.allclose(theirs, scores, atol=1e-4)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -232,7 +233,65 @@ def _order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-# --- the command --------------------------------------------------------------------------------
+# --- training on pairs (DPO here, the reward model in reward.py) --------------------------------
+
+
+def split_pairs(encoded: list, heldout: float, seed: int, what: str) -> tuple[list, list]:
+    """(training, held-out) pairs: a seeded share held out for the validation loss."""
+    order = np.random.default_rng(seed).permutation(len(encoded))
+    n_held = int(round(heldout * len(encoded))) if len(encoded) > 1 else 0
+    held = [encoded[i] for i in order[:n_held]]
+    train_pairs = [encoded[i] for i in order[n_held:]]
+    if not train_pairs:
+        raise UsageError(f"{what}: no pairs left to train on (lower heldout or add data)")
+    return train_pairs, held
+
+
+def train_pairs_loop(
+    what: str,
+    model: torch.nn.Module,
+    n_train: int,
+    n_held: int,
+    batch_of: Callable[[list[int], bool], Batch],
+    objective,
+    cfg: TrainConfig,
+    out_dir: Path,
+    tokenizer_dir: Path,
+    key: str,
+    seed: int,
+    one_pass: bool,
+) -> dict:
+    """The training loop over pairs in a seeded order per epoch; `batch_of(indices,
+    held)` makes the batch of those training (or held-out) pairs."""
+    if one_pass:
+        cfg.max_steps = max(1, n_train // cfg.batch_size)
+
+    def get_batch(_index: int, start: int, count: int) -> Batch:
+        picked = []
+        for r in range(start, start + count):
+            epoch, k = divmod(r, n_train)
+            picked.append(int(_order(seed, epoch, n_train)[k]))
+        return batch_of(picked, False)
+
+    bs = cfg.batch_size
+    vals = [
+        batch_of(list(range(i, min(i + bs, n_held))), True)
+        for i in range(0, min(n_held, bs * cfg.eval_batches), bs)
+    ]
+    log(f"{what}: {n_train} training pairs, {n_held} held out, up to {cfg.step_limit} steps")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(out_dir, f"align-{what}")  # a later run resumes it; nothing else may
+    summary = train(
+        model, get_batch, vals, cfg, out_dir, tokenizer_dir, key, name=what, objective=objective
+    )
+    summary["pairs"] = n_train
+    return summary
+
+
+def run_key(what: str, config: object, data: list, seed: int) -> str:
+    return json.dumps(
+        {what: config.__dict__, "data": [str(p) for p in data], "seed": seed}, sort_keys=True
+    )
 
 
 def align_dpo(
@@ -256,63 +315,24 @@ def align_dpo(
         too_long = sum(max(len(ids) for ids, _ in e) > cfg.seq_len + 1 for e in encoded)
         if too_long:
             log(f"dpo: {too_long} of {len(pairs)} pairs are longer than seq_len={cfg.seq_len}: cut")
-        order = np.random.default_rng(seed).permutation(len(encoded))
-        n_held = int(round(dpo.heldout * len(encoded))) if len(encoded) > 1 else 0
-        held = [encoded[i] for i in order[:n_held]]
-        train_pairs = [encoded[i] for i in order[n_held:]]
-        if not train_pairs:
-            raise UsageError("dpo: no pairs left to train on (lower heldout or add data)")
+        train_pairs, held = split_pairs(encoded, dpo.heldout, seed, "dpo")
         pad = pad_id(tok)
-        if dpo.reference_free:
-            ref_train = torch.zeros(2 * len(train_pairs))
-            ref_held = torch.zeros(2 * len(held))
-        else:
-            log(f"dpo: reference log-probs of {len(encoded)} pairs (computed once)")
-            rows = [r for e in train_pairs for r in e]
-            ref_train = reference_logps(model, rows, pad, cfg.seq_len)
-            rows = [r for e in held for r in e]
-            ref_held = reference_logps(model, rows, pad, cfg.seq_len) if held else None
-        n = len(train_pairs)
-        if one_pass:
-            cfg.max_steps = max(1, n // cfg.batch_size)
+        refs = {}
+        for name, part in (("train", train_pairs), ("held", held)):
+            if dpo.reference_free or not part:
+                refs[name] = torch.zeros(2 * len(part))
+            else:
+                log(f"dpo: reference log-probs of {len(part)} {name} pairs (computed once)")
+                refs[name] = reference_logps(model, [r for e in part for r in e], pad, cfg.seq_len)
 
-        def get_batch(_index: int, start: int, count: int) -> Batch:
-            rows, refs = [], []
-            for r in range(start, start + count):
-                epoch, k = divmod(r, n)
-                i = int(_order(seed, epoch, n)[k])
-                rows += train_pairs[i]
-                refs.append(ref_train[2 * i : 2 * i + 2])
-            return make_batch(rows, torch.cat(refs), pad, cfg.seq_len)
+        def batch_of(indices: list[int], is_held: bool) -> Batch:
+            part, ref = (held, refs["held"]) if is_held else (train_pairs, refs["train"])
+            rows = [r for i in indices for r in part[i]]
+            picked = torch.cat([ref[2 * i : 2 * i + 2] for i in indices])
+            return make_batch(rows, picked, pad, cfg.seq_len)
 
-        vals = []
-        bs = cfg.batch_size
-        for i in range(0, min(len(held), bs * cfg.eval_batches), bs):
-            chunk = held[i : i + bs]
-            vals.append(
-                make_batch(
-                    [r for e in chunk for r in e],
-                    ref_held[2 * i : 2 * (i + len(chunk))],
-                    pad,
-                    cfg.seq_len,
-                )
-            )
-        key = json.dumps(
-            {"dpo": dpo.__dict__, "data": [str(p) for p in data], "seed": seed}, sort_keys=True
-        )
-        log(f"dpo: {n} training pairs, {len(held)} held out, up to {cfg.step_limit} steps")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        mark_output(out_dir, "align-dpo")  # a later run resumes it; nothing else may
-        summary = train(
-            model,
-            get_batch,
-            vals,
-            cfg,
-            out_dir,
-            ckpt,
-            key,
-            name="dpo",
-            objective=dpo_objective(dpo),
-        )
-    summary["pairs"] = n
-    return summary
+        key = run_key("dpo", dpo, data, seed)
+        return train_pairs_loop(
+            "dpo", model, len(train_pairs), len(held), batch_of, dpo_objective(dpo),
+            cfg, out_dir, ckpt, key, seed, one_pass,
+        )  # fmt: skip

@@ -1,4 +1,4 @@
-"""`lmlab align`: alignment tuning from preferences (today: the DPO family)."""
+"""`lmlab align`: alignment tuning from preferences: the DPO family and reward models."""
 
 from __future__ import annotations
 
@@ -13,56 +13,34 @@ from lmlab.console import log
 align_app = typer.Typer(help="Align a model with preference data.", no_args_is_help=True)
 app.add_typer(align_app, name="align")
 
+ModelArg = Annotated[
+    str, typer.Argument(help="A run or checkpoint directory, an HF directory, a GGUF file.")
+]
+DataOpt = Annotated[
+    list[Path], typer.Option(help="Preference JSONL: prompt, chosen, rejected (repeatable).")
+]
+OutOpt = Annotated[Path, typer.Option(help="Output directory (resumed if it is this command's).")]
+HeldoutOpt = Annotated[float, typer.Option(help="Share of pairs kept for validation.")]
+StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (default: one pass).")]
+BatchOpt = Annotated[int, typer.Option(help="Pairs per step.")]
+SeqOpt = Annotated[int, typer.Option(help="Longest prompt + completion in tokens.")]
+SeedOpt = Annotated[int, typer.Option(help="Data order and held-out split.")]
 
-@align_app.command("dpo")
-def dpo_cmd(
-    model: Annotated[
-        str, typer.Argument(help="A run or checkpoint directory, an HF directory, a GGUF file.")
-    ],
-    data: Annotated[
-        list[Path],
-        typer.Option(help="Preference JSONL: prompt, chosen, rejected (repeatable)."),
-    ],
-    out: Annotated[Path, typer.Option(help="Output directory (resumed if it is this command's).")],
-    beta: Annotated[float, typer.Option(help="Strength of the pull toward the reference.")] = 0.1,
-    loss_type: Annotated[
-        str, typer.Option(help="sigmoid (DPO), robust, hinge, ipo; simpo, orpo (no reference).")
-    ] = "sigmoid",
-    simpo_gamma: Annotated[float, typer.Option(help="SimPO's target reward margin.")] = 0.5,
-    label_smoothing: Annotated[
-        float, typer.Option(help="> 0: conservative DPO (sigmoid) or robust DPO.")
-    ] = 0.0,
-    heldout: Annotated[float, typer.Option(help="Share of pairs kept for validation.")] = 0.1,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one pass).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
-    seq_len: Annotated[int, typer.Option(help="Longest prompt + completion in tokens.")] = 512,
-    seed: Annotated[int, typer.Option(help="Data order and held-out split.")] = 0,
-) -> None:
-    """Preference optimisation: DPO, cDPO, robust DPO, SLiC hinge, IPO (the reference's
-    log-probs computed once), SimPO and ORPO (no reference); writes an ordinary checkpoint
-    to OUT/model."""
+
+def _configs(what: str, method: type, method_args: dict, train_args: dict):
+    """The method's config and the TrainConfig, validated before any work (exit 2 naming
+    the flag)."""
     from pydantic import TypeAdapter, ValidationError
 
-    from lmlab.adapt.dpo import DPOConfig, align_dpo
     from lmlab.errors import UsageError
     from lmlab.train.loop import TrainConfig
 
+    steps = train_args.pop("steps")
     try:
-        dpo = TypeAdapter(DPOConfig).validate_python(
-            dict(
-                beta=beta,
-                loss_type=loss_type,
-                label_smoothing=label_smoothing,
-                simpo_gamma=simpo_gamma,
-                heldout=heldout,
-            )
-        )
+        m = TypeAdapter(method).validate_python(method_args)
         cfg = TypeAdapter(TrainConfig).validate_python(
             dict(
-                batch_size=batch_size,
-                seq_len=seq_len,
-                lr=lr,
+                **train_args,
                 max_steps=steps or 1,  # without --steps: one pass, set once the pairs are read
                 warmup_steps=0,
                 weight_decay=0.0,
@@ -72,8 +50,77 @@ def dpo_cmd(
         )
     except ValidationError as e:
         first = e.errors()[0]
-        raise UsageError(
-            f"align dpo: --{first['loc'][0]}: {first['msg']}".replace("_", "-")
-        ) from None
-    summary = align_dpo(model, list(data), out, dpo, cfg, seed=seed, one_pass=steps is None)
+        flag = str(first["loc"][0]).replace("_", "-")
+        raise UsageError(f"align {what}: --{flag}: {first['msg']}") from None
+    return m, cfg, steps is None
+
+
+@align_app.command("dpo")
+def dpo_cmd(
+    model: ModelArg,
+    data: DataOpt,
+    out: OutOpt,
+    beta: Annotated[float, typer.Option(help="Strength of the pull toward the reference.")] = 0.1,
+    loss_type: Annotated[
+        str, typer.Option(help="sigmoid (DPO), robust, hinge, ipo; simpo, orpo (no reference).")
+    ] = "sigmoid",
+    simpo_gamma: Annotated[float, typer.Option(help="SimPO's target reward margin.")] = 0.5,
+    label_smoothing: Annotated[
+        float, typer.Option(help="> 0: conservative DPO (sigmoid) or robust DPO.")
+    ] = 0.0,
+    heldout: HeldoutOpt = 0.1,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
+    seq_len: SeqOpt = 512,
+    seed: SeedOpt = 0,
+) -> None:
+    """Preference optimisation: DPO, cDPO, robust DPO, SLiC hinge, IPO (the reference's
+    log-probs computed once), SimPO and ORPO (no reference); writes an ordinary checkpoint
+    to OUT/model."""
+    from lmlab.adapt.dpo import DPOConfig, align_dpo
+
+    dpo, cfg, one_pass = _configs(
+        "dpo",
+        DPOConfig,
+        dict(
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma,
+            heldout=heldout,
+        ),
+        dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
+    )
+    summary = align_dpo(model, list(data), out, dpo, cfg, seed=seed, one_pass=one_pass)
     log(f"dpo: wrote {out / 'model'} ({summary.get('steps', '?')} steps, {summary['pairs']} pairs)")
+
+
+@align_app.command("rm")
+def rm_cmd(
+    model: ModelArg,
+    data: DataOpt,
+    out: OutOpt,
+    center_coefficient: Annotated[
+        float | None, typer.Option(help="Weight of mean((r_c + r_r)^2): keeps scores near 0.")
+    ] = None,
+    heldout: HeldoutOpt = 0.1,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-5,
+    seq_len: SeqOpt = 512,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a reward model (a scalar head on the decoder, Bradley-Terry loss) on
+    preference pairs; OUT/model loads anywhere and exports to HF as sequence
+    classification."""
+    from lmlab.adapt.reward import RewardConfig, align_rm
+
+    rm, cfg, one_pass = _configs(
+        "rm",
+        RewardConfig,
+        dict(center_coefficient=center_coefficient, heldout=heldout),
+        dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
+    )
+    summary = align_rm(model, list(data), out, rm, cfg, seed=seed, one_pass=one_pass)
+    log(f"rm: wrote {out / 'model'} ({summary.get('steps', '?')} steps, {summary['pairs']} pairs)")

@@ -75,6 +75,9 @@ class ModelConfig:
     attn_scale: PosFloat | None = None  # None = 1/sqrt(head_dim); T5 folds it into init (1.0)
     # embeddings and initialisation
     tie_embeddings: bool = True
+    # a scalar head on the final hidden state (`score`, as HF's ...ForSequenceClassification):
+    # a reward model scores a sequence at its last real token
+    reward_head: bool = False
     pad_vocab_multiple: PosInt = 64  # matmuls on a padded vocabulary are faster (nanoGPT)
     init_std: PosFloat = 0.02
     scaled_residual_init: bool = True  # GPT-2: residual outputs get std/sqrt(2·layers)

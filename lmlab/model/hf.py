@@ -1073,6 +1073,14 @@ def export_to_hf(
     dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")
     special = _special_token_ids(ckpt)
     hf_cfg = config_to_hf(fam, cfg, dtype, special)
+    if cfg.reward_head:  # a reward model: transformers' sequence classification, one label
+        if fam not in LLAMA_LIKE:
+            raise UsageError(f"a reward model exports as llama, mistral or qwen2, not {fam}")
+        hf_state.pop("lm_head.weight", None)
+        hf_state["score.weight"] = state["score.weight"].contiguous().clone()
+        causal = ARCHITECTURES[fam]
+        hf_cfg["architectures"] = [causal.replace("ForCausalLM", "ForSequenceClassification")]
+        hf_cfg["num_labels"] = 1
     with atomic_dir(out_dir, kind="export-hf") as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_cfg)

@@ -520,9 +520,10 @@ class Transformer(nn.Module):
     Optional inputs: `attention_mask` ([B, S] padding mask over past + current tokens, or a
     bool [B, 1, T, S] mask such as `document_mask`), `position_ids` [B, T], `prefix_len`
     [B] (prefix decoders: tokens before it see each other both ways), a `KVCache`,
-    `logits_to_keep` (as transformers: only the last n positions' logits; 0 = all), and
+    `logits_to_keep` (as transformers: only the last n positions' logits; 0 = all),
     `hidden=True` for the final hidden states [B, T, d_model] in place of the logits
-    (what embeddings pool)."""
+    (what embeddings pool), and `score_at` [B] for a reward head's score of each row at
+    that position (`reward_head` models)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -546,6 +547,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if cfg.reward_head:
+            self.score = nn.Linear(d, 1, bias=False)
         self._tables = PositionTables(cfg)
         init_weights(self, cfg, cfg.n_layers, beta)
 
@@ -569,6 +572,7 @@ class Transformer(nn.Module):
         prefix_len: torch.Tensor | int | None = None,
         logits_to_keep: int = 0,
         hidden: bool = False,
+        score_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t = input_ids.shape
@@ -627,6 +631,8 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if hidden:
             return x
+        if score_at is not None:  # a reward model: one scalar per row, at these positions
+            return self.score(x[torch.arange(b, device=x.device), score_at]).squeeze(-1)
         return self.lm_head(x)[..., : cfg.vocab_size]
 
 
