@@ -192,3 +192,44 @@ def test_reward_model_learns_and_scores_the_same_in_transformers(
     with torch.no_grad():
         theirs = ref(input_ids=ids, attention_mask=(ids != pad_id(tok)).long()).logits[:, 0]
     assert torch.allclose(theirs, scores, atol=1e-4)
+
+
+# --- KTO on unpaired feedback ---------------------------------------------------------------
+
+
+def test_kto_learns_from_thumbs_up_and_down(ckpt, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "feedback.jsonl"
+    with open(data, "w") as f:
+        for i in range(32):
+            good = i % 2 == 0
+            rec = {"prompt": f"Tell me something, number {i}.", "completion": GOOD if good else BAD,
+                   "label": good}  # fmt: skip
+            f.write(json.dumps(rec) + "\n")
+    out = tmp_path / "kto"
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "kto", str(ckpt), "--data", str(data), "--out", str(out),
+        "--steps", "12", "--batch-size", "4", "--lr", "3e-3", "--beta", "0.5", "--seq-len", "128",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "reward_desirable" in x and "val_loss" not in x]
+    assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # 1 - sigmoid(0) at the start
+    first, last = steps[0], steps[-1]
+    assert last["reward_desirable"] - last["reward_undesirable"] > (
+        first["reward_desirable"] - first["reward_undesirable"]
+    )
+    assert last["loss"] < first["loss"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b", "label": "yes"}\n')
+    code, _, err = lmlab_here(
+        monkeypatch,
+        capsys,
+        "align",
+        "kto",
+        str(ckpt),
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and "bad.jsonl:1: field 'label' must be true or false" in err

@@ -124,3 +124,136 @@ def rm_cmd(
     )
     summary = align_rm(model, list(data), out, rm, cfg, seed=seed, one_pass=one_pass)
     log(f"rm: wrote {out / 'model'} ({summary.get('steps', '?')} steps, {summary['pairs']} pairs)")
+
+
+@align_app.command("grpo")
+def grpo_cmd(
+    model: ModelArg,
+    out: OutOpt,
+    task: Annotated[
+        str, typer.Option(help="A generated reasoning task with exact answers (lmlab eval).")
+    ] = "addition",
+    difficulty: Annotated[int, typer.Option(help="The task's difficulty.")] = 1,
+    prompts: Annotated[int, typer.Option(help="Training items.")] = 256,
+    heldout: Annotated[int, typer.Option(help="Held-out items, scored before and after.")] = 32,
+    group_size: Annotated[int, typer.Option(help="Answers sampled per prompt (G).")] = 4,
+    max_completion: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 32,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Weight of the k3 KL to the start (0 = off).")] = 0.0,
+    epsilon: Annotated[float, typer.Option(help="Clip range below 1.")] = 0.2,
+    epsilon_high: Annotated[
+        float | None, typer.Option(help="Clip range above 1 (default: --epsilon).")
+    ] = None,
+    loss_type: Annotated[str, typer.Option(help="grpo, bnpo, dapo or dr_grpo.")] = "dapo",
+    scale_rewards: Annotated[str, typer.Option(help="group, batch or none.")] = "group",
+    format_weight: Annotated[
+        float, typer.Option(help='Reward for stating "the answer is" (0 = off).')
+    ] = 0.0,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Prompts per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-6,
+    seq_len: SeqOpt = 512,
+    seed: SeedOpt = 0,
+) -> None:
+    """GRPO with verifiable rewards: G answers per prompt from the current policy, scored
+    by the task's exact answers, group-normalised advantages, the clipped surrogate."""
+    from lmlab.adapt.grpo import GRPOConfig, align_grpo
+
+    grpo, cfg, _ = _configs(
+        "grpo",
+        GRPOConfig,
+        dict(
+            task=task,
+            difficulty=difficulty,
+            prompts=prompts,
+            heldout=heldout,
+            group_size=group_size,
+            max_completion=max_completion,
+            temperature=temperature,
+            beta=beta,
+            epsilon_low=epsilon,
+            epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+            loss_type=loss_type,
+            scale_rewards=scale_rewards,
+            format_weight=format_weight,
+        ),
+        dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
+    )
+    s = align_grpo(model, out, grpo, cfg, seed=seed)
+    log(
+        f"grpo: wrote {out / 'model'}; held-out accuracy {s['heldout_before']:.3f} -> "
+        f"{s['heldout_after']:.3f} ({s['heldout_items']} items)"
+    )
+
+
+@align_app.command("kto")
+def kto_cmd(
+    model: ModelArg,
+    data: Annotated[
+        list[Path], typer.Option(help="Feedback JSONL: prompt, completion, label (repeatable).")
+    ],
+    out: OutOpt,
+    beta: Annotated[float, typer.Option(help="Strength of the pull toward the reference.")] = 0.1,
+    desirable_weight: Annotated[float, typer.Option(help="Weight of desirable examples.")] = 1.0,
+    undesirable_weight: Annotated[
+        float, typer.Option(help="Weight of undesirable examples.")
+    ] = 1.0,
+    heldout: HeldoutOpt = 0.1,
+    steps: StepsOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
+    seq_len: SeqOpt = 512,
+    seed: SeedOpt = 0,
+) -> None:
+    """KTO on unpaired feedback (each completion marked desirable or not), the reference's
+    log-probs computed once; writes an ordinary checkpoint to OUT/model."""
+    from lmlab.adapt.kto import KTOConfig, align_kto
+
+    kto, cfg, one_pass = _configs(
+        "kto",
+        KTOConfig,
+        dict(
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            heldout=heldout,
+        ),
+        dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
+    )
+    summary = align_kto(model, list(data), out, kto, cfg, seed=seed, one_pass=one_pass)
+    steps_done = summary.get("steps", "?")
+    log(f"kto: wrote {out / 'model'} ({steps_done} steps, {summary['pairs']} examples)")
+
+
+@align_app.command("pairs")
+def pairs_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="The preference JSONL file to write.")],
+    task: Annotated[
+        str, typer.Option(help="A generated reasoning task with exact answers (lmlab eval).")
+    ] = "addition",
+    prompts: Annotated[int, typer.Option(help="Items to answer.")] = 64,
+    k: Annotated[int, typer.Option(help="Answers sampled per item.")] = 4,
+    difficulty: Annotated[int, typer.Option(help="The task's difficulty.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 64,
+    reward_model: Annotated[
+        str | None, typer.Option(help="Rank by this reward model instead of the verifier.")
+    ] = None,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if this command wrote it.")
+    ] = False,
+) -> None:
+    """Build preference pairs: k sampled answers per item, ranked by the task's verifier
+    (or a reward model); the best and the worst become chosen and rejected."""
+    from lmlab.adapt.pairs import build_pairs
+
+    r = build_pairs(
+        model, out, task, prompts, k, difficulty, temperature, max_new_tokens,
+        reward_model, seed, overwrite,
+    )  # fmt: skip
+    log(
+        f"pairs: wrote {r['pairs']} pairs to {out} ({r['ties']} of {r['items']} items had no "
+        f"preference; scored by {r['scorer']})"
+    )

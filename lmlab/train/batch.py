@@ -28,8 +28,9 @@ class Batch:
       (prefix-decoder models) and carry no loss.
     - `decoder_inputs` [B, S]: encoder-decoder; `inputs` go to the encoder, `targets` align
       with `decoder_inputs`.
-    - `ref_logps` [B]: a frozen reference model's summed log-probs of each row's targets,
-      computed once before training (preference objectives such as DPO).
+    - `ref_logps` [B] or [B, T]: a frozen reference model's log-probs of each row's
+      targets, summed (DPO, computed once before training) or per token (GRPO's KL).
+    - `extras`: other per-row tensors an objective needs, by name (GRPO's advantages).
     """
 
     inputs: torch.Tensor
@@ -38,27 +39,25 @@ class Batch:
     prefix_len: torch.Tensor | None = None
     decoder_inputs: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] | None = None
+
+    def _map(self, fn) -> Batch:
+        """The batch with `fn` applied to every tensor (those in `extras` too)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, dict):
+                out[f.name] = {k: fn(t) for k, t in v.items()}
+            elif v is not None:
+                out[f.name] = fn(v)
+        return replace(self, **out)
 
     def rows(self, sl: slice) -> Batch:
         """The same batch restricted to rows `sl` (a data-parallel rank's share)."""
-        return replace(
-            self,
-            **{
-                f.name: getattr(self, f.name)[sl]
-                for f in fields(self)
-                if getattr(self, f.name) is not None
-            },
-        )
+        return self._map(lambda t: t[sl])
 
     def to(self, device: torch.device | str) -> Batch:
-        return replace(
-            self,
-            **{
-                f.name: getattr(self, f.name).to(device, non_blocking=True)
-                for f in fields(self)
-                if getattr(self, f.name) is not None
-            },
-        )
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     @property
     def n_targets(self) -> int:

@@ -1,0 +1,112 @@
+"""Building preference pairs where none exist: sample k answers per prompt from a model,
+score them, and keep the best and the worst as (chosen, rejected) when their scores
+differ. The scorer is a verifier (the exact answers of lmlab's generated reasoning
+tasks) or a reward model (`lmlab align rm`'s output). The pairs are written in TRL's
+conventions with their scores, ready for `lmlab align dpo`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmlab.adapt.grpo import INSTRUCTION, prompt_ids, rewards_for
+from lmlab.adapt.reward import score_texts
+from lmlab.console import log
+from lmlab.errors import UsageError
+from lmlab.eval.synthetic import check_task, make_items
+from lmlab.infer.generate import generate_batch
+from lmlab.infer.options import GenerationConfig
+from lmlab.model.loading import load_model, resolve_checkpoint
+from lmlab.tokenizer import load_tokenizer, pad_id
+from lmlab.tokenizer.chat import encode_exchange, stop_ids_of
+from lmlab.utils import claim_output_file, write_text
+
+
+def _is_pairs_file(path: Path) -> bool:
+    """A JSONL file whose first record is a pair this command wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"prompt", "chosen", "rejected", "scorer"} <= set(first)
+
+
+def build_pairs(
+    model_ref: str | Path,
+    out: str | Path,
+    task: str,
+    n_prompts: int,
+    k: int = 4,
+    difficulty: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    reward_model: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Sample `k` answers to each of `n_prompts` items of `task`, score them with the
+    task's verifier (or `reward_model`), and write one pair per item whose best and worst
+    scores differ. Returns counts."""
+    check_task(task, difficulty)
+    if k < 2 or n_prompts < 1 or temperature <= 0:
+        raise UsageError("pairs: need --k >= 2, --prompts >= 1 and --temperature > 0")
+    out = claim_output_file(out, "preference pairs", _is_pairs_file, overwrite)
+    items = make_items(task, n_prompts, difficulty, seed, split="train")
+    ckpt = resolve_checkpoint(model_ref)
+    model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
+    judge = None
+    if reward_model is not None:
+        rm_path = resolve_checkpoint(reward_model)
+        judge = (load_model(rm_path).eval(), load_tokenizer(rm_path))
+        if not judge[0].cfg.reward_head:
+            raise UsageError(f"--reward-model {reward_model}: not a reward model (no reward_head)")
+    gen = GenerationConfig(
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        n=k,
+        seed=seed,
+        stop_ids=stop_ids_of(tok, chat=True),
+    )
+    log(f"pairs: {k} answers to each of {len(items)} {task} items")
+    comps = generate_batch(model, [prompt_ids(tok, it) for it in items], gen, tokenizer=tok)
+    texts = [c.text or "" for c in comps]
+    if judge is None:
+        scores = rewards_for(task, texts, [items[c.prompt_index].answer for c in comps], 0.0)
+        scorer = f"verifier:{task}"
+    else:
+        rm, rm_tok = judge
+        rows = []
+        for c, text in zip(comps, texts, strict=True):
+            turns = [{"role": "user", "content": f"{items[c.prompt_index].question} {INSTRUCTION}"}]
+            prompt, reply = encode_exchange(rm_tok, turns, text)
+            rows.append(prompt + reply)
+        scores = score_texts(rm, rows, pad_id(rm_tok), max(map(len, rows))).float()
+        scorer = f"reward_model:{reward_model}"
+    lines, ties = [], 0
+    for i, item in enumerate(items):
+        s = scores[i * k : (i + 1) * k]
+        best, worst = int(torch.argmax(s)), int(torch.argmin(s))
+        if s[best] == s[worst]:
+            ties += 1  # every answer scored alike: no preference to learn
+            continue
+        rec = {
+            "prompt": [{"role": "user", "content": f"{item.question} {INSTRUCTION}"}],
+            "chosen": texts[i * k + best],
+            "rejected": texts[i * k + worst],
+            "score_chosen": float(s[best]),
+            "score_rejected": float(s[worst]),
+            "scorer": scorer,
+            "id": item.id,
+        }
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    if not lines:
+        raise UsageError(
+            f"pairs: all {len(items)} items had {k} equally scored answers; raise --k or "
+            "--temperature, or lower --difficulty"
+        )
+    write_text(out, "\n".join(lines) + "\n")
+    return {"pairs": len(lines), "items": len(items), "ties": ties, "scorer": scorer}
