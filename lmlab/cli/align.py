@@ -257,3 +257,63 @@ def pairs_cmd(
         f"pairs: wrote {r['pairs']} pairs to {out} ({r['ties']} of {r['items']} items had no "
         f"preference; scored by {r['scorer']})"
     )
+
+
+@align_app.command("ppo")
+def ppo_cmd(
+    model: ModelArg,
+    out: OutOpt,
+    reward_model: Annotated[
+        str | None, typer.Option(help="The reward model (default: the task's verifier).")
+    ] = None,
+    task: Annotated[
+        str, typer.Option(help="A generated reasoning task (its questions; its verifier).")
+    ] = "addition",
+    difficulty: Annotated[int, typer.Option(help="The task's difficulty.")] = 1,
+    prompts: Annotated[int, typer.Option(help="Training items.")] = 256,
+    heldout: Annotated[int, typer.Option(help="Held-out items, scored before and after.")] = 32,
+    max_completion: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 32,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to the start.")] = 0.05,
+    gamma: Annotated[float, typer.Option(help="Discount.")] = 1.0,
+    lam: Annotated[float, typer.Option(help="GAE's lambda.")] = 0.95,
+    cliprange: Annotated[float, typer.Option(help="Policy ratio clip.")] = 0.2,
+    cliprange_value: Annotated[float, typer.Option(help="Value clip.")] = 0.2,
+    vf_coef: Annotated[float, typer.Option(help="Weight of the value loss.")] = 0.1,
+    ppo_epochs: Annotated[int, typer.Option(help="Steps that reuse one rollout.")] = 1,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Prompts per rollout.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-6,
+    seq_len: SeqOpt = 512,
+    seed: SeedOpt = 0,
+) -> None:
+    """PPO-RLHF (InstructGPT): sampled answers scored by a reward model (or a verifier), a
+    per-token KL penalty, GAE with a value head on the policy, the clipped objective."""
+    from lmlab.adapt.ppo import PPOConfig, align_ppo
+
+    ppo, cfg, _ = _configs(
+        "ppo",
+        PPOConfig,
+        dict(
+            task=task,
+            difficulty=difficulty,
+            prompts=prompts,
+            heldout=heldout,
+            max_completion=max_completion,
+            temperature=temperature,
+            reward_model=reward_model,
+            kl_coef=kl_coef,
+            gamma=gamma,
+            lam=lam,
+            cliprange=cliprange,
+            cliprange_value=cliprange_value,
+            vf_coef=vf_coef,
+            ppo_epochs=ppo_epochs,
+        ),
+        dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
+    )
+    s = align_ppo(model, out, ppo, cfg, seed=seed)
+    log(
+        f"ppo: wrote {out / 'model'}; held-out accuracy {s['heldout_before']:.3f} -> "
+        f"{s['heldout_after']:.3f} ({s['heldout_items']} items)"
+    )

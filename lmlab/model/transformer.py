@@ -522,8 +522,9 @@ class Transformer(nn.Module):
     [B] (prefix decoders: tokens before it see each other both ways), a `KVCache`,
     `logits_to_keep` (as transformers: only the last n positions' logits; 0 = all),
     `hidden=True` for the final hidden states [B, T, d_model] in place of the logits
-    (what embeddings pool), and `score_at` [B] for a reward head's score of each row at
-    that position (`reward_head` models)."""
+    (what embeddings pool), `score_at` [B] for a reward head's score of each row at
+    that position (`reward_head` models), and `with_scores=True` for (logits, the head's
+    score at every position): a policy and its value head in one forward (PPO)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -573,7 +574,8 @@ class Transformer(nn.Module):
         logits_to_keep: int = 0,
         hidden: bool = False,
         score_at: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        with_scores: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         b, t = input_ids.shape
         start = cache.pos if cache is not None else 0
@@ -633,7 +635,10 @@ class Transformer(nn.Module):
             return x
         if score_at is not None:  # a reward model: one scalar per row, at these positions
             return self.score(x[torch.arange(b, device=x.device), score_at]).squeeze(-1)
-        return self.lm_head(x)[..., : cfg.vocab_size]
+        logits = self.lm_head(x)[..., : cfg.vocab_size]
+        if with_scores:  # a policy with a value head (PPO): logits and a value per position
+            return logits, self.score(x).squeeze(-1)
+        return logits
 
 
 class PositionTables:
