@@ -77,11 +77,73 @@ stage_command(
 for _stage, _what in [
     ("tokenizer", "Train the tokenizer (tokenizer.kind) and write the token shards."),
     ("pretrain", "Pre-train the model (resumes from its last checkpoint)."),
-    ("sft", "Instruction-tune the pre-trained model on corpus question/answer pairs."),
 ]:
     stage_command(
         _stage, _stage, f"{_what} Runs (or reuses) the stages before it, as `lmlab run` does."
     )
+
+
+@app.command("sft")
+def sft_cmd(
+    recipe: RecipeArg = "tiny",
+    config: ConfigOpt = None,
+    name: NameOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    quiet: Quiet = False,
+    model: Annotated[
+        str | None, typer.Option(help="Tune this model on --data instead of a recipe's run.")
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Instruction JSONL, FILE or FILE:WEIGHT (repeatable; with --model)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (with --model).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Steps (default: one pass).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
+    seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 512,
+    packing: Annotated[
+        bool, typer.Option(help="Pack several examples per row (attention kept apart).")
+    ] = True,
+    heldout: Annotated[float, typer.Option(help="Share of each set for validation.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Mixture order and held-out split.")] = 0,
+) -> None:
+    """Instruction-tune: a recipe's pre-trained model on corpus question/answer pairs (runs
+    the stages before it, as `lmlab run` does), or with --model, any model on your own
+    chat, prompt/completion or Alpaca JSONL sets, mixed by weight and packed."""
+    if model is None and data is None and out is None:
+        run_dir = run_pipeline(
+            recipe_arg(recipe, config), name, set_, force, runs_dir, quiet, "sft"
+        )
+        print(run_dir / "sft")
+        return
+    if model is None or not data or out is None:
+        raise UsageError("sft: tuning on your data needs --model, --data and --out together")
+    if recipe != "tiny" or config or name or set_ or force:
+        raise UsageError("sft: --model tunes a model on --data; recipe options do not apply")
+    from pydantic import TypeAdapter, ValidationError
+
+    from lmlab.adapt.instruct import instruct, parse_source
+    from lmlab.train.loop import TrainConfig
+
+    if not 0 <= heldout < 1:
+        raise UsageError(f"sft: --heldout must be in [0, 1), got {heldout}")
+    try:
+        cfg = TypeAdapter(TrainConfig).validate_python(
+            dict(batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=steps or 1,
+                 warmup_steps=0, eval_every=max(1, steps or 50), log_every=1)
+        )  # fmt: skip
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UsageError(
+            f"sft: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}"
+        ) from None
+    set_quiet(quiet)
+    sources = [parse_source(d) for d in data]
+    summary = instruct(model, sources, out, cfg, packing, heldout, seed, one_pass=steps is None)
+    print(f"{out / 'model'}  ({summary.get('steps', '?')} steps, {summary['examples']} examples)")
 
 
 @app.command()
