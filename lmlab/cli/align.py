@@ -317,3 +317,35 @@ def ppo_cmd(
         f"ppo: wrote {out / 'model'}; held-out accuracy {s['heldout_before']:.3f} -> "
         f"{s['heldout_after']:.3f} ({s['heldout_items']} items)"
     )
+
+
+@app.command("self-instruct")
+def self_instruct_cmd(
+    model: ModelArg,
+    seeds: Annotated[
+        Path, typer.Option(help="Seed instructions: JSONL with 'instruction', or lines.")
+    ],
+    out: Annotated[Path, typer.Option(help="The Alpaca JSONL file to write.")],
+    n: Annotated[int, typer.Option(help="New instructions to keep.")] = 100,
+    demos: Annotated[int, typer.Option(help="Examples shown per request.")] = 3,
+    batch: Annotated[int, typer.Option(help="Requests generated together.")] = 8,
+    threshold: Annotated[
+        float, typer.Option(help="Reject a task this ROUGE-L-similar to one in the pool.")
+    ] = 0.7,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest task in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if this command wrote it.")
+    ] = False,
+) -> None:
+    """Self-instruct: the model writes new tasks from seed tasks, keeps those unlike the
+    pool (ROUGE-L), and answers them; the Alpaca JSONL feeds `lmlab sft --data`."""
+    from lmlab.adapt.self_instruct import self_instruct
+
+    r = self_instruct(
+        model, seeds, out, n, demos, batch, threshold, max_new_tokens, temperature, seed,
+        overwrite,
+    )  # fmt: skip
+    if r["kept"]:
+        print(out)
