@@ -12,6 +12,7 @@ import torch
 
 from lmlab.adapt.dpo import encode_pair, read_pairs, reference_logps, sequence_logps
 from lmlab.adapt.sft import collate
+from lmlab.errors import UsageError
 from lmlab.model.loading import load_model
 from lmlab.tokenizer import load_tokenizer, pad_id
 from tests.conftest import lmlab_here
@@ -233,3 +234,35 @@ def test_kto_learns_from_thumbs_up_and_down(ckpt, tmp_path, monkeypatch, capsys)
         str(tmp_path / "o"),
     )
     assert code == 2 and "bad.jsonl:1: field 'label' must be true or false" in err
+
+
+def test_pairs_feedback_and_instructions_from_parquet_and_csv(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmlab.adapt.instruct import read_examples
+    from lmlab.adapt.kto import read_feedback
+
+    rows = [{"prompt": f"Question {i}?", "chosen": GOOD, "rejected": BAD} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "p.csv").write_text(
+        "prompt,chosen,rejected\n" + "".join(f'"{r["prompt"]}","{GOOD}","{BAD}"\n' for r in rows)
+    )
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = read_pairs(jsonl)
+    assert read_pairs(tmp_path / "p.parquet") == want == read_pairs(tmp_path / "p.csv")
+    fb = [
+        {"prompt": "Q?", "completion": GOOD, "label": True},
+        {"prompt": "R?", "completion": BAD, "label": False},
+    ]
+    pq.write_table(pa.Table.from_pylist(fb), tmp_path / "f.parquet")
+    assert [f.desirable for f in read_feedback(tmp_path / "f.parquet")] == [True, False]
+    alpaca = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}]
+    pq.write_table(pa.Table.from_pylist(alpaca), tmp_path / "a.parquet")
+    assert read_examples(tmp_path / "a.parquet")[0][-1] == {"role": "assistant", "content": "5"}
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "Q?", "chosen": "x"}]), tmp_path / "bad.parquet"
+    )
+    with pytest.raises(UsageError, match=r"bad.parquet#0: field 'rejected' is missing"):
+        read_pairs(tmp_path / "bad.parquet")

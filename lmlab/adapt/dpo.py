@@ -28,6 +28,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmlab.adapt.preference import dpo_loss, orpo_odds_ratio, simpo_loss
+from lmlab.adapt.records import iter_records
 from lmlab.adapt.sft import collate
 from lmlab.config import STRICT, Fraction, NonNegFloat, PosFloat
 from lmlab.console import log
@@ -103,35 +104,23 @@ def _reply(value: Any, where: str, field: str) -> str:
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
-    """Paired preferences from a JSONL file in TRL's conventions: `prompt`, `chosen`,
-    `rejected`, each a string or a list of chat messages (the prompt a conversation, each
-    completion one assistant message). A string prompt is one user turn. Any bad line is
-    a `UsageError` naming the file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such preference file")
+    """Paired preferences in TRL's conventions: `prompt`, `chosen`, `rejected`, each a
+    string or (JSONL) a list of chat messages (the prompt a conversation, each completion
+    one assistant message); a string prompt is one user turn. JSONL, Parquet, CSV or
+    `hf:NAME` (`lmlab.adapt.records`). A bad line is a `UsageError` naming the file, the
+    line and the field."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UsageError(f"{where}: expected a JSON object")
-            for field in ("prompt", "chosen", "rejected"):
-                if field not in rec:
-                    raise UsageError(f"{where}: field {field!r} is missing")
-            pairs.append(
-                Pair(
-                    _messages(rec["prompt"], where, "prompt"),
-                    _reply(rec["chosen"], where, "chosen"),
-                    _reply(rec["rejected"], where, "rejected"),
-                )
+    for where, rec in iter_records(path, "prompt", "preference"):
+        for field in ("prompt", "chosen", "rejected"):
+            if field not in rec:
+                raise UsageError(f"{where}: field {field!r} is missing")
+        pairs.append(
+            Pair(
+                _messages(rec["prompt"], where, "prompt"),
+                _reply(rec["chosen"], where, "chosen"),
+                _reply(rec["rejected"], where, "rejected"),
             )
+        )
     if not pairs:
         raise UsageError(f"{path}: no preference pairs")
     return pairs

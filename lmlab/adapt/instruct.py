@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmlab.adapt.dpo import _messages, _reply
+from lmlab.adapt.records import iter_records
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.model.loading import as_checkpoint, load_model
@@ -82,24 +83,13 @@ def record_messages(rec: dict, where: str) -> list[dict[str, str]]:
 
 
 def read_examples(path: Path) -> list[list[dict[str, str]]]:
-    if not path.is_file():
-        raise UsageError(f"{path}: no such instruction file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UsageError(f"{where}: expected a JSON object")
-            out.append(record_messages(rec, where))
-    if not out:
-        raise UsageError(f"{path}: no examples")
-    return out
+    """The conversations of an instruction set: JSONL (any of the three formats), or
+    Parquet, CSV and `hf:NAME` with string fields (prompt/completion or Alpaca)."""
+    for first in ("prompt", "instruction"):  # JSONL is read whole on the first pass
+        out = [record_messages(rec, w) for w, rec in iter_records(path, first, "instruction")]
+        if out:
+            return out
+    raise UsageError(f"{path}: no examples")
 
 
 def encode_conversation(tok: Tokenizer, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:

@@ -11,7 +11,6 @@ interleave them (2i matched, 2i + 1 mismatched).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from lmlab.adapt.dpo import (
     train_pairs_loop,
 )
 from lmlab.adapt.preference import kto_kl, kto_loss
+from lmlab.adapt.records import iter_records
 from lmlab.config import STRICT, Fraction, PosFloat
 from lmlab.errors import UsageError
 from lmlab.model.loading import as_checkpoint, load_model
@@ -60,35 +60,22 @@ class Feedback:
 
 def read_feedback(path: str | Path) -> list[Feedback]:
     """Unpaired feedback in TRL's conventions: `prompt`, `completion` (strings or chat
-    messages) and a boolean `label`. A bad line is a `UsageError` naming file, line and
-    field."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such feedback file")
+    messages) and a boolean `label`, from JSONL, Parquet, CSV or `hf:NAME`. A bad line is
+    a `UsageError` naming file, line and field."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UsageError(f"{where}: expected a JSON object")
-            for field in ("prompt", "completion", "label"):
-                if field not in rec:
-                    raise UsageError(f"{where}: field {field!r} is missing")
-            if not isinstance(rec["label"], bool):
-                raise UsageError(f"{where}: field 'label' must be true or false")
-            out.append(
-                Feedback(
-                    _messages(rec["prompt"], where, "prompt"),
-                    _reply(rec["completion"], where, "completion"),
-                    rec["label"],
-                )
+    for where, rec in iter_records(path, "prompt", "feedback"):
+        for field in ("prompt", "completion", "label"):
+            if field not in rec:
+                raise UsageError(f"{where}: field {field!r} is missing")
+        if not isinstance(rec["label"], bool):
+            raise UsageError(f"{where}: field 'label' must be true or false")
+        out.append(
+            Feedback(
+                _messages(rec["prompt"], where, "prompt"),
+                _reply(rec["completion"], where, "completion"),
+                rec["label"],
             )
+        )
     if len(out) < 2:
         raise UsageError(f"{path}: KTO needs at least 2 examples (the KL uses mismatched ones)")
     return out
