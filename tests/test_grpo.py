@@ -177,3 +177,33 @@ def test_pairs_ranked_by_a_reward_model_feed_dpo(ckpt, tmp_path, monkeypatch, ca
         "--difficulty", "3",
     )  # fmt: skip
     assert code == 2 and "equally scored" in err
+
+
+def test_pairs_ranked_by_an_llm_judge(ckpt, tmp_path, monkeypatch, capsys):
+    from lmlab.adapt.pairs import _judge_scores
+    from lmlab.eval.judge import compare, model_judge
+
+    out = tmp_path / "judged.jsonl"
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "pairs", str(ckpt), "--out", str(out), "--prompts", "2",
+        "--k", "3", "--max-new-tokens", "6", "--judge", str(ckpt),
+    )  # fmt: skip
+    assert code == 0, err
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert recs and all(r["scorer"].startswith("judge:") for r in recs)
+    assert all(r["score_chosen"] > r["score_rejected"] for r in recs)
+    # the scores: each answer's mean win probability over the others, both orders judged
+    items = make_items("addition", 1, 1, seed=0, split="train")
+    texts = ["4", "five", "The answer is 4."]
+    scores = _judge_scores(str(ckpt), items, texts, 3)
+    judge = model_judge(load_model(ckpt).eval(), load_tokenizer(ckpt))
+    answers = {str(j): t for j, t in enumerate(texts)}
+    p01 = compare(judge, items[0].question, answers, "0", "1").p_a
+    p02 = compare(judge, items[0].question, answers, "0", "2").p_a
+    assert scores[0].item() == pytest.approx((p01 + p02) / 2, abs=1e-6)
+    assert scores.sum().item() == pytest.approx(3 / 2, abs=1e-5)  # each pair shares 1
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "pairs", str(ckpt), "--out", str(tmp_path / "z.jsonl"),
+        "--judge", str(ckpt), "--reward-model", str(ckpt),
+    )  # fmt: skip
+    assert code == 2 and "not both" in err

@@ -1,13 +1,16 @@
 """Building preference pairs where none exist: sample k answers per prompt from a model,
 score them, and keep the best and the worst as (chosen, rejected) when their scores
 differ. The scorer is a verifier (the exact answers of lmlab's generated reasoning
-tasks) or a reward model (`lmlab align rm`'s output). The pairs are written in TRL's
-conventions with their scores, ready for `lmlab align dpo`.
+tasks), a reward model (`lmlab align rm`'s output), or an LLM judge (`lmlab.eval.judge`:
+each answer's mean probability of beating each other one, judged in both orders against
+position bias). The pairs are written in TRL's conventions with their scores, ready for
+`lmlab align dpo`.
 """
 
 from __future__ import annotations
 
 import json
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from lmlab.adapt.grpo import INSTRUCTION, prompt_ids, rewards_for
 from lmlab.adapt.reward import score_texts
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.eval.judge import compare, model_judge
 from lmlab.eval.synthetic import check_task, make_items
 from lmlab.infer.generate import generate_batch
 from lmlab.infer.options import GenerationConfig
@@ -35,6 +39,21 @@ def _is_pairs_file(path: Path) -> bool:
     return isinstance(first, dict) and {"prompt", "chosen", "rejected", "scorer"} <= set(first)
 
 
+def _judge_scores(judge_model, items, texts: list[str], k: int) -> torch.Tensor:
+    """Each answer's mean probability of being the better of a pair, over every other
+    answer to its item, each pair judged in both orders."""
+    path = resolve_checkpoint(judge_model)
+    judge = model_judge(load_model(path).eval(), load_tokenizer(path))
+    scores = torch.zeros(len(texts))
+    for i, item in enumerate(items):
+        answers = {str(j): texts[i * k + j] for j in range(k)}
+        for a, b in combinations(range(k), 2):
+            v = compare(judge, item.question, answers, str(a), str(b))
+            scores[i * k + a] += v.p_a / (k - 1)
+            scores[i * k + b] += (1 - v.p_a) / (k - 1)
+    return scores
+
+
 def build_pairs(
     model_ref: str | Path,
     out: str | Path,
@@ -45,6 +64,7 @@ def build_pairs(
     temperature: float = 1.0,
     max_new_tokens: int = 64,
     reward_model: str | Path | None = None,
+    judge_model: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
@@ -54,6 +74,8 @@ def build_pairs(
     check_task(task, difficulty)
     if k < 2 or n_prompts < 1 or temperature <= 0:
         raise UsageError("pairs: need --k >= 2, --prompts >= 1 and --temperature > 0")
+    if reward_model is not None and judge_model is not None:
+        raise UsageError("pairs: rank by --reward-model or by --judge, not both")
     out = claim_output_file(out, "preference pairs", _is_pairs_file, overwrite)
     items = make_items(task, n_prompts, difficulty, seed, split="train")
     ckpt = resolve_checkpoint(model_ref)
@@ -74,7 +96,10 @@ def build_pairs(
     log(f"pairs: {k} answers to each of {len(items)} {task} items")
     comps = generate_batch(model, [prompt_ids(tok, it) for it in items], gen, tokenizer=tok)
     texts = [c.text or "" for c in comps]
-    if judge is None:
+    if judge_model is not None:
+        scores = _judge_scores(judge_model, items, texts, k)
+        scorer = f"judge:{judge_model}"
+    elif judge is None:
         scores = rewards_for(task, texts, [items[c.prompt_index].answer for c in comps], 0.0)
         scorer = f"verifier:{task}"
     else:

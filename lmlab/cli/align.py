@@ -240,18 +240,22 @@ def pairs_cmd(
     reward_model: Annotated[
         str | None, typer.Option(help="Rank by this reward model instead of the verifier.")
     ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="Rank by this LLM judge (pairwise, both orders).")
+    ] = None,
     seed: SeedOpt = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if this command wrote it.")
     ] = False,
 ) -> None:
     """Build preference pairs: k sampled answers per item, ranked by the task's verifier
-    (or a reward model); the best and the worst become chosen and rejected."""
+    (or a reward model, or an LLM judge); the best and the worst become chosen and
+    rejected."""
     from lmlab.adapt.pairs import build_pairs
 
     r = build_pairs(
         model, out, task, prompts, k, difficulty, temperature, max_new_tokens,
-        reward_model, seed, overwrite,
+        reward_model, judge, seed, overwrite,
     )  # fmt: skip
     log(
         f"pairs: wrote {r['pairs']} pairs to {out} ({r['ties']} of {r['items']} items had no "
