@@ -266,3 +266,19 @@ def test_pairs_feedback_and_instructions_from_parquet_and_csv(tmp_path):
     )
     with pytest.raises(UsageError, match=r"bad.parquet#0: field 'rejected' is missing"):
         read_pairs(tmp_path / "bad.parquet")
+
+
+def test_live_reference_gives_the_cached_losses(ckpt, tmp_path, monkeypatch, capsys):
+    data = write_pairs(tmp_path / "prefs.jsonl", n=16)
+    losses = {}
+    for mode in ("cached", "live"):
+        out = tmp_path / mode
+        code, _, err = lmlab_here(
+            monkeypatch, capsys, "align", "dpo", str(ckpt), "--data", str(data), "--out", str(out),
+            "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--seq-len", "128",
+            "--reference", mode,
+        )  # fmt: skip
+        assert code == 0, err
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [x["loss"] for x in lines if "reward_margin" in x and "val_loss" not in x]
+    assert losses["live"] == pytest.approx(losses["cached"], abs=2e-4)

@@ -16,6 +16,7 @@ rejected one, so that any contiguous even slice (a data-parallel rank's) keeps p
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Callable
@@ -54,6 +55,10 @@ class DPOConfig:
     label_smoothing: Fraction = 0.0  # > 0: conservative DPO (sigmoid) or robust DPO
     simpo_gamma: NonNegFloat = 0.5  # SimPO's target reward margin
     heldout: Fraction = 0.1
+    # cached: the reference's log-probs computed once before training (no second model);
+    # live: a frozen copy of the start scores every batch (what DPO trainers usually do;
+    # kept to measure what the cache saves)
+    reference: Literal["cached", "live"] = "cached"
 
     @property
     def reference_free(self) -> bool:
@@ -168,12 +173,16 @@ def reference_logps(
     return torch.cat(out)
 
 
-def dpo_objective(cfg: DPOConfig):
+def dpo_objective(cfg: DPOConfig, ref_model: torch.nn.Module | None = None):
     """The loss seam's objective: the DPO-family loss summed over a batch's pairs, counted
-    in pairs; the implicit rewards logged (chosen, rejected, margin, accuracy)."""
+    in pairs; the implicit rewards logged (chosen, rejected, margin, accuracy). With
+    `ref_model` the reference log-probs are computed per batch instead of read from it."""
 
     def objective(model: torch.nn.Module, batch: Batch) -> LossOut:
         logps, lengths = sequence_logps(logits_of(model, batch), batch.targets)
+        if ref_model is not None:
+            with torch.no_grad():
+                batch.ref_logps = sequence_logps(logits_of(ref_model, batch), batch.targets)[0]
         if cfg.reference_free:
             avg = logps / lengths.clamp(min=1)  # both use per-token averages
             if cfg.loss_type == "simpo":
@@ -307,8 +316,11 @@ def align_dpo(
         train_pairs, held = split_pairs(encoded, dpo.heldout, seed, "dpo")
         pad = pad_id(tok)
         refs = {}
+        live = None
+        if dpo.reference == "live" and not dpo.reference_free:
+            live = copy.deepcopy(model).eval().requires_grad_(False)
         for name, part in (("train", train_pairs), ("held", held)):
-            if dpo.reference_free or not part:
+            if dpo.reference_free or live is not None or not part:
                 refs[name] = torch.zeros(2 * len(part))
             else:
                 log(f"dpo: reference log-probs of {len(part)} {name} pairs (computed once)")
@@ -322,6 +334,6 @@ def align_dpo(
 
         key = run_key("dpo", dpo, data, seed)
         return train_pairs_loop(
-            "dpo", model, len(train_pairs), len(held), batch_of, dpo_objective(dpo),
+            "dpo", model, len(train_pairs), len(held), batch_of, dpo_objective(dpo, live),
             cfg, out_dir, ckpt, key, seed, one_pass,
         )  # fmt: skip

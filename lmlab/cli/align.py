@@ -68,6 +68,9 @@ def dpo_cmd(
     label_smoothing: Annotated[
         float, typer.Option(help="> 0: conservative DPO (sigmoid) or robust DPO.")
     ] = 0.0,
+    reference: Annotated[
+        str, typer.Option(help="cached: reference log-probs once; live: a frozen copy.")
+    ] = "cached",
     heldout: HeldoutOpt = 0.1,
     steps: StepsOpt = None,
     batch_size: BatchOpt = 8,
@@ -89,6 +92,7 @@ def dpo_cmd(
             label_smoothing=label_smoothing,
             simpo_gamma=simpo_gamma,
             heldout=heldout,
+            reference=reference,
         ),
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
