@@ -157,7 +157,7 @@ def test_interrupted_training_resumes_to_identical_result(tmp_path):
         "smoke",
         "--quiet",
         "--set",
-        "pretrain.max_steps=240",
+        "pretrain.max_steps=140",  # Ctrl-C after step 40, kill -9 after 80
         "--set",
         "pretrain.checkpoint_every=20",
         "--set",
@@ -179,7 +179,7 @@ def test_interrupted_training_resumes_to_identical_result(tmp_path):
     assert "interrupted" in err
     # kill -9: nothing runs on the way out; resume uses the last periodic checkpoint
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(state, 120, proc)
+    _wait_for_step(state, 80, proc)
     proc.kill()
     proc.communicate(timeout=60)
     lmlab_cmd(*args, "--name", "broken", cwd=tmp_path, check=True)
@@ -221,7 +221,7 @@ def test_partial_training_is_not_resumed_after_an_upstream_change(tmp_path):
         "pretrain",
         "smoke",
         "--set",
-        "pretrain.max_steps=300",
+        "pretrain.max_steps=100",  # interrupted after step 40
         "--set",
         "pretrain.checkpoint_every=20",
     ]
