@@ -30,16 +30,15 @@ TRAIN = ["--task", "addition", "--difficulty", "1", "--steps", "30", "--batch-si
 
 
 def per_item(model, tok, items, max_completion: int) -> list[float]:
-    from lmlab.adapt.grpo import prompt_ids, rewards_for
-    from lmlab.infer.generate import generate_batch
+    """Each item's greedy reward (1 = the exact answer), the measure `align grpo` reports."""
+    from lmlab.adapt.grpo import rewards_for, sample
     from lmlab.infer.options import GenerationConfig
     from lmlab.tokenizer.chat import stop_ids_of
 
     gen = GenerationConfig(max_new_tokens=max_completion, stop_ids=stop_ids_of(tok, chat=True))
-    comps = generate_batch(model, [prompt_ids(tok, it) for it in items], gen, tokenizer=tok)
-    return rewards_for(
-        "addition", [c.text or "" for c in comps], [it.answer for it in items], 0.0
-    ).tolist()
+    _, comps = sample(model, tok, items, gen)
+    texts = [c.text or "" for c in comps]
+    return rewards_for("addition", texts, [it.answer for it in items], 0.0).tolist()
 
 
 @torch.no_grad()

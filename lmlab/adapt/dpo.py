@@ -144,14 +144,18 @@ def encode_pair(tok: Tokenizer, pair: Pair) -> list[tuple[list[int], list[int]]]
     return rows
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each target token [B, T] (0 where there is no target)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets != IGNORE)
+
+
 def sequence_logps(
     logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its targets, and how many there are."""
-    mask = targets != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    return token_logps(logits, targets).sum(-1), (targets != IGNORE).sum(-1)
 
 
 @torch.no_grad()

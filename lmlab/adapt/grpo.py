@@ -26,17 +26,19 @@ from typing import Literal
 
 import torch
 
+from lmlab.adapt.dpo import token_logps
 from lmlab.adapt.preference import group_advantages, grpo_loss, k3_kl
+from lmlab.adapt.reward import score_texts
 from lmlab.config import STRICT, NonNegFloat, NonNegInt, PosFloat, PosInt
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.eval.synthetic import TASKS, Item, check_task, extract_answer, make_items
 from lmlab.infer.generate import generate_batch
 from lmlab.infer.options import GenerationConfig
-from lmlab.model.loading import as_checkpoint, load_model
+from lmlab.model.loading import as_checkpoint, load_model, resolve_checkpoint
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
-from lmlab.tokenizer.chat import encode_chat, stop_ids_of
+from lmlab.tokenizer.chat import encode_chat, encode_exchange, stop_ids_of
 from lmlab.train.batch import Batch, LossOut, logits_of
 from lmlab.train.loop import TrainConfig, train
 from lmlab.utils import claim_output_dir, mark_output
@@ -66,8 +68,72 @@ class GRPOConfig:
     format_weight: NonNegFloat = 0.0
 
 
+def task_turns(item: Item) -> list[dict[str, str]]:
+    """The conversation that asks an item's question (what every policy and scorer sees)."""
+    return [{"role": "user", "content": f"{item.question} {INSTRUCTION}"}]
+
+
 def prompt_ids(tok, item: Item) -> list[int]:
-    return encode_chat(tok, [{"role": "user", "content": f"{item.question} {INSTRUCTION}"}])
+    return encode_chat(tok, task_turns(item))
+
+
+def task_items(task: str, n: int, heldout: int, difficulty: int, seed: int):
+    """(training items, held-out items): the task's train split, and test-split items
+    whose questions are not among them."""
+    check_task(task, difficulty)
+    items = make_items(task, n, difficulty, seed, split="train")
+    exclude = [it.question for it in items]
+    return items, make_items(task, heldout, difficulty, seed, split="test", exclude=exclude)
+
+
+@torch.no_grad()
+def sample(model, tok, items: list[Item], gen: GenerationConfig):
+    """(prompt ids, completions) of the items, generated in eval mode (the model's mode
+    is restored: rollouts happen in the middle of training)."""
+    prompts = [prompt_ids(tok, it) for it in items]
+    was = model.training
+    model.eval()
+    try:
+        return prompts, generate_batch(model, prompts, gen, tokenizer=tok)
+    finally:
+        model.train(was)
+
+
+def completion_batch(prompts: list[list[int]], comps, stops: list[int], pad: int):
+    """(inputs, targets) of prompt + completion rows, right-padded: the completions are
+    the targets, with the end of turn when the model stopped (it learns to stop, too)."""
+    rows = []
+    for c in comps:
+        reply = c.tokens + ([stops[-1]] if c.finish_reason == "stop" and stops else [])
+        rows.append((prompts[c.prompt_index], reply))
+    width = max(len(p) + len(r) for p, r in rows) - 1
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        seq = p + r
+        x[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+        if r:
+            y[i, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
+    return x, y
+
+
+def load_reward_model(ref: str | Path):
+    """(model, tokenizer) of a reward model (`lmlab align rm`'s output), frozen."""
+    path = resolve_checkpoint(ref)
+    rm = load_model(path).eval().requires_grad_(False)
+    if not rm.cfg.reward_head:
+        raise UsageError(f"--reward-model {ref}: not a reward model (no reward_head)")
+    return rm, load_tokenizer(path)
+
+
+def reward_model_scores(judge, items: list[Item], texts: list[str]) -> torch.Tensor:
+    """A reward model's score of each answer to its item (in its own chat template)."""
+    rm, rm_tok = judge
+    seqs = []
+    for it, text in zip(items, texts, strict=True):
+        prompt, reply = encode_exchange(rm_tok, task_turns(it), text)
+        seqs.append(prompt + reply)
+    return score_texts(rm, seqs, pad_id(rm_tok), max(map(len, seqs))).float()
 
 
 def rewards_for(
@@ -88,7 +154,6 @@ def rollout(model, ref, tok, items: list[Item], cfg: GRPOConfig, seed: int) -> B
     """G sampled answers per item from the current policy, as a training batch: the
     completions are the targets; `extras` holds advantages and rewards, `ref_logps` the
     reference's per-token log-probs when `beta` > 0."""
-    prompts = [prompt_ids(tok, it) for it in items]
     stops = stop_ids_of(tok, chat=True)
     gen = GenerationConfig(
         temperature=cfg.temperature,
@@ -97,36 +162,14 @@ def rollout(model, ref, tok, items: list[Item], cfg: GRPOConfig, seed: int) -> B
         seed=seed,
         stop_ids=stops,
     )
-    was = model.training
-    model.eval()
-    comps = generate_batch(model, prompts, gen, tokenizer=tok)
-    model.train(was)
-    rows, texts, answers = [], [], []
-    for c in comps:
-        reply = c.tokens + ([stops[-1]] if c.finish_reason == "stop" and stops else [])
-        rows.append((prompts[c.prompt_index], reply))  # the model learns to stop, too
-        texts.append(c.text or "")
-        answers.append(items[c.prompt_index].answer)
+    prompts, comps = sample(model, tok, items, gen)
+    texts = [c.text or "" for c in comps]
+    answers = [items[c.prompt_index].answer for c in comps]
     rewards = rewards_for(cfg.task, texts, answers, cfg.format_weight)
     adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
-    width = max(len(p) + len(r) for p, r in rows) - 1
-    pad = pad_id(tok)
-    x = torch.full((len(rows), width), pad, dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        seq = p + r
-        x[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-        if r:
-            y[i, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
-    ref_logps = token_logps(ref, x, y)[0] if ref is not None else None
+    x, y = completion_batch(prompts, comps, stops, pad_id(tok))
+    ref_logps = token_logps(ref(x), y) if ref is not None else None
     return Batch(x, y, ref_logps=ref_logps, extras={"advantages": adv, "rewards": rewards})
-
-
-def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the targets [B, T] (0 where there is none) and the mask."""
-    mask = y != IGNORE
-    logp = torch.log_softmax(model(x).float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-    return logp * mask, mask
 
 
 def grpo_objective(cfg: GRPOConfig):
@@ -137,8 +180,7 @@ def grpo_objective(cfg: GRPOConfig):
         if batch.extras is None or "advantages" not in batch.extras:
             raise UsageError("grpo: the batch carries no advantages")
         mask = batch.targets != IGNORE
-        logp = torch.log_softmax(logits_of(model, batch).float(), -1)
-        logps = logp.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0] * mask
+        logps = token_logps(logits_of(model, batch), batch.targets)
         loss = grpo_loss(
             logps,
             logps.detach(),
@@ -167,10 +209,7 @@ def heldout_accuracy(model, tok, items: list[Item], cfg: GRPOConfig) -> float:
     if not items:
         return float("nan")
     gen = GenerationConfig(max_new_tokens=cfg.max_completion, stop_ids=stop_ids_of(tok, chat=True))
-    was = model.training
-    model.eval()
-    comps = generate_batch(model, [prompt_ids(tok, it) for it in items], gen, tokenizer=tok)
-    model.train(was)
+    _, comps = sample(model, tok, items, gen)
     rewards = rewards_for(cfg.task, [c.text or "" for c in comps], [it.answer for it in items], 0.0)
     return float(rewards.mean())
 
@@ -187,11 +226,7 @@ def align_grpo(
     after goes into the summary."""
     check_task(grpo.task, grpo.difficulty)
     out_dir = claim_output_dir(out_dir, "align-grpo", resume=True)  # before any work
-    items = make_items(grpo.task, grpo.prompts, grpo.difficulty, seed, split="train")
-    held = make_items(
-        grpo.task, grpo.heldout, grpo.difficulty, seed, split="test",
-        exclude=[it.question for it in items],
-    )  # fmt: skip
+    items, held = task_items(grpo.task, grpo.prompts, grpo.heldout, grpo.difficulty, seed)
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
         model = load_model(ckpt)

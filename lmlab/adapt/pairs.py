@@ -15,17 +15,21 @@ from pathlib import Path
 
 import torch
 
-from lmlab.adapt.grpo import INSTRUCTION, prompt_ids, rewards_for
-from lmlab.adapt.reward import score_texts
+from lmlab.adapt.grpo import (
+    load_reward_model,
+    reward_model_scores,
+    rewards_for,
+    sample,
+    task_turns,
+)
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.eval.judge import compare, model_judge
 from lmlab.eval.synthetic import check_task, make_items
-from lmlab.infer.generate import generate_batch
 from lmlab.infer.options import GenerationConfig
 from lmlab.model.loading import load_model, resolve_checkpoint
-from lmlab.tokenizer import load_tokenizer, pad_id
-from lmlab.tokenizer.chat import encode_exchange, stop_ids_of
+from lmlab.tokenizer import load_tokenizer
+from lmlab.tokenizer.chat import stop_ids_of
 from lmlab.utils import claim_output_file, write_text
 
 
@@ -80,12 +84,7 @@ def build_pairs(
     items = make_items(task, n_prompts, difficulty, seed, split="train")
     ckpt = resolve_checkpoint(model_ref)
     model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
-    judge = None
-    if reward_model is not None:
-        rm_path = resolve_checkpoint(reward_model)
-        judge = (load_model(rm_path).eval(), load_tokenizer(rm_path))
-        if not judge[0].cfg.reward_head:
-            raise UsageError(f"--reward-model {reward_model}: not a reward model (no reward_head)")
+    judge = load_reward_model(reward_model) if reward_model is not None else None
     gen = GenerationConfig(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
@@ -94,7 +93,7 @@ def build_pairs(
         stop_ids=stop_ids_of(tok, chat=True),
     )
     log(f"pairs: {k} answers to each of {len(items)} {task} items")
-    comps = generate_batch(model, [prompt_ids(tok, it) for it in items], gen, tokenizer=tok)
+    _, comps = sample(model, tok, items, gen)
     texts = [c.text or "" for c in comps]
     if judge_model is not None:
         scores = _judge_scores(judge_model, items, texts, k)
@@ -103,13 +102,7 @@ def build_pairs(
         scores = rewards_for(task, texts, [items[c.prompt_index].answer for c in comps], 0.0)
         scorer = f"verifier:{task}"
     else:
-        rm, rm_tok = judge
-        rows = []
-        for c, text in zip(comps, texts, strict=True):
-            turns = [{"role": "user", "content": f"{items[c.prompt_index].question} {INSTRUCTION}"}]
-            prompt, reply = encode_exchange(rm_tok, turns, text)
-            rows.append(prompt + reply)
-        scores = score_texts(rm, rows, pad_id(rm_tok), max(map(len, rows))).float()
+        scores = reward_model_scores(judge, [items[c.prompt_index] for c in comps], texts)
         scorer = f"reward_model:{reward_model}"
     lines, ties = [], 0
     for i, item in enumerate(items):
@@ -119,7 +112,7 @@ def build_pairs(
             ties += 1  # every answer scored alike: no preference to learn
             continue
         rec = {
-            "prompt": [{"role": "user", "content": f"{item.question} {INSTRUCTION}"}],
+            "prompt": task_turns(item),
             "chosen": texts[i * k + best],
             "rejected": texts[i * k + worst],
             "score_chosen": float(s[best]),

@@ -24,18 +24,26 @@ from typing import Literal
 
 import torch
 
-from lmlab.adapt.grpo import INSTRUCTION, heldout_accuracy, prompt_ids, rewards_for
-from lmlab.adapt.reward import score_texts, with_reward_head
+from lmlab.adapt.dpo import token_logps
+from lmlab.adapt.grpo import (
+    completion_batch,
+    heldout_accuracy,
+    load_reward_model,
+    reward_model_scores,
+    rewards_for,
+    sample,
+    task_items,
+)
+from lmlab.adapt.reward import with_reward_head
 from lmlab.config import STRICT, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from lmlab.console import log
 from lmlab.errors import UsageError
-from lmlab.eval.synthetic import TASKS, Item, check_task, make_items
-from lmlab.infer.generate import generate_batch
+from lmlab.eval.synthetic import TASKS, Item, check_task
 from lmlab.infer.options import GenerationConfig
-from lmlab.model.loading import as_checkpoint, load_model, resolve_checkpoint
+from lmlab.model.loading import as_checkpoint, load_model
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
-from lmlab.tokenizer.chat import encode_exchange, stop_ids_of
+from lmlab.tokenizer.chat import stop_ids_of
 from lmlab.train.batch import Batch, LossOut
 from lmlab.train.loop import TrainConfig, train
 from lmlab.utils import claim_output_dir, mark_output
@@ -129,55 +137,32 @@ def ppo_losses(
 # --- rollouts and the objective -------------------------------------------------------------
 
 
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    mask = targets != IGNORE
-    logp = torch.log_softmax(logits.float(), -1)
-    return logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
-
-
 @torch.no_grad()
 def rollout(policy, ref, tok, items: list[Item], cfg: PPOConfig, judge, seed: int) -> Batch:
     """One sampled answer per item, scored, with the per-token KL penalty, GAE advantages
     and returns from the policy's values at sampling time."""
-    prompts = [prompt_ids(tok, it) for it in items]
     stops = stop_ids_of(tok, chat=True)
     gen = GenerationConfig(
         temperature=cfg.temperature, max_new_tokens=cfg.max_completion, seed=seed, stop_ids=stops
     )
-    was = policy.training
-    policy.eval()
-    comps = generate_batch(policy, prompts, gen, tokenizer=tok)
+    prompts, comps = sample(policy, tok, items, gen)
     texts = [c.text or "" for c in comps]
-    rows = []
-    for c in comps:
-        reply = c.tokens + ([stops[-1]] if c.finish_reason == "stop" and stops else [])
-        rows.append((prompts[c.prompt_index], reply))
-    width = max(len(p) + len(r) for p, r in rows) - 1
-    x = torch.full((len(rows), width), pad_id(tok), dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        seq = p + r
-        x[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-        y[i, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
+    x, y = completion_batch(prompts, comps, stops, pad_id(tok))
     mask = y != IGNORE
+    was = policy.training
+    policy.eval()  # the log-probs and values of the policy that sampled, without dropout
     logits, values = policy(x, with_scores=True)
-    old_logps, values = _token_logps(logits, y), values.float() * mask
-    ref_logps = _token_logps(ref(x), y)
     policy.train(was)
+    old_logps, values = token_logps(logits, y), values.float() * mask
+    ref_logps = token_logps(ref(x), y)
     if judge is None:
         scores = rewards_for(cfg.task, texts, [it.answer for it in items], 0.0)
     else:
-        rm, rm_tok = judge
-        seqs = []
-        for it, text in zip(items, texts, strict=True):
-            turns = [{"role": "user", "content": f"{it.question} {INSTRUCTION}"}]
-            p, r = encode_exchange(rm_tok, turns, text)
-            seqs.append(p + r)
-        scores = score_texts(rm, seqs, pad_id(rm_tok), max(map(len, seqs))).float()
+        scores = reward_model_scores(judge, items, texts)
     kl = (old_logps - ref_logps) * mask
     rewards = -cfg.kl_coef * kl
     last = mask.long().cumsum(-1).argmax(-1)  # each row's last completion position
-    rewards[torch.arange(len(rows)), last] += scores
+    rewards[torch.arange(len(comps)), last] += scores
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = whiten(adv, mask)
@@ -203,7 +188,7 @@ def ppo_objective(cfg: PPOConfig):
             raise UsageError("ppo: the batch carries no rollout")
         mask = batch.targets != IGNORE
         logits, values = model(batch.inputs, with_scores=True)
-        logps = _token_logps(logits, batch.targets)
+        logps = token_logps(logits, batch.targets)
         out = ppo_losses(
             logps, e["old_logps"], e["advantages"], values.float(), e["old_values"],
             e["returns"], mask, cfg.cliprange, cfg.cliprange_value,
@@ -232,18 +217,8 @@ def align_ppo(
     `cfg.batch_size` counts prompts. Held-out verifier accuracy before and after."""
     check_task(ppo.task, ppo.difficulty)
     out_dir = claim_output_dir(out_dir, "align-ppo", resume=True)  # before any work
-    judge = None
-    if ppo.reward_model is not None:
-        rm_path = resolve_checkpoint(ppo.reward_model)
-        rm = load_model(rm_path).eval().requires_grad_(False)
-        if not rm.cfg.reward_head:
-            raise UsageError(f"--reward-model {ppo.reward_model}: not a reward model")
-        judge = (rm, load_tokenizer(rm_path))
-    items = make_items(ppo.task, ppo.prompts, ppo.difficulty, seed, split="train")
-    held = make_items(
-        ppo.task, ppo.heldout, ppo.difficulty, seed, split="test",
-        exclude=[it.question for it in items],
-    )  # fmt: skip
+    judge = load_reward_model(ppo.reward_model) if ppo.reward_model is not None else None
+    items, held = task_items(ppo.task, ppo.prompts, ppo.heldout, ppo.difficulty, seed)
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
         base = load_model(ckpt)
