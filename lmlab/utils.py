@@ -235,6 +235,25 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def jsonl_objects(
+    path: str | Path, not_object: str = "expected a JSON object"
+) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL file, read strictly: a line
+    that is not JSON, or not an object, is a UsageError naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UsageError(f"{where}: {not_object}")
+            yield where, obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -11,12 +11,12 @@ out.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.utils import jsonl_objects
 
 COLUMN_SUFFIXES = (".parquet", ".csv", ".tsv")
 
@@ -31,18 +31,7 @@ def iter_records(path: str | Path, first: str, what: str) -> Iterator[tuple[str,
     path = Path(spec)
     if not path.is_file():
         raise UsageError(f"{path}: no such {what} file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UsageError(f"{where}: expected a JSON object")
-            yield where, rec
+    yield from jsonl_objects(path)
 
 
 def _columns(spec: str, first: str) -> Iterator[tuple[str, dict]]:

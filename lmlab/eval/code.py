@@ -15,7 +15,6 @@ one of k samples passes, averaged over tasks with its standard error.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from lmlab.errors import UsageError
 from lmlab.eval.metrics import mean_stderr, pass_at_k
 from lmlab.prompt.sandbox import resolve_isolation, run_many
+from lmlab.utils import jsonl_objects
 
 BUILTIN_TASKS = Path(__file__).parent / "data" / "code_tasks.jsonl"
 # HumanEval's stop sequences (Chen et al. 2021), plus the end of a Markdown code fence
@@ -48,27 +48,17 @@ def load_tasks(path: str | Path | None = None) -> list[CodeTask]:
     if not path.is_file():
         raise UsageError(f"code tasks: no such file {path}")
     tasks, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{where}: each line must be a JSON object with {FIELDS}")
-            for key in FIELDS:
-                if not isinstance(row.get(key), str) or not row[key]:
-                    raise UsageError(f"{where}: '{key}' must be a non-empty string")
-            if row["task_id"] in seen:
-                raise UsageError(f"{where}: duplicate task_id '{row['task_id']}'")
-            seen.add(row["task_id"])
-            task = CodeTask(**{k: row[k] for k in FIELDS})
-            if not task.prompt.endswith("\n"):
-                task.prompt += "\n"  # the body starts on its own line
-            tasks.append(task)
+    for where, row in jsonl_objects(path, f"each line must be a JSON object with {FIELDS}"):
+        for key in FIELDS:
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise UsageError(f"{where}: '{key}' must be a non-empty string")
+        if row["task_id"] in seen:
+            raise UsageError(f"{where}: duplicate task_id '{row['task_id']}'")
+        seen.add(row["task_id"])
+        task = CodeTask(**{k: row[k] for k in FIELDS})
+        if not task.prompt.endswith("\n"):
+            task.prompt += "\n"  # the body starts on its own line
+        tasks.append(task)
     if not tasks:
         raise UsageError(f"code tasks: {path} holds no tasks")
     return tasks
