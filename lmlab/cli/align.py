@@ -25,6 +25,14 @@ StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (default: on
 BatchOpt = Annotated[int, typer.Option(help="Pairs per step.")]
 SeqOpt = Annotated[int, typer.Option(help="Longest prompt + completion in tokens.")]
 SeedOpt = Annotated[int, typer.Option(help="Data order and held-out split.")]
+TaskOpt = Annotated[
+    str, typer.Option(help="A generated reasoning task with exact answers (lmlab eval).")
+]
+DifficultyOpt = Annotated[int, typer.Option(help="The task's difficulty.")]
+HeldoutItemsOpt = Annotated[int, typer.Option(help="Held-out items, scored before and after.")]
+AnswerLenOpt = Annotated[int, typer.Option(help="Longest answer in tokens.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
+LrOpt = Annotated[float, typer.Option(help="Peak learning rate.")]
 
 
 def _configs(what: str, method: type, method_args: dict, train_args: dict):
@@ -74,7 +82,7 @@ def dpo_cmd(
     heldout: HeldoutOpt = 0.1,
     steps: StepsOpt = None,
     batch_size: BatchOpt = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
+    lr: LrOpt = 5e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
 ) -> None:
@@ -111,7 +119,7 @@ def rm_cmd(
     heldout: HeldoutOpt = 0.1,
     steps: StepsOpt = None,
     batch_size: BatchOpt = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-5,
+    lr: LrOpt = 1e-5,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
 ) -> None:
@@ -134,15 +142,13 @@ def rm_cmd(
 def grpo_cmd(
     model: ModelArg,
     out: OutOpt,
-    task: Annotated[
-        str, typer.Option(help="A generated reasoning task with exact answers (lmlab eval).")
-    ] = "addition",
-    difficulty: Annotated[int, typer.Option(help="The task's difficulty.")] = 1,
+    task: TaskOpt = "addition",
+    difficulty: DifficultyOpt = 1,
     prompts: Annotated[int, typer.Option(help="Training items.")] = 256,
-    heldout: Annotated[int, typer.Option(help="Held-out items, scored before and after.")] = 32,
+    heldout: HeldoutItemsOpt = 32,
     group_size: Annotated[int, typer.Option(help="Answers sampled per prompt (G).")] = 4,
-    max_completion: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 32,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_completion: AnswerLenOpt = 32,
+    temperature: TemperatureOpt = 1.0,
     beta: Annotated[float, typer.Option(help="Weight of the k3 KL to the start (0 = off).")] = 0.0,
     epsilon: Annotated[float, typer.Option(help="Clip range below 1.")] = 0.2,
     epsilon_high: Annotated[
@@ -155,7 +161,7 @@ def grpo_cmd(
     ] = 0.0,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Prompts per step.")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-6,
+    lr: LrOpt = 1e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
 ) -> None:
@@ -205,7 +211,7 @@ def kto_cmd(
     heldout: HeldoutOpt = 0.1,
     steps: StepsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
+    lr: LrOpt = 5e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
 ) -> None:
@@ -233,14 +239,12 @@ def kto_cmd(
 def pairs_cmd(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="The preference JSONL file to write.")],
-    task: Annotated[
-        str, typer.Option(help="A generated reasoning task with exact answers (lmlab eval).")
-    ] = "addition",
+    task: TaskOpt = "addition",
     prompts: Annotated[int, typer.Option(help="Items to answer.")] = 64,
     k: Annotated[int, typer.Option(help="Answers sampled per item.")] = 4,
-    difficulty: Annotated[int, typer.Option(help="The task's difficulty.")] = 1,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 64,
+    difficulty: DifficultyOpt = 1,
+    temperature: TemperatureOpt = 1.0,
+    max_new_tokens: AnswerLenOpt = 64,
     reward_model: Annotated[
         str | None, typer.Option(help="Rank by this reward model instead of the verifier.")
     ] = None,
@@ -274,14 +278,12 @@ def ppo_cmd(
     reward_model: Annotated[
         str | None, typer.Option(help="The reward model (default: the task's verifier).")
     ] = None,
-    task: Annotated[
-        str, typer.Option(help="A generated reasoning task (its questions; its verifier).")
-    ] = "addition",
-    difficulty: Annotated[int, typer.Option(help="The task's difficulty.")] = 1,
+    task: TaskOpt = "addition",
+    difficulty: DifficultyOpt = 1,
     prompts: Annotated[int, typer.Option(help="Training items.")] = 256,
-    heldout: Annotated[int, typer.Option(help="Held-out items, scored before and after.")] = 32,
-    max_completion: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 32,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    heldout: HeldoutItemsOpt = 32,
+    max_completion: AnswerLenOpt = 32,
+    temperature: TemperatureOpt = 1.0,
     kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to the start.")] = 0.05,
     gamma: Annotated[float, typer.Option(help="Discount.")] = 1.0,
     lam: Annotated[float, typer.Option(help="GAE's lambda.")] = 0.95,
@@ -291,7 +293,7 @@ def ppo_cmd(
     ppo_epochs: Annotated[int, typer.Option(help="Steps that reuse one rollout.")] = 1,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Prompts per rollout.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-6,
+    lr: LrOpt = 1e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
 ) -> None:
@@ -341,7 +343,7 @@ def self_instruct_cmd(
         float, typer.Option(help="Reject a task this ROUGE-L-similar to one in the pool.")
     ] = 0.7,
     max_new_tokens: Annotated[int, typer.Option(help="Longest task in tokens.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    temperature: TemperatureOpt = 1.0,
     seed: SeedOpt = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if this command wrote it.")
