@@ -270,7 +270,11 @@ class Scheduler:
         copies = len(req.samples) if len(seq.tokens) % cache.block_size else 0
         fits = cache.blocks_needed(seq, seq.pending) + copies + growth <= cache.alloc.available
         upto = len(seq.tokens) - 1  # the blocks a prefix match could take
-        shares = self.prefix_caching and not self._computing.isdisjoint(self._names(seq, upto))
+        shares = (  # named only when this step computes blocks (hashing costs a pass)
+            self.prefix_caching
+            and bool(self._computing)
+            and not self._computing.isdisjoint(self._names(seq, upto))
+        )
         if not fits or shares:  # shares: next step its prefix is cached
             cache.release(seq)
             return None
