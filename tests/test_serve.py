@@ -519,3 +519,23 @@ def test_lmlab_serve_command_serves_adapters_and_stops_on_ctrl_c(
     ]:
         code, _, err = lmlab_here(monkeypatch, capsys, "serve", *args)
         assert code == 2 and said in err, (args, err)
+
+
+def test_streamed_text_is_the_whole_decode_cut_at_a_stop(ckpt):
+    """The incremental decoding (a short window per token) adds up to the whole decode,
+    never shows half a character, and never shows a stop string or its beginning."""
+    from lmlab.infer.generate import TextStreamer
+    from lmlab.serve.text import TextStream
+    from lmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    text = "Héllo wörld 🙂, naïve café; the quick brown fox 日本 jumps.\n\tdone"
+    ids = tok.encode(text).ids
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    for stop in ["café", "🙂", "fox 日", "absent"]:
+        stream = TextStream(tok, [stop])
+        shown = [stream.push(i) for i in ids] + [stream.finish()]
+        assert "".join(shown) == text.split(stop)[0]

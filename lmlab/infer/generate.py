@@ -215,18 +215,25 @@ def generate(
 
 
 class TextStreamer:
-    """Turns a stream of byte-level token ids into text pieces, never splitting a character."""
+    """Turns a stream of byte-level token ids into text pieces, never splitting a character.
+
+    Each push decodes a short window, not the whole reply: the tokens since the last piece
+    plus those of the piece before (vLLM's incremental detokenisation), and the new text is
+    what the window adds to the text of its first part. Both decodes start at the same
+    token, so a decoder that treats a first token specially treats both alike; a long
+    reply costs linear time, not quadratic."""
 
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.printed = 0
+        self.prefix = 0  # the window starts here
+        self.read = 0  # tokens up to here are already in the text given out
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        done = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        text = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(text) <= len(done) or text.endswith("\ufffd"):  # wait for more bytes
             return ""
-        piece = text[self.printed :]
-        self.printed = len(text)
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done) :]

@@ -9,11 +9,15 @@ string; when a stop string appears the text ends before it, as `lmlab generate` 
 
 from __future__ import annotations
 
+from lmlab.infer.generate import TextStreamer
+
 
 class TextStream:
     def __init__(self, tok, stops: list[str] | None = None) -> None:
         self.tok, self.stops = tok, list(stops or [])
         self.ids: list[int] = []
+        self.pieces = TextStreamer(tok)  # the incremental decoding
+        self.longest = max((len(s) for s in self.stops), default=0)
         self.text = ""  # the text so far, cut before a stop string
         self.sent = 0
         self.stopped = False
@@ -23,20 +27,24 @@ class TextStream:
         self.ids.append(token)
         if self.stopped:
             return ""
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        piece = self.pieces.push(token)
+        if not piece:  # nothing new yet (half a character)
             return ""
-        self.text = self._cut(text)
+        # the text before had no stop string: a new one ends in the new piece
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        self.text = self._cut(self.text, start)
         return self._release(final=self.stopped)
 
     def finish(self) -> str:
-        """Whatever was held back, once the sequence has ended."""
+        """Whatever was held back, once the sequence has ended (from the whole decode, so
+        the final text is exactly what `lmlab generate` gives)."""
         if not self.stopped:
             self.text = self._cut(self.tok.decode(self.ids, skip_special_tokens=True))
         return self._release(final=True)
 
-    def _cut(self, text: str) -> str:
-        ends = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+    def _cut(self, text: str, start: int = 0) -> str:
+        ends = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         if ends:
             self.stopped = True
             return text[: min(ends)]
