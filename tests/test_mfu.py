@@ -9,6 +9,7 @@ import torch
 
 from lmlab.errors import UsageError
 from lmlab.model import ModelConfig, Transformer
+from lmlab.train import mfu as mfu_module
 from lmlab.train.batch import Batch, token_cross_entropy
 from lmlab.train.mfu import (
     Peak,
@@ -81,16 +82,23 @@ def test_measured_peak_is_positive_cached_and_labelled():
 
 
 def test_a_real_matmul_does_not_beat_the_measured_peak():
-    # both ~100 MFLOPs, best of many: a busy machine slows single timings, not the best
-    peak = measure_peak_flops("cpu", torch.float32, size=384, reps=20)
+    # both ~100 MFLOPs, best of many. A neighbour's burst during the peak's timing makes the
+    # (cached) peak low for good, so a pass in any of three fresh measurements counts: a
+    # peak that is wrong by design is low in all three.
     x, w = torch.randn(512, 256), torch.randn(384, 256)
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - t0)
-    utilisation = 2 * 512 * 256 * 384 / best / peak
-    assert 0 < utilisation <= 1.2
+    utilisations = []
+    for _ in range(3):
+        mfu_module._MEASURED.clear()
+        peak = measure_peak_flops("cpu", torch.float32, size=384, reps=20)
+        best = float("inf")
+        for _ in range(10):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+        utilisations.append(2 * 512 * 256 * 384 / best / peak)
+        if utilisations[-1] <= 1.2:
+            break
+    assert 0 < min(utilisations) <= 1.2, utilisations
 
 
 def test_a_training_step_has_mfu_below_one():
