@@ -435,10 +435,16 @@ def _signal_when(proc, kill, ready) -> tuple[list[int], str]:
     deadline = time.monotonic() + 120
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1)  # the workers have taken their first tasks
+    # the pool's workers are the fork server's children, not the main process's; on a busy
+    # machine they start later than the main process says it is ready
+    deadline = time.monotonic() + 30
+    tree = _descendants(proc.pid)
+    while not any(p != proc.pid for p in tree.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        tree = _descendants(proc.pid)
+    time.sleep(0.5)  # the workers have taken their first tasks
     assert proc.poll() is None, proc.communicate()[1]
     tree = _descendants(proc.pid)
-    # the pool's workers are the fork server's children, not the main process's
     assert any(parent != proc.pid for parent in tree.values()), tree
     kill(proc.pid)
     proc.wait()
