@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmlab.adapt.grpo import prompt_ids
-from lmlab.adapt.ppo import PPOConfig, gae, ppo_losses, ppo_objective, whiten
+from lmlab.adapt.ppo import KLController, PPOConfig, gae, ppo_losses, ppo_objective, whiten
 from lmlab.adapt.reward import with_reward_head
 from lmlab.eval.synthetic import make_items
 from lmlab.model.checkpoint import save_checkpoint
@@ -133,3 +133,43 @@ def test_the_command_with_a_reward_model_and_with_the_verifier(ckpt, tmp_path, m
         monkeypatch, capsys, "align", "ppo", str(ckpt), "--out", str(tmp_path / "y"), "--lam", "2"
     )
     assert code == 2 and "--lam" in err
+
+
+def test_adaptive_kl_follows_the_target_as_ziegler_et_al():
+    ctl = KLController(0.2, target=6.0, horizon=100)
+    ctl.update(12.0, 10)  # twice the target: the error is clipped at +0.2
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 10 / 100))
+    ctl.update(5.4, 50)  # 10% under: the coefficient falls
+    assert ctl.value == pytest.approx(0.2 * 1.02 * (1 - 0.1 * 50 / 100))
+    fixed = KLController(0.05)
+    fixed.update(100.0, 8)
+    assert fixed.value == 0.05
+    again = KLController(1.0, target=6.0)
+    again.load_state_dict(ctl.state_dict())
+    assert again.value == ctl.value
+
+
+def _ppo_run(ckpt, out, steps):
+    from lmlab.adapt.ppo import align_ppo
+    from lmlab.train.loop import TrainConfig
+
+    # a constant learning rate: a 2-step and a 4-step run share their first steps
+    cfg = TrainConfig(batch_size=2, seq_len=128, lr=1e-3, warmup_steps=0, max_steps=steps,
+                      min_lr_ratio=1.0, checkpoint_every=2, log_every=1,
+                      eval_every=100)  # fmt: skip
+    ppo = PPOConfig(prompts=8, heldout=0, max_completion=6, kl_coef=0.3, kl_target=0.5,
+                    kl_horizon=4)  # fmt: skip
+    align_ppo(ckpt, out, ppo, cfg, seed=3)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "kl_coef" in x]
+
+
+def test_adaptive_kl_resumes_exactly(ckpt, tmp_path):
+    straight = _ppo_run(ckpt, tmp_path / "a", 4)
+    _ppo_run(ckpt, tmp_path / "b", 2)  # stops after step 2 with its checkpoint
+    resumed = {x["step"]: x for x in _ppo_run(ckpt, tmp_path / "b", 4)}
+    coefs = [x["kl_coef"] for x in straight]
+    assert len(set(coefs)) > 1  # the coefficient moved
+    for x in straight:
+        for k in ("loss", "kl_coef", "kl"):
+            assert resumed[x["step"]][k] == pytest.approx(x[k], abs=1e-6), (x["step"], k)

@@ -26,8 +26,9 @@ import torch
 
 from lmlab.adapt.dpo import token_logps
 from lmlab.adapt.grpo import (
+    before_after,
     completion_batch,
-    heldout_accuracy,
+    heldout_scores,
     load_reward_model,
     reward_model_scores,
     rewards_for,
@@ -63,7 +64,11 @@ class PPOConfig:
     max_completion: PosInt = 32
     temperature: PosFloat = 1.0
     reward_model: str | None = None  # None: the task's verifier
-    kl_coef: NonNegFloat = 0.05
+    kl_coef: NonNegFloat = 0.05  # the fixed coefficient, or the adaptive one's start
+    # adaptive KL (Ziegler et al. 2019): the coefficient follows the KL toward this target
+    # (nats per sequence), at a rate set by `kl_horizon` sequences; None: fixed
+    kl_target: PosFloat | None = None
+    kl_horizon: PosInt = 10_000
     gamma: Fraction = 1.0
     lam: Fraction = 0.95
     cliprange: NonNegFloat = 0.2
@@ -134,13 +139,40 @@ def ppo_losses(
     }
 
 
+@dataclass
+class KLController:
+    """The KL penalty's coefficient: fixed, or adaptive as Ziegler et al. 2019 (TRL's
+    `AdaptiveKLController`): after each rollout of `n` sequences whose mean KL is `kl`,
+    coef ← coef × (1 + clip(kl / target − 1, −0.2, 0.2) × n / horizon). It is the PPO
+    objective's state: saved with each checkpoint, so a resumed run uses the same values."""
+
+    value: float
+    target: float | None = None
+    horizon: int = 10_000
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
 # --- rollouts and the objective -------------------------------------------------------------
 
 
 @torch.no_grad()
-def rollout(policy, ref, tok, items: list[Item], cfg: PPOConfig, judge, seed: int) -> Batch:
-    """One sampled answer per item, scored, with the per-token KL penalty, GAE advantages
-    and returns from the policy's values at sampling time."""
+def rollout(
+    policy, ref, tok, items: list[Item], cfg: PPOConfig, judge, seed: int, kl_ctl: KLController
+) -> Batch:
+    """One sampled answer per item, scored, with the per-token KL penalty (the controller's
+    coefficient, which this rollout's KL then updates), GAE advantages and returns from the
+    policy's values at sampling time."""
     stops = stop_ids_of(tok, chat=True)
     gen = GenerationConfig(
         temperature=cfg.temperature, max_new_tokens=cfg.max_completion, seed=seed, stop_ids=stops
@@ -160,7 +192,8 @@ def rollout(policy, ref, tok, items: list[Item], cfg: PPOConfig, judge, seed: in
     else:
         scores = reward_model_scores(judge, items, texts)
     kl = (old_logps - ref_logps) * mask
-    rewards = -cfg.kl_coef * kl
+    coef = kl_ctl.value
+    rewards = -coef * kl
     last = mask.long().cumsum(-1).argmax(-1)  # each row's last completion position
     rewards[torch.arange(len(comps)), last] += scores
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -173,14 +206,17 @@ def rollout(policy, ref, tok, items: list[Item], cfg: PPOConfig, judge, seed: in
         "returns": returns,
         "scores": scores,
         "kl": kl.sum(-1),
+        "kl_coef": torch.full((len(comps),), coef),
     }
+    kl_ctl.update(float(kl.sum(-1).mean()), len(comps))
     return Batch(x, y, extras=extras)
 
 
-def ppo_objective(cfg: PPOConfig):
+def ppo_objective(cfg: PPOConfig, kl_ctl: KLController | None = None):
     """PPO's policy loss + vf_coef × value loss on a rollout batch, counted in sequences;
-    logs the score, the KL to the reference, the entropy, the clip fraction and the value
-    error."""
+    logs the score, the KL to the reference and its coefficient, the entropy, the clip
+    fraction and the value error. `kl_ctl` (the rollouts' KL controller) becomes the
+    objective's `state`, which the training loop checkpoints."""
 
     def objective(model: torch.nn.Module, batch: Batch) -> LossOut:
         e = batch.extras
@@ -201,12 +237,15 @@ def ppo_objective(cfg: PPOConfig):
         metrics = {
             "score": e["scores"].sum(),
             "kl": e["kl"].sum(),
+            "kl_coef": e["kl_coef"].sum() if "kl_coef" in e else torch.tensor(0.0),
             "entropy": entropy * n,
             "clip_fraction": out["clip_fraction"] * n,
             "value_error": out["value"].detach() * n,
         }
         return LossOut(loss * n, n, metrics)
 
+    if kl_ctl is not None:
+        objective.state = kl_ctl  # type: ignore[attr-defined]
     return objective
 
 
@@ -224,10 +263,13 @@ def align_ppo(
         base = load_model(ckpt)
         ref = copy.deepcopy(base).eval().requires_grad_(False)
         policy = base if base.cfg.reward_head else with_reward_head(base)
-        before = heldout_accuracy(policy, tok, held, ppo)
-        log(f"ppo: held-out accuracy before: {before:.3f} ({len(held)} items, greedy)")
+        before = heldout_scores(policy, tok, held, ppo.task, ppo.max_completion)
+        if held:
+            acc = sum(before) / len(held)
+            log(f"ppo: held-out accuracy before: {acc:.3f} ({len(held)} items, greedy)")
         n = len(items)
         cache: dict[int, Batch] = {}
+        kl_ctl = KLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
 
         def get_batch(index: int, start: int, count: int) -> Batch:
             group = index // ppo.ppo_epochs  # ppo_epochs steps share one rollout
@@ -236,7 +278,7 @@ def align_ppo(
                 first = group * count
                 picked = [items[(first + r) % n] for r in range(count)]
                 cache[group] = rollout(
-                    policy, ref, tok, picked, ppo, judge, seed * 1_000_003 + first
+                    policy, ref, tok, picked, ppo, judge, seed * 1_000_003 + first, kl_ctl
                 )
             return cache[group]
 
@@ -245,9 +287,16 @@ def align_ppo(
         mark_output(out_dir, "align-ppo")
         log(f"ppo: {n} prompts, up to {cfg.step_limit} steps")
         summary = train(
-            policy, get_batch, [], cfg, out_dir, ckpt, key, name="ppo", objective=ppo_objective(ppo)
+            policy,
+            get_batch,
+            [],
+            cfg,
+            out_dir,
+            ckpt,
+            key,
+            name="ppo",
+            objective=ppo_objective(ppo, kl_ctl),
         )
-        after = heldout_accuracy(policy, tok, held, ppo)
-        log(f"ppo: held-out accuracy after: {after:.3f}")
-    summary.update(heldout_before=before, heldout_after=after, heldout_items=len(held))
+        after = heldout_scores(policy, tok, held, ppo.task, ppo.max_completion)
+    summary.update(before_after(before, after))
     return summary

@@ -412,6 +412,11 @@ def train(
     `last/` (checkpoint + trainer state, every `checkpoint_every` steps and on
     interruption; older ones in `checkpoints/` when `keep_last` > 1), `best/` and
     `model/` (final). Returns a summary dict (on every rank).
+
+    An objective whose results depend on what came before (an adaptive KL coefficient)
+    carries that as `objective.state`, an object with `state_dict()` (JSON-able) and
+    `load_state_dict(d)`: it is saved with every checkpoint and restored on resume and on
+    a spike's rollback, so both stay exact.
     """
     d = dist_.setup(cfg.device)
     out = Path(out_dir)
@@ -436,6 +441,7 @@ def train(
     runner = torch.compile(wrapped) if cfg.compile else wrapped
     spikes = SpikeDetector(cfg.spike_zscore, cfg.spike_grace)
     pos = Position()
+    stateful = getattr(objective, "state", None)
 
     if d.main:  # a kill between save_checkpoint's two renames leaves only `.last.old`
         previous = out / ".last.old"
@@ -446,7 +452,7 @@ def train(
     if found is not None:
         state = read_json(found / "trainer_state.json")
         if state.get("key") == key:
-            pos = restore(wrapped, opt, scaler, spikes, found, state)
+            pos = restore(wrapped, opt, scaler, spikes, found, state, stateful)
             if d.main:
                 log(f"{name}: resuming from step {pos.step} ({pos.tokens:,} tokens) in {found}")
         elif d.main:
@@ -475,6 +481,8 @@ def train(
     def checkpoint() -> None:
         """Every rank joins (FSDP gathers shards); rank 0 writes."""
         st = {"key": key, **asdict(pos), "elapsed_s": elapsed_now(), "spike_stats": spikes.state()}
+        if stateful is not None:
+            st["objective_state"] = stateful.state_dict()
         model_state, opt_state = dist_.full_state(wrapped, opt)
         if d.main:
             rotate_checkpoints(out, cfg.keep_last)
@@ -562,8 +570,9 @@ def train(
                 if spikes.check(train_loss):
                     opt.zero_grad(set_to_none=True)
                     pos = _on_spike(
-                        pos, train_loss, spikes, cfg, out, name, d, sink, wrapped, opt, scaler
-                    )
+                        pos, train_loss, spikes, cfg, out, name, d, sink, wrapped, opt, scaler,
+                        stateful,
+                    )  # fmt: skip
                     t_log, tok_log = time.monotonic(), pos.tokens
                     continue
                 sums.renormalise(wrapped, total_targets, name)
@@ -737,7 +746,9 @@ def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return float(known[key])
 
 
-def _on_spike(pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler) -> Position:
+def _on_spike(
+    pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler, stateful=None
+) -> Position:
     """Log a loss spike; roll back to the last checkpoint and skip the batches since."""
     count = pos.spikes.get("count", 0) + 1
     rollbacks = pos.spikes.get("rollbacks", 0)
@@ -760,7 +771,7 @@ def _on_spike(pos, loss, spikes, cfg, out, name, d, sink, model, opt, scaler) ->
         if last is None:
             raise CheckpointError(f"{out}: no checkpoint to roll back to")
         state = read_json(last / "trainer_state.json")
-        restored = restore(model, opt, scaler, spikes, last, state)
+        restored = restore(model, opt, scaler, spikes, last, state, stateful)
         sink.truncate(restored.step)
         skipped.append([restored.rows, data_pos[1]])
         event.update(
@@ -856,8 +867,11 @@ def _write_state(d: Path, blob: dict, state: dict) -> None:
     write_json(d / "trainer_state.json", state)
 
 
-def restore(model, opt, scaler, spikes: SpikeDetector, ckpt: Path, state: dict) -> Position:
-    """Load weights, optimizer, loss scaler, RNG and position from checkpoint `ckpt`."""
+def restore(
+    model, opt, scaler, spikes: SpikeDetector, ckpt: Path, state: dict, stateful=None
+) -> Position:
+    """Load weights, optimizer, loss scaler, RNG, position and the objective's state (if
+    it keeps one) from checkpoint `ckpt`."""
     try:
         weights = load_model(ckpt).state_dict()
         blob = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -867,6 +881,8 @@ def restore(model, opt, scaler, spikes: SpikeDetector, ckpt: Path, state: dict) 
         torch.set_rng_state(blob["torch_rng"])
         if state.get("spike_stats"):
             spikes.load(state["spike_stats"])
+        if stateful is not None and "objective_state" in state:
+            stateful.load_state_dict(state["objective_state"])
         return Position(
             step=int(state["step"]),
             tokens=int(state["tokens"]),
