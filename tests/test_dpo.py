@@ -195,6 +195,51 @@ def test_reward_model_learns_and_scores_the_same_in_transformers(
     assert torch.allclose(theirs, scores, atol=1e-4)
 
 
+def test_reward_margins_from_the_data_enter_the_loss(ckpt, tmp_path, monkeypatch, capsys):
+    """TRL's `margin` column: -log σ(r_c − r_r − m). With the zero-initialised head every
+    score is 0, so the first step's loss is the mean of log(1 + e^m) over its pairs."""
+    data = tmp_path / "m.jsonl"
+    recs = [json.loads(x) for x in write_pairs(tmp_path / "p.jsonl", n=8).read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "margin": 1.5}) + "\n" for r in recs))
+    out = tmp_path / "rm"
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "rm", str(ckpt), "--data", str(data), "--out", str(out),
+        "--steps", "1", "--batch-size", "4", "--heldout", "0", "--seq-len", "128",
+    )  # fmt: skip
+    assert code == 0, err
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log1p(math.exp(1.5)), abs=1e-4)
+    # a margin that is not a number, or margins on some pairs only: exit 2, naming them
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**recs[0], "margin": "big"}) + "\n")
+    code, _, err = lmlab_here(
+        monkeypatch,
+        capsys,
+        "align",
+        "rm",
+        str(ckpt),
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert code == 2 and f"{bad}:1" in err and "margin" in err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({**recs[0], "margin": 1}) + "\n" + json.dumps(recs[1]) + "\n")
+    code, _, err = lmlab_here(
+        monkeypatch,
+        capsys,
+        "align",
+        "rm",
+        str(ckpt),
+        "--data",
+        str(mixed),
+        "--out",
+        str(tmp_path / "y"),
+    )
+    assert code == 2 and "margin" in err
+
+
 # --- KTO on unpaired feedback ---------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ class Pair:
     messages: list[dict[str, str]]
     chosen: str
     rejected: str
+    margin: float | None = None  # TRL's `margin` column: how much better chosen is (RM only)
 
 
 # --- preference files ---------------------------------------------------------------------
@@ -113,17 +115,26 @@ def read_pairs(path: str | Path) -> list[Pair]:
     string or (JSONL) a list of chat messages (the prompt a conversation, each completion
     one assistant message); a string prompt is one user turn. JSONL, Parquet, CSV or
     `hf:NAME` (`lmlab.adapt.records`). A bad line is a `UsageError` naming the file, the
-    line and the field."""
+    line and the field. An optional numeric `margin` is kept (the reward model's loss
+    uses it)."""
     pairs = []
     for where, rec in iter_records(path, "prompt", "preference"):
         for field in ("prompt", "chosen", "rejected"):
             if field not in rec:
                 raise UsageError(f"{where}: field {field!r} is missing")
+        margin = rec.get("margin")
+        if margin is not None and (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not math.isfinite(margin)
+        ):
+            raise UsageError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
         pairs.append(
             Pair(
                 _messages(rec["prompt"], where, "prompt"),
                 _reply(rec["chosen"], where, "chosen"),
                 _reply(rec["rejected"], where, "rejected"),
+                None if margin is None else float(margin),
             )
         )
     if not pairs:

@@ -32,6 +32,7 @@ from lmlab.adapt.reward import score_texts
 from lmlab.config import STRICT, NonNegFloat, NonNegInt, PosFloat, PosInt
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.eval.metrics import paired_difference
 from lmlab.eval.synthetic import TASKS, Item, check_task, extract_answer, make_items
 from lmlab.infer.generate import generate_batch
 from lmlab.infer.options import GenerationConfig
@@ -204,14 +205,29 @@ def grpo_objective(cfg: GRPOConfig):
 
 
 @torch.no_grad()
-def heldout_accuracy(model, tok, items: list[Item], cfg: GRPOConfig) -> float:
-    """Greedy accuracy on held-out items (the reward without the format bonus)."""
+def heldout_scores(model, tok, items: list[Item], task: str, max_new_tokens: int) -> list[float]:
+    """Each held-out item's greedy score, 1 or 0 (the reward without the format bonus)."""
     if not items:
-        return float("nan")
-    gen = GenerationConfig(max_new_tokens=cfg.max_completion, stop_ids=stop_ids_of(tok, chat=True))
+        return []
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stop_ids_of(tok, chat=True))
     _, comps = sample(model, tok, items, gen)
-    rewards = rewards_for(cfg.task, [c.text or "" for c in comps], [it.answer for it in items], 0.0)
-    return float(rewards.mean())
+    rewards = rewards_for(task, [c.text or "" for c in comps], [it.answer for it in items], 0.0)
+    return rewards.tolist()
+
+
+def before_after(before: list[float], after: list[float]) -> dict:
+    """The held-out accuracy before and after training, and the paired difference."""
+    n = len(before)
+    if not n:
+        return {"heldout_items": 0}
+    diff, se = paired_difference(before, after)
+    return {
+        "heldout_before": sum(before) / n,
+        "heldout_after": sum(after) / n,
+        "heldout_diff": diff,
+        "heldout_diff_se": se,
+        "heldout_items": n,
+    }
 
 
 def align_grpo(
@@ -231,8 +247,10 @@ def align_grpo(
         tok = load_tokenizer(ckpt)
         model = load_model(ckpt)
         ref = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta > 0 else None
-        before = heldout_accuracy(model, tok, held, grpo)
-        log(f"grpo: held-out accuracy before: {before:.3f} ({len(held)} items, greedy)")
+        before = heldout_scores(model, tok, held, grpo.task, grpo.max_completion)
+        if held:
+            acc = sum(before) / len(held)
+            log(f"grpo: held-out accuracy before: {acc:.3f} ({len(held)} items, greedy)")
         n = len(items)
 
         def get_batch(index: int, start: int, count: int) -> Batch:
@@ -254,7 +272,8 @@ def align_grpo(
             name="grpo",
             objective=grpo_objective(grpo),
         )
-        after = heldout_accuracy(model, tok, held, grpo)
-        log(f"grpo: held-out accuracy after: {after:.3f}")
-    summary.update(heldout_before=before, heldout_after=after, heldout_items=len(held))
+        after = heldout_scores(model, tok, held, grpo.task, grpo.max_completion)
+    summary.update(before_after(before, after))
+    if held:
+        log(f"grpo: held-out accuracy after: {summary['heldout_after']:.3f}")
     return summary

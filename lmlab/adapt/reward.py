@@ -75,14 +75,21 @@ def collate_full(rows: list[list[int]], pad: int, seq_len: int) -> Batch:
 
 
 def reward_objective(pad: int, cfg: RewardConfig):
-    """Bradley–Terry on interleaved rows (2i chosen, 2i + 1 rejected), counted in pairs;
-    logs the mean scores, their margin and the pairwise accuracy."""
+    """Bradley–Terry on interleaved rows (2i chosen, 2i + 1 rejected), counted in pairs,
+    with each pair's `margin` (batch extras) where the data gave margins; logs the mean
+    scores, their margin and the pairwise accuracy."""
 
     def objective(model: torch.nn.Module, batch: Batch) -> LossOut:
         scores = model(batch.inputs, score_at=score_positions(batch.inputs, pad)).float()
         chosen, rejected = scores[0::2], scores[1::2]
         pairs = chosen.numel()
-        loss = reward_model_loss(chosen, rejected, center_coefficient=cfg.center_coefficient)
+        given = (batch.extras or {}).get("margin")
+        loss = reward_model_loss(
+            chosen,
+            rejected,
+            margin=None if given is None else given[0::2].float(),
+            center_coefficient=cfg.center_coefficient,
+        )
         margin = (chosen - rejected).detach()
         metrics = {
             "score_chosen": chosen.detach().sum(),
@@ -124,13 +131,23 @@ def align_rm(
         tok = load_tokenizer(ckpt)
         base = load_model(ckpt)
         model = base if base.cfg.reward_head else with_reward_head(base)
-        encoded = [[ids for ids, _ in encode_pair(tok, p)] for p in pairs]
+        margins = [p.margin for p in pairs]
+        if any(m is not None for m in margins) and None in margins:
+            raise UsageError("rm: some pairs have a 'margin' and some do not; give all or none")
+        with_margin = margins[0] is not None
+        # each pair: its two rows, and its margin (0 where the data gives none)
+        encoded = [([ids for ids, _ in encode_pair(tok, p)], p.margin or 0.0) for p in pairs]
         train_rows, held = split_pairs(encoded, rm.heldout, seed, "rm")
         pad = pad_id(tok)
 
         def batch_of(indices: list[int], is_held: bool) -> Batch:
             part = held if is_held else train_rows
-            return collate_full([r for i in indices for r in part[i]], pad, cfg.seq_len)
+            batch = collate_full([r for i in indices for r in part[i][0]], pad, cfg.seq_len)
+            if with_margin:
+                # per row, as extras are (slicing rows keeps pairs whole): both rows of a pair
+                m = torch.tensor([part[i][1] for i in indices])
+                batch.extras = {"margin": m.repeat_interleave(2)}
+            return batch
 
         key = run_key("rm", rm, data, seed)
         return train_pairs_loop(
