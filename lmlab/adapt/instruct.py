@@ -173,9 +173,11 @@ def instruct(
     heldout: float = 0.05,
     seed: int = 0,
     one_pass: bool = False,
+    epochs: int | None = None,
 ) -> dict:
     """Supervised fine-tuning of `model_ref` on the user's instruction sets, mixed by
-    weight; an ordinary checkpoint results under `out_dir/model`."""
+    weight; an ordinary checkpoint results under `out_dir/model`. `one_pass` replaces
+    `cfg.max_steps` with one pass over the examples; `epochs` bounds an unset one."""
     out_dir = claim_output_dir(out_dir, "sft-data", resume=True)  # before any work
     sets = [read_examples(s.path) for s in sources]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
@@ -196,6 +198,8 @@ def instruct(
         total = sum(sizes)
         if one_pass:
             cfg.max_steps = max(1, total // cfg.batch_size)
+        elif epochs and cfg.max_steps is None:
+            cfg.max_steps = epochs * max(1, total // cfg.batch_size)
 
         def get_batch(_index: int, start: int, count: int) -> Batch:
             picked = []

@@ -8,10 +8,20 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
+from lmlab.cli.pipeline import stage_command
 from lmlab.console import log
 
-align_app = typer.Typer(help="Align a model with preference data.", no_args_is_help=True)
+align_app = typer.Typer(
+    help="Align a model: preference optimisation, reward models, PPO, GRPO; `run`: a recipe stage.",
+    no_args_is_help=True,
+)
 app.add_typer(align_app, name="align")
+stage_command(
+    "run",
+    "align",
+    "The recipe's align stage (align.method), after the stages before it.",
+    align_app,
+)
 
 ModelArg = Annotated[
     str, typer.Argument(help="A run or checkpoint directory, an HF directory, a GGUF file.")
@@ -61,6 +71,18 @@ def _configs(what: str, method: type, method_args: dict, train_args: dict):
         flag = str(first["loc"][0]).replace("_", "-")
         raise UsageError(f"align {what}: --{flag}: {first['msg']}") from None
     return m, cfg, steps is None
+
+
+def _heldout(summary: dict) -> str:
+    """The held-out accuracy before and after, with the paired difference."""
+    if not summary.get("heldout_items"):
+        return "no held-out items scored"
+    s = summary
+    return (
+        f"held-out accuracy {s['heldout_before']:.3f} -> {s['heldout_after']:.3f} "
+        f"({s['heldout_diff']:+.3f} ± {s['heldout_diff_se']:.3f} paired SE, "
+        f"{s['heldout_items']} items)"
+    )
 
 
 @align_app.command("dpo")
@@ -190,10 +212,7 @@ def grpo_cmd(
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
     s = align_grpo(model, out, grpo, cfg, seed=seed)
-    log(
-        f"grpo: wrote {out / 'model'}; held-out accuracy {s['heldout_before']:.3f} -> "
-        f"{s['heldout_after']:.3f} ({s['heldout_items']} items)"
-    )
+    log(f"grpo: wrote {out / 'model'}; {_heldout(s)}")
 
 
 @align_app.command("kto")
@@ -284,7 +303,16 @@ def ppo_cmd(
     heldout: HeldoutItemsOpt = 32,
     max_completion: AnswerLenOpt = 32,
     temperature: TemperatureOpt = 1.0,
-    kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to the start.")] = 0.05,
+    kl_coef: Annotated[
+        float, typer.Option(help="Per-token KL penalty to the start (adaptive: its start).")
+    ] = 0.05,
+    kl_target: Annotated[
+        float | None,
+        typer.Option(help="Adaptive KL: the target KL per sequence (nats); default fixed."),
+    ] = None,
+    kl_horizon: Annotated[
+        int, typer.Option(help="Adaptive KL: sequences over which the coefficient adapts.")
+    ] = 10_000,
     gamma: Annotated[float, typer.Option(help="Discount.")] = 1.0,
     lam: Annotated[float, typer.Option(help="GAE's lambda.")] = 0.95,
     cliprange: Annotated[float, typer.Option(help="Policy ratio clip.")] = 0.2,
@@ -313,6 +341,8 @@ def ppo_cmd(
             temperature=temperature,
             reward_model=reward_model,
             kl_coef=kl_coef,
+            kl_target=kl_target,
+            kl_horizon=kl_horizon,
             gamma=gamma,
             lam=lam,
             cliprange=cliprange,
@@ -323,10 +353,7 @@ def ppo_cmd(
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
     s = align_ppo(model, out, ppo, cfg, seed=seed)
-    log(
-        f"ppo: wrote {out / 'model'}; held-out accuracy {s['heldout_before']:.3f} -> "
-        f"{s['heldout_after']:.3f} ({s['heldout_items']} items)"
-    )
+    log(f"ppo: wrote {out / 'model'}; {_heldout(s)}")
 
 
 @app.command("self-instruct")

@@ -71,7 +71,7 @@ def stage_command(command_name: str, until: str, doc: str, group: typer.Typer = 
 stage_command(
     "run",
     "report",
-    "Run the whole pipeline: data → tokenizer → pretrain → sft → "
+    "Run the whole pipeline: data → tokenizer → pretrain → sft → align → "
     "eval → report. Finished stages are reused; an interrupted run resumes.",
 )
 for _stage, _what in [

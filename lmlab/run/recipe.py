@@ -28,10 +28,13 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from lmlab.adapt.dpo import DPOConfig
+from lmlab.adapt.grpo import GRPOConfig
 from lmlab.adapt.sft import SFTConfig
-from lmlab.config import STRICT, Int, NonNegInt, PosInt
+from lmlab.config import STRICT, Int, NonNegInt, PosFloat, PosInt
 from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
+from lmlab.eval.synthetic import check_task
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import SIZE_KEYS, resolve_fields
 from lmlab.tokenizer.train import MIN_VOCAB
@@ -78,6 +81,77 @@ class SFTStage(SFTConfig):
             lr=3e-4, warmup_steps=20, max_minutes=2.0, eval_every=50, checkpoint_every=50
         )
     )
+    # instruction sets (chat `messages`, prompt/completion, Alpaca; `FILE` or `FILE:WEIGHT`
+    # as `lmlab sft --data` takes them, relative to the working directory) tuned on instead
+    # of the docstring questions mined from the corpus
+    data: list[str] = field(default_factory=list)
+    packing: bool = True  # several examples per row, attention and loss kept inside each
+
+
+# GRPO's task keys: one task for every method, set at `align.*` (GRPO's own name on the right)
+_GRPO_TASK = {
+    "task": "task",
+    "difficulty": "difficulty",
+    "prompts": "prompts",
+    "heldout": "heldout",
+    "temperature": "temperature",
+    "max_new_tokens": "max_completion",
+}
+
+
+@dataclass
+class AlignStage:
+    """Alignment after SFT on a task with exact answers: DPO on pairs that the SFT model's
+    own samples make (the verifier picks the best and worst of `k`), or GRPO on the task."""
+
+    __pydantic_config__ = STRICT
+
+    method: Literal["none", "dpo", "grpo"] = "none"
+    # dpo: preference files (TRL's prompt/chosen/rejected, relative to the working
+    # directory) trained on instead of pairs built from the SFT model's answers
+    data: list[str] = field(default_factory=list)
+    task: str = "addition"  # a generated reasoning task (lmlab.eval.synthetic)
+    difficulty: PosInt = 1
+    prompts: PosInt = 128  # training items of the task's train split
+    heldout: NonNegInt = 32  # test-split items scored greedily before and after
+    k: PosInt = 4  # dpo: answers sampled per prompt
+    temperature: PosFloat = 1.0  # sampling of the pairs' answers and of GRPO's groups
+    max_new_tokens: PosInt = 32
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # its loss keys; the task is above
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            batch_size=4,
+            seq_len=128,
+            lr=5e-6,
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_minutes=3.0,
+            eval_every=25,
+            checkpoint_every=25,
+            log_every=1,
+        )
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            check_task(self.task, self.difficulty)
+        except UsageError as e:
+            raise UsageError(f"align.task: {str(e).removeprefix('synthetic: ')}") from None
+        if self.k < 2:
+            raise UsageError("align.k: at least 2 answers per prompt make a pair")
+        default = GRPOConfig()
+        for ours, theirs in _GRPO_TASK.items():
+            if getattr(self.grpo, theirs) != getattr(default, theirs):
+                raise UsageError(
+                    f"align.grpo.{theirs}: set align.{ours} instead (one task for every method)"
+                )
+
+    def grpo_config(self) -> GRPOConfig:
+        """GRPO's whole config: its loss keys with the task keys of `align`."""
+        return dataclasses.replace(
+            self.grpo, **{theirs: getattr(self, ours) for ours, theirs in _GRPO_TASK.items()}
+        )
 
 
 class Recipe(BaseModel):
@@ -99,6 +173,7 @@ class Recipe(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig(max_minutes=8.0))
     sft: SFTStage = Field(default_factory=SFTStage)
+    align: AlignStage = Field(default_factory=AlignStage)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # name -> model overrides merged onto `model:`; non-empty makes the run a controlled
     # comparison (lmlab.run.compare): same data, tokens and seed for every variant
@@ -112,6 +187,22 @@ class Recipe(BaseModel):
     def _model_preset(cls, v: Any) -> Any:
         """`preset`, `size`, `layers`, `width`, `heads` resolve to plain model fields."""
         return resolve_fields(v) if isinstance(v, dict) else v
+
+    @field_validator("sft", "align", mode="before")
+    @classmethod
+    def _stage_train_defaults(cls, v: Any, info: Any) -> Any:
+        """A stage's `train:` keys override the stage's own training defaults (a gentle
+        learning rate, no warm-up), not TrainConfig's pre-training ones; a budget given
+        (steps, tokens or minutes) replaces the default budget whole."""
+        if isinstance(v, dict) and isinstance(v.get("train"), dict):
+            own = dataclasses.asdict(
+                {"sft": SFTStage, "align": AlignStage}[info.field_name]().train
+            )
+            budget = ("max_steps", "max_tokens", "max_minutes")
+            if any(k in v["train"] for k in budget):
+                own = {k: x for k, x in own.items() if k not in budget}
+            v = {**v, "train": {**own, **v["train"]}}
+        return v
 
     @field_validator("variants", mode="before")
     @classmethod

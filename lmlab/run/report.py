@@ -18,22 +18,28 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_losses(run_dir: Path, out_png: Path) -> bool:
-    """Training and validation loss of pretraining (by tokens) and SFT (by step)."""
+    """Training and validation loss of pretraining (by tokens), SFT and alignment (by
+    step; the alignment panel only when the run aligned)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
+    def first(*paths: Path):
+        return read_metrics(next((p for p in paths if p.is_file()), paths[0]))
+
     pre = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
-    sft = read_metrics(run_dir / "sft" / "metrics.jsonl")
-    if not (pre.train or pre.val or sft.train or sft.val):
+    sft = first(run_dir / "sft" / "metrics.jsonl", run_dir / "sft" / "instruct" / "metrics.jsonl")
+    panels = [(pre, "tokens", "pre-training"), (sft, "step", "instruction tuning (SFT)")]
+    for method in ("dpo", "grpo"):
+        m = read_metrics(run_dir / "align" / method / "metrics.jsonl")
+        if m.train or m.val:
+            panels.append((m, "step", f"alignment ({method.upper()}, its own loss)"))
+    if not any(m.train or m.val for m, _, _ in panels):
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, m, x_key, title in (
-        (axes[0], pre, "tokens", "pre-training"),
-        (axes[1], sft, "step", "instruction tuning (SFT)"),
-    ):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (m, x_key, title) in zip(axes, panels, strict=True):
         tr = [(r[x_key], r["loss"]) for r in m.train]
         va = [(r[x_key], r["val_loss"]) for r in m.val]
         if tr:
@@ -44,7 +50,7 @@ def plot_losses(run_dir: Path, out_png: Path) -> bool:
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_title(title)
         ax.set_xlabel(x_key)
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel("cross-entropy (nats/token)" if "alignment" not in title else "loss")
         ax.grid(alpha=0.3)
         if tr or va:  # a stage that did not run (no SFT) has nothing to label
             ax.legend()
@@ -203,7 +209,9 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
         qa = res.get("qa", {})
         if "base" in qa:
             rows = [["model", "prompting", "n", "exact match", "ROUGE-L"]]
-            for name in ("base", "sft"):
+            for name in ("base", "sft", "aligned"):
+                if name not in qa:
+                    continue
                 d = qa[name]
                 prompting = (
                     f"{len(qa.get('shots', []))}-shot" if name == "base" else "chat template"
@@ -219,20 +227,32 @@ def build_sections(run_dir: Path) -> list[tuple[str, list[list[str]] | str]]:
                 else "The SFT model does not beat the base model on ROUGE-L by more than two "
                 "standard errors."
             )
-            sections.append(
-                (
-                    "Verdict",
-                    f"Paired difference (SFT − base) in ROUGE-L: "
-                    f"{dr['mean']:+.3f} ± {dr['se']:.3f} (standard error over the same "
-                    f"items). {verdict}",
-                )
+            text = (
+                f"Paired difference (SFT − base) in ROUGE-L: "
+                f"{dr['mean']:+.3f} ± {dr['se']:.3f} (standard error over the same "
+                f"items). {verdict}"
             )
+            da = qa.get("aligned_minus_sft_rouge_l")
+            if da:
+                text += (
+                    f" Aligned − SFT: {da['mean']:+.3f} ± {da['se']:.3f} (the alignment tax "
+                    "on these questions, where negative)."
+                )
+            sections.append(("Verdict", text))
+    sections += align_sections(stages.get("align", {}).get("summary", {}))
     sections += task_sections(run_dir)
     samples = _read_jsonl(run_dir / "eval" / "samples.jsonl")[:8]
     if samples:
-        rows = [["question", "reference", "base (few-shot)", "SFT"]]
+        aligned = "aligned_prediction" in samples[0]
+        rows = [["question", "reference", "base (few-shot)", "SFT", *(["aligned"] * aligned)]]
         rows += [
-            [s["question"], s["reference"], s["base_prediction"], s["sft_prediction"]]
+            [
+                s["question"],
+                s["reference"],
+                s["base_prediction"],
+                s["sft_prediction"],
+                *([s["aligned_prediction"]] if aligned else []),
+            ]
             for s in samples
         ]
         sections.append(("Sample answers", rows))
@@ -264,36 +284,68 @@ def _architecture_rows(model: dict) -> list[list[str]]:
     return [[k, desc[k]] for k in keep]
 
 
+def align_sections(summ: dict) -> list:
+    """The align stage: its method and the held-out accuracy before and after, paired."""
+    if not summ or summ.get("method", "none") == "none":
+        return []
+    rows = [["", "value"], ["method", summ["method"]]]
+    if "pairs" in summ:
+        rows.append(["training pairs", str(summ["pairs"])])
+    rows += [
+        ["steps", str(summ.get("steps"))],
+        ["final validation loss", _fmt(summ.get("final_val_loss"))],
+    ]
+    if summ.get("heldout_items"):
+        rows += [
+            ["held-out items (greedy, exact answer)", str(summ["heldout_items"])],
+            ["accuracy of the SFT model", _fmt(summ["heldout_before"], 3)],
+            ["accuracy of the aligned model", _fmt(summ["heldout_after"], 3)],
+            [
+                "aligned − SFT (paired SE)",
+                f"{summ['heldout_diff']:+.3f} ± {summ['heldout_diff_se']:.3f}",
+            ],
+        ]
+    return [("Alignment", rows)]
+
+
 def task_sections(run_dir: Path) -> list:
-    """The evaluation tasks of both models: value ± standard error, the paired SFT − base
-    difference, calibration plots and a few generations."""
+    """The evaluation tasks of every model: value ± standard error, the paired SFT − base
+    (and aligned − SFT) differences, calibration plots and a few generations."""
     task_dir = run_dir / "eval" / "tasks"
     base, sft = task_dir / "base" / "results.json", task_dir / "sft" / "results.json"
     if not (base.is_file() and sft.is_file()):
         return []
     rb, rs = read_json(base), read_json(sft)
-    paired = read_json(run_dir / "eval" / "results.json").get("tasks", {})
-    rows = [["task", "metric", "n", "base", "SFT", "SFT − base (paired)", "p"]]
+    aligned = task_dir / "aligned" / "results.json"
+    ra = read_json(aligned) if aligned.is_file() else None
+    res = read_json(run_dir / "eval" / "results.json")
+    paired = res.get("tasks", {})
+    paired_a = res.get("tasks_aligned_minus_sft", {})
+    head = ["task", "metric", "n", "base", "SFT", "SFT − base (paired)", "p"]
+    if ra is not None:
+        head += ["aligned", "aligned − SFT (paired)", "p"]
+    rows = [head]
+
+    def diff_cells(d: dict) -> list[str]:
+        return [
+            _value_se({"value": d.get("diff"), "stderr": d.get("stderr")}),
+            _fmt(d.get("p_value"), 3) if d.get("p_value") is not None else "",
+        ]
+
     for task, entry in rs["tasks"].items():
         for metric, d in entry["results"].items():
             b = rb["tasks"].get(task, {}).get("results", {}).get(metric, {})
-            diff = paired.get(task, {}).get(metric, {})
-            rows.append(
-                [
-                    task,
-                    metric,
-                    str(entry["n"]),
-                    _value_se(b),
-                    _value_se(d),
-                    _value_se({"value": diff.get("diff"), "stderr": diff.get("stderr")}),
-                    _fmt(diff.get("p_value"), 3) if diff.get("p_value") is not None else "",
-                ]
-            )
+            row = [task, metric, str(entry["n"]), _value_se(b), _value_se(d)]
+            row += diff_cells(paired.get(task, {}).get(metric, {}))
+            if ra is not None:
+                a = ra["tasks"].get(task, {}).get("results", {}).get(metric, {})
+                row += [_value_se(a), *diff_cells(paired_a.get(task, {}).get(metric, {}))]
+            rows.append(row)
     out: list = [("Evaluation tasks (± standard error)", rows)]
     for png in sorted(task_dir.glob("*/calibration/*.png")):
         out.append((f"Calibration: {png.parent.parent.name} model, {png.stem}", png))
     examples = [["task", "model", "generation (end)", "correct"]]
-    for name in ("base", "sft"):
+    for name in ("base", "sft", "aligned"):
         for path in sorted((task_dir / name / "samples").glob("synthetic_*.jsonl"))[:2]:
             for rec in _read_jsonl(path)[:2]:
                 gen = (rec.get("generations") or [""])[0]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.adapt.instruct import parse_source
 from lmlab.console import log
 from lmlab.data.pipeline import RULES_VERSION
 from lmlab.errors import UsageError
@@ -42,6 +43,7 @@ from lmlab.run.rundir import (
     write_manifest,
 )
 from lmlab.run.stages import (
+    stage_align,
     stage_data,
     stage_eval,
     stage_pretrain,
@@ -50,7 +52,16 @@ from lmlab.run.stages import (
     stage_tokenizer,
 )
 from lmlab.train import distributed as dist_
-from lmlab.utils import check_name, dir_lock, git_commit, hash_obj, hash_tree, read_json, versions
+from lmlab.utils import (
+    check_name,
+    dir_lock,
+    git_commit,
+    hash_obj,
+    hash_tree,
+    read_json,
+    sha256_file,
+    versions,
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,35 @@ def base_model_facts(recipe: Recipe) -> dict:
     return {"base_model": model_identity(recipe.base_model)}
 
 
+def data_files(recipe: Recipe) -> dict[str, list[Path]]:
+    """The recipe's own data files by key: instruction sets (`sft.data`) and preference
+    files (`align.data`), checked to exist before any stage runs."""
+    out: dict[str, list[Path]] = {"sft.data": [], "align.data": []}
+    specs = [("sft.data", s, parse_source(s).path) for s in recipe.sft.data]
+    specs += [("align.data", s, Path(s)) for s in recipe.align.data]
+    for key, spec, path in specs:
+        if not str(path).startswith("hf:") and not path.is_file():
+            raise UsageError(f"{key}: {spec}: no such file")
+        out[key].append(path)
+    return out
+
+
+def _contents(paths: list[Path]) -> list[str]:
+    return [sha256_file(p) if p.is_file() else str(p) for p in paths]
+
+
+def sft_facts(recipe: Recipe) -> dict:
+    """The contents of the instruction sets: an edited file redoes SFT."""
+    files = data_files(recipe)["sft.data"]
+    return {"sft_data": _contents(files)} if files else {}
+
+
+def align_facts(recipe: Recipe) -> dict:
+    """The contents of the preference files: an edited file redoes the alignment."""
+    files = data_files(recipe)["align.data"]
+    return {"align_data": _contents(files)} if files else {}
+
+
 def eval_facts(recipe: Recipe) -> dict:
     """Whether the code task can run here: results cached without it (no bubblewrap) are
     not reused once it can."""
@@ -104,15 +144,30 @@ PIPELINE = (
         all_ranks=True,
         facts=base_model_facts,
     ),
-    Stage("sft", stage_sft, ("sft", "seed"), ("data", "tokenizer", "pretrain"), all_ranks=True),
+    Stage(
+        "sft",
+        stage_sft,
+        ("sft", "seed"),
+        ("data", "tokenizer", "pretrain"),
+        all_ranks=True,
+        facts=sft_facts,
+    ),
+    Stage(
+        "align",
+        stage_align,
+        ("align", "seed"),
+        ("tokenizer", "sft"),
+        all_ranks=True,
+        facts=align_facts,
+    ),
     Stage(
         "eval",
         stage_eval,
         ("eval", "seed"),
-        ("data", "tokenizer", "pretrain", "sft"),
+        ("data", "tokenizer", "pretrain", "sft", "align"),
         facts=eval_facts,
     ),
-    Stage("report", stage_report, (), ("data", "tokenizer", "pretrain", "sft", "eval")),
+    Stage("report", stage_report, (), ("data", "tokenizer", "pretrain", "sft", "align", "eval")),
 )
 STAGES = [s.name for s in PIPELINE]
 
@@ -157,6 +212,7 @@ def run_recipe(
     check_run_dir(run.dir)
     if recipe.base_model is not None:  # a missing base model fails before any stage runs
         find_format(recipe.base_model)
+    data_files(recipe)
     d = dist_.setup() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else dist_.Dist()
     # one writer per run directory: rank 0 holds the lock (its ranks work in step with it)
     with dir_lock(run.dir) if d.main else contextlib.nullcontext():

@@ -1,13 +1,15 @@
-"""The six stages of the default pipeline, each reading the files of the stages before it."""
+"""The stages of the default pipeline, each reading the files of the stages before it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from lmlab.adapt.docstring_qa import build_pairs
+from lmlab.adapt.instruct import instruct, parse_source
 from lmlab.adapt.sft import sft
 from lmlab.console import log
 from lmlab.data.mixture import write_token_shards
@@ -125,8 +127,39 @@ def stage_pretrain(run: Run) -> dict:
     return {k: v for k, v in summary.items() if k != "config"}
 
 
+def sft_model_dir(run: Run) -> Path:
+    """The SFT stage's model: tuned on the recipe's instruction sets, or on mined pairs."""
+    sdir = run.stage_dir("sft")
+    return sdir / "instruct" / "model" if run.recipe.sft.data else sdir / "model"
+
+
+def aligned_model_dir(run: Run) -> Path | None:
+    """The align stage's model (None when the recipe aligns nothing)."""
+    method = run.recipe.align.method
+    return None if method == "none" else run.stage_dir("align") / method / "model"
+
+
+def _sft_on_data(run: Run) -> dict:
+    """SFT on the recipe's instruction sets (as `lmlab sft --data`), mixed by weight."""
+    cfg = run.recipe.sft
+    train_cfg = dataclasses.replace(cfg.train)
+    summary = instruct(
+        run.stage_dir("pretrain") / "model",
+        [parse_source(spec) for spec in cfg.data],
+        run.stage_dir("sft") / "instruct",
+        train_cfg,
+        packing=cfg.packing,
+        heldout=cfg.held_out_fraction,
+        seed=run.recipe.seed,
+        epochs=cfg.epochs,
+    )
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
 def stage_sft(run: Run) -> dict:
     cfg = run.recipe.sft
+    if cfg.data:
+        return _sft_on_data(run)
     out = run.stage_dir("sft")
     # Pairs come from the training split only: the knowledge the base model has seen.
     sizes = build_pairs([run.stage_dir("data") / "documents" / "train.jsonl"], cfg, out / "pairs")
@@ -148,92 +181,154 @@ def stage_sft(run: Run) -> dict:
     return {**sizes, **{k: v for k, v in summary.items() if k != "config"}}
 
 
-def stage_eval(run: Run) -> dict:
-    from lmlab.eval.lm import lm_metrics
+def stage_align(run: Run) -> dict:
+    """DPO on pairs built from the SFT model's own answers, or GRPO, on `align.task`; the
+    held-out accuracy of the SFT and the aligned model on the same items, paired."""
+    cfg = run.recipe.align
+    if cfg.method == "none":
+        return {"method": "none"}
+    from lmlab.adapt.dpo import align_dpo
+    from lmlab.adapt.grpo import align_grpo, before_after, heldout_scores, task_items
+    from lmlab.adapt.pairs import build_pairs
+
+    seed = run.recipe.seed
+    start = sft_model_dir(run)
+    out = run.stage_dir("align")
+    train_cfg = dataclasses.replace(cfg.train)
+    if cfg.method == "grpo":
+        summary = align_grpo(start, out / "grpo", cfg.grpo_config(), train_cfg, seed=seed)
+        return {"method": "grpo", **{k: v for k, v in summary.items() if k != "config"}}
+    pairs = [Path(p) for p in cfg.data] or [out / "pairs.jsonl"]
+    if not cfg.data and dist_.current().main and not pairs[0].is_file():  # resumed: kept
+        built = build_pairs(
+            start, pairs[0], cfg.task, cfg.prompts, cfg.k, cfg.difficulty, cfg.temperature,
+            cfg.max_new_tokens, seed=seed,
+        )  # fmt: skip
+        log(f"align: {built['pairs']} pairs from {built['items']} items ({built['ties']} ties)")
+    dist_.barrier()
+    summary = align_dpo(start, pairs, out / "dpo", cfg.dpo, train_cfg, seed=seed)
+    summary = {k: v for k, v in summary.items() if k != "config"}
+    _, held = task_items(cfg.task, cfg.prompts, cfg.heldout, cfg.difficulty, seed)
+    tok = load_tokenizer(start)
+    scores = [
+        heldout_scores(load_model(m), tok, held, cfg.task, cfg.max_new_tokens)
+        for m in (start, out / "dpo" / "model")
+    ]
+    result = before_after(*scores)
+    if held:
+        log(
+            f"align: held-out accuracy {result['heldout_before']:.3f} -> "
+            f"{result['heldout_after']:.3f} ({len(held)} items)"
+        )
+    return {"method": "dpo", **summary, **result}
+
+
+def model_dirs(run: Run) -> dict[str, Path]:
+    """The models a run evaluates, in pipeline order: base, sft and (if any) aligned."""
+    out = {"base": run.stage_dir("pretrain") / "model", "sft": sft_model_dir(run)}
+    aligned = aligned_model_dir(run)
+    if aligned is not None:
+        out["aligned"] = aligned
+    return out
+
+
+# the paired differences the report shows: each tuned model against the one it started from
+COMPARISONS = (("sft", "base"), ("aligned", "sft"))
+
+
+def _qa(run: Run, models: dict, tok) -> dict:
+    """Held-out docstring questions: the base model few-shot, the tuned ones in chat form."""
     from lmlab.eval.metrics import paired_difference
     from lmlab.eval.qa import evaluate_qa, pick_items
 
     cfg = run.recipe.eval
-    tok = load_tokenizer(run.stage_dir("tokenizer"))  # with its chat template
-    val = open_split(run.stage_dir("tokenizer") / "tokens", "val")
-    models = {
-        "base": load_model(run.stage_dir("pretrain") / "model"),
-        "sft": load_model(run.stage_dir("sft") / "model"),
-    }
-    seq_len = run.recipe.pretrain.seq_len
-    lm = {
-        name: lm_metrics(m, val, tok, seq_len, cfg.val_tokens, label=name)
-        for name, m in models.items()
-    }
     pairs_dir = run.stage_dir("sft") / "pairs"
+    if not (pairs_dir / "heldout.jsonl").is_file():  # tuned on the recipe's own data
+        return {}
     with open(pairs_dir / "heldout.jsonl", encoding="utf-8") as f:
         held = [json.loads(ln) for ln in f if ln.strip()]
     with open(pairs_dir / "train.jsonl", encoding="utf-8") as f:
         train_pairs = [json.loads(ln) for ln in f if ln.strip()]
     items = pick_items(held, cfg.questions, run.recipe.seed)
+    if not items:
+        log("eval: no held-out questions (corpus too small or held_out_fraction 0)")
+        return {}
     shots = pick_items(
         [p for p in train_pairs if p["question"].startswith("What does")],
         cfg.shots,
         run.recipe.seed + 1,
     )
-    results = {"config": run.recipe.resolved(), "seed": run.recipe.seed, "lm": lm, "qa": {}}
-    if items:
-        qa = {
-            "base": evaluate_qa(
-                models["base"], tok, items, "few-shot", shots, cfg.max_new_tokens, "base (few-shot)"
-            ),
-            "sft": evaluate_qa(
-                models["sft"], tok, items, "chat", shots, cfg.max_new_tokens, "sft (chat)"
-            ),
-        }
-        for metric in ("exact_match", "rouge_l"):
-            a = [r[metric] for r in qa["base"]["items"]]
-            b = [r[metric] for r in qa["sft"]["items"]]
-            diff, se = paired_difference(a, b)
-            qa[f"sft_minus_base_{metric}"] = {"mean": diff, "se": se}
-        out = run.stage_dir("eval")
-        write_jsonl(
-            out / "samples.jsonl",
-            [
-                {
-                    **b,
-                    "base_prediction": b["prediction"],
-                    "sft_prediction": s["prediction"],
-                    "base_rouge_l": b["rouge_l"],
-                    "sft_rouge_l": s["rouge_l"],
-                }
-                for b, s in zip(qa["base"]["items"], qa["sft"]["items"], strict=True)
-            ],
+    qa = {
+        name: evaluate_qa(
+            m,
+            tok,
+            items,
+            "few-shot" if name == "base" else "chat",
+            shots,
+            cfg.max_new_tokens,
+            f"{name} ({'few-shot' if name == 'base' else 'chat'})",
         )
-        results["qa"] = {
-            k: (
-                {kk: vv for kk, vv in v.items() if kk != "items"}
-                if isinstance(v, dict) and "items" in v
-                else v
-            )
-            for k, v in qa.items()
-        }
-        results["qa"]["shots"] = shots
-    else:
-        log("eval: no held-out questions (corpus too small or held_out_fraction 0)")
-    if cfg.tasks:  # the harness on both models, the SFT one through its chat template
+        for name, m in models.items()
+    }
+    for new, old in COMPARISONS:
+        if new in qa:
+            for metric in ("exact_match", "rouge_l"):
+                a = [r[metric] for r in qa[old]["items"]]
+                b = [r[metric] for r in qa[new]["items"]]
+                diff, se = paired_difference(a, b)
+                qa[f"{new}_minus_{old}_{metric}"] = {"mean": diff, "se": se}
+    samples = []
+    for i, b in enumerate(qa["base"]["items"]):
+        row = {**b, "base_rouge_l": b["rouge_l"]}
+        for name in models:
+            row[f"{name}_prediction"] = qa[name]["items"][i]["prediction"]
+            row[f"{name}_rouge_l"] = qa[name]["items"][i]["rouge_l"]
+        samples.append(row)
+    write_jsonl(run.stage_dir("eval") / "samples.jsonl", samples)
+    out = {
+        k: ({kk: vv for kk, vv in v.items() if kk != "items"} if "items" in v else v)
+        for k, v in qa.items()
+    }
+    out["shots"] = shots
+    return out
+
+
+def stage_eval(run: Run) -> dict:
+    from lmlab.eval.lm import lm_metrics
+
+    cfg = run.recipe.eval
+    tok = load_tokenizer(run.stage_dir("tokenizer"))  # with its chat template
+    val = open_split(run.stage_dir("tokenizer") / "tokens", "val")
+    dirs = model_dirs(run)
+    models = {name: load_model(d) for name, d in dirs.items()}
+    seq_len = run.recipe.pretrain.seq_len
+    lm = {
+        name: lm_metrics(m, val, tok, seq_len, cfg.val_tokens, label=name)
+        for name, m in models.items()
+    }
+    results = {"config": run.recipe.resolved(), "seed": run.recipe.seed, "lm": lm}
+    results["qa"] = _qa(run, models, tok)
+    if cfg.tasks:  # the harness on every model, the tuned ones through their chat template
         from lmlab.eval.harness import evaluate, paired_comparison
 
         task_dir = run.stage_dir("eval") / "tasks"
         train_docs = [run.stage_dir("data") / "documents" / "train.jsonl"]
-        for name in models:
+        for name, d in dirs.items():
             evaluate(
-                run.stage_dir("pretrain" if name == "base" else "sft") / "model",
+                d,
                 cfg.tasks,
                 task_dir / name,
                 limit=cfg.task_limit,
                 seed=run.recipe.seed,
                 train_docs=[d for d in train_docs if d.is_file()],
-                chat=name == "sft",
+                chat=name != "base",
                 owned=True,  # the stage directory is the run's, not an `lmlab eval` output
                 skip_unsandboxed=True,  # the default recipe runs wherever lmlab installs
             )
-        results["tasks"] = paired_comparison(task_dir / "base", task_dir / "sft")
+        for new, old in COMPARISONS:
+            if new in dirs:
+                key = "tasks" if old == "base" else f"tasks_{new}_minus_{old}"
+                results[key] = paired_comparison(task_dir / old, task_dir / new)
     write_json(run.stage_dir("eval") / "results.json", results)
     return {
         "lm": {
@@ -243,7 +338,7 @@ def stage_eval(run: Run) -> dict:
         "qa": {
             k: {m: round(v[m], 4) for m in ("exact_match", "rouge_l")}
             for k, v in results["qa"].items()
-            if k in ("base", "sft")
+            if k in models
         },
     }
 
