@@ -35,6 +35,8 @@ from lmlab.adapt.sft import collate
 from lmlab.config import STRICT, Fraction, NonNegFloat, PosFloat
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import as_checkpoint, load_model
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -315,6 +317,7 @@ def align_dpo(
     cfg: TrainConfig,
     seed: int = 0,
     one_pass: bool = False,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Train `model_ref` (any form lmlab loads) with DPO on the pairs of `data`; the result
     is an ordinary checkpoint under `out_dir/model`. `one_pass`: as many steps as one pass
@@ -323,7 +326,7 @@ def align_dpo(
     pairs = [p for path in data for p in read_pairs(path)]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = load_model(ckpt)
+        model = with_adapter(load_model(ckpt), peft, model_ref)
         encoded = [encode_pair(tok, p) for p in pairs]
         too_long = sum(max(len(ids) for ids, _ in e) > cfg.seq_len + 1 for e in encoded)
         if too_long:

@@ -36,6 +36,8 @@ from lmlab.eval.metrics import paired_difference
 from lmlab.eval.synthetic import TASKS, Item, check_task, extract_answer, make_items
 from lmlab.infer.generate import generate_batch
 from lmlab.infer.options import GenerationConfig
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import as_checkpoint, load_model, resolve_checkpoint
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -236,6 +238,7 @@ def align_grpo(
     grpo: GRPOConfig,
     cfg: TrainConfig,
     seed: int = 0,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Train `model_ref` with GRPO on generated items of `grpo.task`; `cfg.batch_size`
     counts prompts (each brings `group_size` sequences). The held-out accuracy before and
@@ -245,7 +248,7 @@ def align_grpo(
     items, held = task_items(grpo.task, grpo.prompts, grpo.heldout, grpo.difficulty, seed)
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = load_model(ckpt)
+        model = with_adapter(load_model(ckpt), peft, model_ref)
         ref = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta > 0 else None
         before = heldout_scores(model, tok, held, grpo.task, grpo.max_completion)
         if held:

@@ -27,6 +27,8 @@ from lmlab.adapt.dpo import _messages, _reply
 from lmlab.adapt.records import iter_records
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import as_checkpoint, load_model
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -174,6 +176,7 @@ def instruct(
     seed: int = 0,
     one_pass: bool = False,
     epochs: int | None = None,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Supervised fine-tuning of `model_ref` on the user's instruction sets, mixed by
     weight; an ordinary checkpoint results under `out_dir/model`. `one_pass` replaces
@@ -182,7 +185,7 @@ def instruct(
     sets = [read_examples(s.path) for s in sources]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = load_model(ckpt)
+        model = with_adapter(load_model(ckpt), peft, model_ref)
         pad = pad_id(tok)
         train_sets, held = [], []
         for examples in sets:

@@ -30,6 +30,8 @@ from lmlab.adapt.preference import kto_kl, kto_loss
 from lmlab.adapt.records import iter_records
 from lmlab.config import STRICT, Fraction, PosFloat
 from lmlab.errors import UsageError
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import as_checkpoint, load_model
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -118,13 +120,14 @@ def align_kto(
     cfg: TrainConfig,
     seed: int = 0,
     one_pass: bool = False,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Train `model_ref` with KTO on unpaired feedback; an ordinary checkpoint results."""
     out_dir = claim_output_dir(out_dir, "align-kto", resume=True)  # before any work
     examples = [e for path in data for e in read_feedback(path)]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = load_model(ckpt)
+        model = with_adapter(load_model(ckpt), peft, model_ref)
         n = len(examples)
         encoded = [
             (

@@ -2,6 +2,7 @@
 the app in the order `lmlab --help` lists them."""
 
 from lmlab.cli import (  # noqa: F401
+    adapt,
     align,
     data,
     evaluation,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.pipeline import stage_command
+from lmlab.cli.pipeline import PeftOpt, stage_command
 from lmlab.console import log
 
 align_app = typer.Typer(
@@ -107,11 +107,13 @@ def dpo_cmd(
     lr: LrOpt = 5e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
+    peft: PeftOpt = None,
 ) -> None:
     """Preference optimisation: DPO, cDPO, robust DPO, SLiC hinge, IPO (the reference's
     log-probs computed once), SimPO and ORPO (no reference); writes an ordinary checkpoint
     to OUT/model."""
     from lmlab.adapt.dpo import DPOConfig, align_dpo
+    from lmlab.model.adapters import parse_peft
 
     dpo, cfg, one_pass = _configs(
         "dpo",
@@ -126,7 +128,9 @@ def dpo_cmd(
         ),
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
-    summary = align_dpo(model, list(data), out, dpo, cfg, seed=seed, one_pass=one_pass)
+    summary = align_dpo(
+        model, list(data), out, dpo, cfg, seed=seed, one_pass=one_pass, peft=parse_peft(peft)
+    )
     log(f"dpo: wrote {out / 'model'} ({summary.get('steps', '?')} steps, {summary['pairs']} pairs)")
 
 
@@ -186,10 +190,12 @@ def grpo_cmd(
     lr: LrOpt = 1e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
+    peft: PeftOpt = None,
 ) -> None:
     """GRPO with verifiable rewards: G answers per prompt from the current policy, scored
     by the task's exact answers, group-normalised advantages, the clipped surrogate."""
     from lmlab.adapt.grpo import GRPOConfig, align_grpo
+    from lmlab.model.adapters import parse_peft
 
     grpo, cfg, _ = _configs(
         "grpo",
@@ -211,7 +217,7 @@ def grpo_cmd(
         ),
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
-    s = align_grpo(model, out, grpo, cfg, seed=seed)
+    s = align_grpo(model, out, grpo, cfg, seed=seed, peft=parse_peft(peft))
     log(f"grpo: wrote {out / 'model'}; {_heldout(s)}")
 
 
@@ -233,10 +239,12 @@ def kto_cmd(
     lr: LrOpt = 5e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
+    peft: PeftOpt = None,
 ) -> None:
     """KTO on unpaired feedback (each completion marked desirable or not), the reference's
     log-probs computed once; writes an ordinary checkpoint to OUT/model."""
     from lmlab.adapt.kto import KTOConfig, align_kto
+    from lmlab.model.adapters import parse_peft
 
     kto, cfg, one_pass = _configs(
         "kto",
@@ -249,7 +257,9 @@ def kto_cmd(
         ),
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
-    summary = align_kto(model, list(data), out, kto, cfg, seed=seed, one_pass=one_pass)
+    summary = align_kto(
+        model, list(data), out, kto, cfg, seed=seed, one_pass=one_pass, peft=parse_peft(peft)
+    )
     steps_done = summary.get("steps", "?")
     log(f"kto: wrote {out / 'model'} ({steps_done} steps, {summary['pairs']} examples)")
 

@@ -31,8 +31,13 @@ def model_info(
         list[str] | None, typer.Option("--set", help="Override a field: --set norm=layernorm.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    peft: Annotated[
+        str | None,
+        typer.Option(help="Also what this adapter trains and costs, e.g. lora:r=8 (docs/peft.md)."),
+    ] = None,
 ) -> None:
-    """Print an architecture with its parameters, FLOPs per token and KV-cache bytes."""
+    """Print an architecture with its parameters, FLOPs per token and KV-cache bytes (and,
+    with --peft, an adapter's trainable parameters and training memory)."""
     from lmlab.model.info import config_of, info_json, info_rows
     from lmlab.run.recipe import parse_override
 
@@ -40,16 +45,25 @@ def model_info(
     for item in set_ or []:
         keys, value = parse_override(item)
         overrides[".".join(keys)] = value
+    from lmlab.model.adapters import parse_peft, peft_rows
+
+    adapter = parse_peft(peft)
     cfg = config_of(target, size, layers, width, overrides)
     if seq_len is not None and seq_len <= 0:
         raise UsageError(f"--seq-len must be > 0, got {seq_len}")
-    if as_json:
+    extra = peft_rows(cfg, adapter) if adapter is not None else []
+    if as_json and not extra:
         print(info_json(cfg, seq_len))
+        return
+    if as_json:
+        import json
+
+        print(json.dumps({**json.loads(info_json(cfg, seq_len)), "peft": dict(extra)}, indent=2))
         return
     from rich.table import Table
 
     table = Table(title=f"model {target}", show_header=False)
-    for k, v in info_rows(cfg, seq_len):
+    for k, v in info_rows(cfg, seq_len) + extra:
         table.add_row(k, v)
     console.print(table)
 

@@ -83,6 +83,15 @@ for _stage, _what in [
     )
 
 
+PeftOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Train an adapter only: METHOD[:key=value,...], e.g. lora:r=16,alpha=32 "
+        "(lora, dora, ia3; docs/peft.md)."
+    ),
+]
+
+
 @app.command("sft")
 def sft_cmd(
     recipe: RecipeArg = "tiny",
@@ -109,6 +118,7 @@ def sft_cmd(
     ] = True,
     heldout: Annotated[float, typer.Option(help="Share of each set for validation.")] = 0.05,
     seed: Annotated[int, typer.Option(help="Mixture order and held-out split.")] = 0,
+    peft: PeftOpt = None,
 ) -> None:
     """Instruction-tune: a recipe's pre-trained model on corpus question/answer pairs (runs
     the stages before it, as `lmlab run` does), or with --model, any model on your own
@@ -140,9 +150,14 @@ def sft_cmd(
         raise UsageError(
             f"sft: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}"
         ) from None
+    from lmlab.model.adapters import parse_peft
+
+    adapter = parse_peft(peft)
     set_quiet(quiet)
     sources = [parse_source(d) for d in data]
-    summary = instruct(model, sources, out, cfg, packing, heldout, seed, one_pass=steps is None)
+    summary = instruct(
+        model, sources, out, cfg, packing, heldout, seed, one_pass=steps is None, peft=adapter
+    )
     print(f"{out / 'model'}  ({summary.get('steps', '?')} steps, {summary['examples']} examples)")
 
 

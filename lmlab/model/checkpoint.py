@@ -42,9 +42,19 @@ def save_checkpoint(
 
     `state` replaces `model.state_dict()` when the caller already gathered full tensors
     (a sharded FSDP model holds only its slice of each parameter). `kind` marks the
-    directory as that command's output (see `lmlab.utils.claim_output_dir`)."""
+    directory as that command's output (see `lmlab.utils.claim_output_dir`). A model with
+    an adapter (`lmlab.model.adapters`) is saved as the adapter alone, in PEFT's layout:
+    its config names the base model, which loading it loads first."""
+    from lmlab.model.adapters import save_adapter
+
     out = Path(out_dir)
     with atomic_dir(out, kind=kind) as tmp:
+        if getattr(model, "peft_config", None) is not None:
+            save_adapter(model, tmp, state, extra)
+            _copy_tokenizer_files(tokenizer_dir, tmp)
+            if write_extra is not None:
+                write_extra(tmp)
+            return out
         state = state if state is not None else model.state_dict()
         state = {k: v.detach().contiguous() for k, v in state.items()}
         if model.cfg.tie_embeddings:
@@ -53,14 +63,18 @@ def save_checkpoint(
         write_json(
             tmp / "config.json", {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
         )
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+        _copy_tokenizer_files(tokenizer_dir, tmp)
         if write_extra is not None:
             write_extra(tmp)
     return out
+
+
+def _copy_tokenizer_files(tokenizer_dir: str | Path | None, to: Path) -> None:
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copy2(src, to / name)
 
 
 def read_config(ckpt: Path) -> dict:

@@ -418,6 +418,9 @@ def train(
     `load_state_dict(d)`: it is saved with every checkpoint and restored on resume and on
     a spike's rollback, so both stay exact.
     """
+    peft = getattr(model, "peft_config", None)
+    if peft is not None:  # an adapter's shape is part of what a checkpoint resumes
+        key = f"{key}|peft:{json.dumps(asdict(peft), sort_keys=True)}"
     d = dist_.setup(cfg.device)
     out = Path(out_dir)
     if d.main:

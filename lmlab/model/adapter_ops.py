@@ -1,0 +1,65 @@
+"""Adapter operations that need the loader: naming an adapter's base, adding a fresh
+adapter to a model being trained, and merging an adapter into its base for good."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from lmlab.console import log
+from lmlab.errors import UsageError
+from lmlab.model.adapters import (
+    ADAPTED,
+    ADAPTER_CONFIG,
+    PeftConfig,
+    add_adapters,
+    load_adapter_weights,
+    merge_adapters,
+    read_adapter_config,
+    trainable_counts,
+)
+from lmlab.model.checkpoint import save_checkpoint
+from lmlab.model.loading import as_checkpoint, load_model
+from lmlab.model.store import resolve_model
+from lmlab.utils import claim_output_dir
+
+
+def base_reference(ref: str | Path) -> str:
+    """How an adapter file names its base: a store name as given, a path made absolute."""
+    if Path(ref).exists():
+        return str(Path(ref).resolve())
+    return str(ref) if resolve_model(ref) != Path(ref) else str(Path(ref).resolve())
+
+
+def with_adapter(model: nn.Module, cfg: PeftConfig | None, base: str | Path) -> nn.Module:
+    """`model` (loaded from `base`) with a fresh adapter when `cfg` asks for one: the
+    training functions' one line for parameter-efficient training."""
+    if cfg is None:
+        return model
+    add_adapters(model, cfg, base=base_reference(base))
+    trainable, total = trainable_counts(model)
+    log(f"peft: {cfg.method}, {trainable:,} of {total:,} parameters trainable "
+        f"({100 * trainable / total:.2f}%)")  # fmt: skip
+    return model
+
+
+def merge_into(base: str | Path, adapter: str | Path, out: str | Path) -> dict:
+    """`lmlab adapt merge`: BASE with ADAPTER's tensors merged in, saved as a plain
+    checkpoint (with BASE's tokenizer files) into `out`, which must be new or empty."""
+    adapter = Path(adapter)
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"{adapter}: not an adapter directory (no {ADAPTER_CONFIG})")
+    out = claim_output_dir(out, "adapt-merge")
+    cfg, _ = read_adapter_config(adapter)
+    with as_checkpoint(base, scratch=out.parent) as ckpt:
+        model = load_model(ckpt)
+        add_adapters(model, cfg, base=str(base))
+        load_adapter_weights(model, adapter)
+        layers = sum(isinstance(m, ADAPTED) for m in model.modules())
+        merge_adapters(model)
+        save_checkpoint(
+            model, out, tokenizer_dir=ckpt, extra={"merged_adapter": str(adapter.resolve())},
+            kind="adapt-merge",
+        )  # fmt: skip
+    return {"method": cfg.method, "layers": layers}

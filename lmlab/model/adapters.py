@@ -1,0 +1,463 @@
+"""Parameter-efficient adapters on an lmlab model: LoRA (with rsLoRA scaling), DoRA and
+IA³ (Zhao et al. §5.3), in PEFT's file layout.
+
+An adapted linear layer stays an `nn.Linear` with its own `weight` and `bias` (the base
+model's tensors, shared, frozen) and gains the adapter's tensors beside them under PEFT's
+names (`lora_A`, `lora_B`, `lora_magnitude_vector`, `ia3_l`). So the base model's state
+dict keys do not move, every verb that calls the layer sees the adapted output, and the
+adapter's tensors map one to one onto PEFT's (`base_model.model.` + the Hugging Face
+module name + the tensor's name): `peft.PeftModel.from_pretrained` loads what lmlab saves
+on the Hugging Face export of the base, and lmlab loads what PEFT saved.
+
+The forward passes follow PEFT's exactly:
+- LoRA: y = W x + b + (B A dropout(x)) · s, s = α / r (rsLoRA: α / √r); A is
+  Kaiming-uniform, B zero, so a new adapter leaves the model unchanged.
+- DoRA: the LoRA update's direction with a learned magnitude m per output row:
+  y = W x + b + (m / ‖W + s B A‖ − 1) · W x + (m / ‖W + s B A‖) · s B A x, the norm taken
+  per row and detached (as in the paper's §4.3), m initialised to ‖W‖.
+- IA³: a learned vector l scales the layer's output (attention keys and values), or its
+  input (the feed-forward's down projection); l starts at 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmlab.config import STRICT, Fraction, PosFloat, PosInt
+from lmlab.errors import CheckpointError, UsageError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+METHODS = ("lora", "dora", "ia3")
+
+
+@dataclass
+class PeftConfig:
+    """Which adapter, where, and its size. `target_modules`: module names (a layer is
+    adapted when its dotted name ends with one, as PEFT matches a list), one regular
+    expression that must match the whole name (as PEFT matches a string), or
+    "all-linear" (every linear layer but the output head)."""
+
+    __pydantic_config__ = STRICT
+
+    method: Literal["lora", "dora", "ia3"] = "lora"
+    r: PosInt = 8
+    alpha: PosFloat = 16.0
+    dropout: Fraction = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rslora: bool = False  # scale by alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
+    # IA³: the targets whose input (not output) is scaled (PEFT's `feedforward_modules`)
+    feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def parse_peft(spec: str | dict | PeftConfig | None) -> PeftConfig | None:
+    """A PEFT config from a mapping (a recipe's `peft:` block) or the command line's
+    `METHOD[:key=value,...]` (list values joined by `|`; `target_modules=re:PATTERN` for
+    a regular expression), e.g. `lora:r=16,alpha=32,target_modules=q_proj|k_proj|v_proj`."""
+    if spec is None or isinstance(spec, PeftConfig):
+        return spec
+    if isinstance(spec, str):
+        method, _, rest = spec.partition(":")
+        raw: dict = {"method": method.strip()}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--peft {spec}: expected key=value, got {item!r}")
+            key = key.strip()
+            if key == "target_modules" and (value.startswith("re:") or value == "all-linear"):
+                raw[key] = value.removeprefix("re:")  # one regular expression, or PEFT's
+            elif key in ("target_modules", "feedforward_modules"):
+                raw[key] = [v for v in value.split("|") if v]
+            elif key == "rslora":
+                raw[key] = value.strip().lower() in ("1", "true", "yes")
+            else:
+                try:
+                    raw[key] = int(value) if key == "r" else float(value)
+                except ValueError:
+                    raise UsageError(f"--peft {spec}: {key} must be a number") from None
+        where = f"--peft {spec}"
+    else:
+        raw, where = dict(spec), "peft"
+    if raw.get("method") == "ia3" and "target_modules" not in raw:
+        raw["target_modules"] = ["k_proj", "v_proj", "down_proj"]  # PEFT's Llama defaults
+    try:
+        return TypeAdapter(PeftConfig).validate_python(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "peft"
+        raise UsageError(f"{where}: {key}: {err['msg']}") from None
+
+
+# --- the adapted layers -----------------------------------------------------------------------
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer with a LoRA (or DoRA) update beside its frozen weight."""
+
+    def __init__(
+        self, base: nn.Linear, cfg: PeftConfig, generator: torch.Generator | None = None
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the base model's own tensors
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dora = cfg.method == "dora"
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.linalg.norm(self.weight.detach().float(), dim=1).to(dt))
+            if self.dora
+            else None
+        )
+        self.merged = False
+
+    def delta(self) -> torch.Tensor:
+        """s · B A, the update as one matrix."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def _dora_scale(self) -> torch.Tensor:
+        norm = torch.linalg.norm(self.weight + self.delta().detach(), dim=1).detach()
+        return (self.lora_magnitude_vector / norm).view(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        if not self.dora:
+            return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # PEFT's DoRA: with dropout active in training, the base part is recomputed on
+        # the dropped-out input; otherwise the base output (less its bias) is reused
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            x = self.lora_dropout(x)
+            base = F.linear(x, self.weight)
+        else:
+            base = y if self.bias is None else y - self.bias
+        scale = self._dora_scale()
+        return y + (scale - 1) * base + scale * self.lora_B(self.lora_A(x)) * self.scaling
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.weight + self.delta()
+        if self.dora:
+            w = (self.lora_magnitude_vector / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
+        return w
+
+
+class IA3Linear(nn.Linear):
+    """A linear layer whose output (or, for a feed-forward layer, input) is scaled by a
+    learned vector."""
+
+    def __init__(self, base: nn.Linear, feedforward: bool) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.feedforward = feedforward
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if self.feedforward:
+            return F.linear(x * self.ia3_l.flatten().to(x.dtype), self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) * self.ia3_l.flatten().to(x.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        # l is [1, in] (feed-forward: the columns) or [out, 1] (the rows): one broadcast
+        return self.weight * self.ia3_l.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merged_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self.feedforward:
+            return self.bias
+        return self.bias * self.ia3_l.flatten().to(self.bias.dtype)
+
+
+ADAPTED = (LoRALinear, IA3Linear)
+
+
+# --- adding, counting, merging -----------------------------------------------------------------
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: "all-linear", a regular expression matching the whole name (lmlab's
+    or the Hugging Face export's, `model.` in front), or names the module's ends with."""
+    if targets == "all-linear":
+        return True
+    names = (name, f"model.{name}")
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, n) for n in names)
+    return any(n == t or n.endswith(f".{t}") for n in names for t in targets)
+
+
+def targets_of(model: nn.Module, cfg: PeftConfig) -> list[str]:
+    """The linear layers `cfg` adapts (never the output head nor a reward head)."""
+    heads = ("lm_head", "score")
+    return [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and n not in heads and _matches(n, cfg.target_modules)
+    ]
+
+
+def add_adapters(
+    model: nn.Module, cfg: PeftConfig, base: str | None = None, seed: int = 0
+) -> nn.Module:
+    """Adapt `model` in place: its targets get fresh adapters, every other parameter is
+    frozen (a reward head, when there is one, stays trainable: it is new). `base` is what
+    the adapter file names as its base model. The initialisation is seeded (`seed`, and
+    the layer's place), so two runs start from the same adapter. Returns the model."""
+    if getattr(model, "peft_config", None) is not None:
+        raise UsageError("the model already has an adapter; merge it first")
+    names = targets_of(model, cfg)
+    if not names:
+        raise UsageError(
+            f"peft: target_modules {cfg.target_modules!r} match no linear layer of the model "
+            "(names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, name in enumerate(names):
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        old = getattr(holder, child)
+        if cfg.method == "ia3":
+            new = IA3Linear(old, _matches(name, cfg.feedforward_modules))
+        else:
+            dev = old.weight.device
+            gen = None if dev.type == "meta" else torch.Generator(dev)  # meta: nothing drawn
+            new = LoRALinear(old, cfg, gen and gen.manual_seed(seed * 1_000_003 + i))
+        setattr(holder, child, new)
+    score = getattr(model, "score", None)
+    if isinstance(score, nn.Module):
+        score.requires_grad_(True)
+    model.peft_config = cfg
+    model.peft_base = base
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """State-dict keys of the adapter's own tensors (and a reward head's)."""
+    if getattr(model, "peft_config", None) is None:
+        return []
+    keep = ("lora_A.", "lora_B.", "lora_magnitude_vector", "ia3_l")
+    return [
+        k
+        for k in model.state_dict()
+        if any(s in k for s in keep) or (k.startswith("score.") and hasattr(model, "score"))
+    ]
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer's weight and put plain `nn.Linear` layers back:
+    the model becomes an ordinary one (what `lmlab adapt merge` saves)."""
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, ADAPTED):
+            continue
+        lin = nn.Linear(
+            mod.in_features, mod.out_features, bias=mod.bias is not None,
+            device=mod.weight.device, dtype=mod.weight.dtype,
+        )  # fmt: skip
+        lin.weight.copy_(mod.merged_weight())
+        bias = mod.merged_bias() if isinstance(mod, IA3Linear) else mod.bias
+        if bias is not None:
+            lin.bias.copy_(bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    model.peft_config = None
+    model.peft_base = None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# --- files: PEFT's layout -----------------------------------------------------------------------
+
+
+def peft_key(name: str) -> str:
+    """lmlab's state-dict key of an adapter tensor -> PEFT's (Llama-family export names)."""
+    return PEFT_PREFIX + (name if name.startswith(("lm_head.", "score.")) else f"model.{name}")
+
+
+def lmlab_key(key: str) -> str:
+    """PEFT's saved key -> lmlab's (adapter names `.default` removed, as PEFT does)."""
+    if not key.startswith(PEFT_PREFIX):
+        raise CheckpointError(f"adapter tensor {key!r}: not under {PEFT_PREFIX!r}")
+    name = key[len(PEFT_PREFIX) :]
+    name = name.removeprefix("model.")
+    return name.replace(".default.", ".").replace(".default", "")
+
+
+def adapter_config_json(cfg: PeftConfig, base: str | None, adapted: list[str]) -> dict:
+    """`adapter_config.json` as PEFT writes it (what `PeftConfig.from_pretrained` reads).
+    A pattern is written as the list of the layers it adapted, by their Hugging Face
+    names: PEFT would match a pattern against every module, activations included."""
+    targets = cfg.target_modules
+    if isinstance(targets, str):
+        targets = [f"model.{n}" for n in adapted]
+    common = {
+        "base_model_name_or_path": base,
+        "modules_to_save": None,
+        "task_type": "CAUSAL_LM",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "target_modules": targets,
+        "lmlab": asdict(cfg),
+    }
+    if cfg.method == "ia3":
+        return {**common, "peft_type": "IA3", "feedforward_modules": cfg.feedforward_modules}
+    return {
+        **common,
+        "peft_type": "LORA",
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "use_dora": cfg.method == "dora",
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def config_from_json(raw: dict, where: Path) -> PeftConfig:
+    """lmlab's config of an `adapter_config.json`, lmlab's or PEFT's own."""
+    kind = str(raw.get("peft_type", "")).upper()
+    try:
+        if kind == "LORA":
+            if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
+                raise UsageError("trained biases and modules_to_save are not supported")
+            if raw.get("fan_in_fan_out"):
+                raise UsageError("fan_in_fan_out (GPT-2 Conv1D layers) is not supported")
+            return TypeAdapter(PeftConfig).validate_python(
+                {
+                    "method": "dora" if raw.get("use_dora") else "lora",
+                    "r": raw["r"],
+                    "alpha": raw.get("lora_alpha", 8),
+                    "dropout": raw.get("lora_dropout", 0.0),
+                    "target_modules": raw["target_modules"],
+                    "rslora": bool(raw.get("use_rslora", False)),
+                    "feedforward_modules": [],
+                }
+            )
+        if kind == "IA3":
+            return TypeAdapter(PeftConfig).validate_python(
+                {
+                    "method": "ia3",
+                    "target_modules": raw["target_modules"],
+                    "feedforward_modules": raw.get("feedforward_modules") or [],
+                }
+            )
+    except (KeyError, ValidationError, UsageError) as e:
+        raise CheckpointError(f"{where}: unsupported adapter config ({e})") from None
+    raise CheckpointError(
+        f"{where}: peft_type {raw.get('peft_type')!r} is not supported (lmlab reads LORA, IA3)"
+    )
+
+
+def read_adapter_config(path: Path) -> tuple[PeftConfig, str | None]:
+    """(config, base model) of an adapter directory; a relative base is resolved against
+    the directory."""
+    try:
+        raw = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
+    base = raw.get("base_model_name_or_path")
+    if base and not Path(base).is_absolute() and (path / base).exists():
+        base = str((path / base).resolve())
+    return config_from_json(raw, path / ADAPTER_CONFIG), base
+
+
+def save_adapter(
+    model: nn.Module,
+    out: Path,
+    state: dict[str, torch.Tensor] | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write the adapter's tensors (PEFT's names) and `adapter_config.json` into `out`
+    (`extra`, such as a training summary, under its `lmlab_extra` key)."""
+    cfg = model.peft_config
+    state = state if state is not None else model.state_dict()
+    tensors = {peft_key(k): state[k].detach().contiguous().clone() for k in adapter_names(model)}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    adapted = [n for n, m in model.named_modules() if isinstance(m, ADAPTED)]
+    config = adapter_config_json(cfg, model.peft_base, adapted)
+    if extra:
+        config["lmlab_extra"] = extra
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Load an adapter directory's tensors into a model already adapted with its config."""
+    file = path / ADAPTER_WEIGHTS
+    try:
+        raw = load_file(str(file))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable adapter weights ({e})") from None
+    mine = model.state_dict()
+    want = set(adapter_names(model))
+    got = {lmlab_key(k): v for k, v in raw.items()}
+    missing, extra = want - got.keys(), got.keys() - mine.keys()
+    if missing or extra:
+        what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(extra)[:3]}"
+        raise CheckpointError(f"{file}: does not fit the model ({what})")
+    for k, v in got.items():
+        if mine[k].shape != v.shape:
+            raise CheckpointError(
+                f"{file}: {k} has shape {tuple(v.shape)}, the model needs {tuple(mine[k].shape)}"
+            )
+    model.load_state_dict(got, strict=False)
+
+
+def peft_rows(cfg, peft: PeftConfig) -> list[tuple[str, str]]:
+    """What an adapter costs before training (`lmlab model info --peft`): trainable
+    parameters, and fp32 training memory for weights, gradients and AdamW's two moments,
+    against full fine-tuning. Counted on a meta-device model: nothing is allocated."""
+    from lmlab.model.encdec import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+        layers = len(targets_of(model, peft))
+        add_adapters(model, peft)
+    trainable, total = trainable_counts(model)
+    mib = 1024**2
+    full = total * 4 * 4  # weights, gradients, two AdamW moments
+    ours = (total - trainable) * 4 + trainable * 4 * 4
+    return [
+        ("peft", "ia3" if peft.method == "ia3" else f"{peft.method}, r={peft.r}"),
+        ("adapted layers", str(layers)),
+        ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"),
+        (
+            "training memory, fp32 (weights, grads, AdamW)",
+            f"{ours / mib:,.1f} MiB (full fine-tuning: {full / mib:,.1f} MiB); "
+            "activations not counted",
+        ),
+    ]

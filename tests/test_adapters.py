@@ -1,0 +1,238 @@
+"""Parameter-efficient adapters (LoRA, rsLoRA, DoRA, IA³) against PEFT itself: the same
+forward and the same merged weights in both directions of loading; zero-initialised LoRA
+changes nothing; only adapter tensors train, are saved and resume exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmlab.model.adapters import (
+    adapter_names,
+    add_adapters,
+    merge_adapters,
+    parse_peft,
+    trainable_counts,
+)
+from lmlab.model.checkpoint import save_checkpoint
+from lmlab.model.loading import load_model
+from tests.conftest import lmlab_here
+from tests.serving import tiny_checkpoint
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPECS = [
+    "lora:r=4,target_modules=q_proj|v_proj|down_proj",
+    "lora:r=4,alpha=8,rslora=true,target_modules=q_proj|k_proj|o_proj|up_proj",
+    "dora:r=4,alpha=8,target_modules=q_proj|o_proj|gate_proj",
+    r"lora:r=2,target_modules=re:.*layers\.0\.mlp\..*",
+    "lora:r=2,target_modules=all-linear",
+    "ia3",
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from lmlab.model.hf import export_to_hf
+
+    root = tmp_path_factory.mktemp("peft")
+    ckpt = tiny_checkpoint(root / "m")
+    return ckpt, export_to_hf(ckpt, root / "hf")
+
+
+def _perturb(model, seed=0):
+    """Adapter tensors away from their identity start, so the adapter does something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if "ia3_l" in name or "magnitude" in name:
+                p.mul_(1 + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def _logits(model, ids):
+    """An lmlab model's logits."""
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.split(":")[0] + str(SPECS.index(s)))
+def test_lmlab_adapter_equals_peft_on_the_export_and_when_merged(base, tmp_path, spec):
+    ckpt, hf = base
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    model = load_model(ckpt)
+    plain = _logits(model, ids)
+    add_adapters(model, parse_peft(spec), base=str(ckpt))
+    _perturb(model)
+    ours = _logits(model.eval(), ids)
+    assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter does something
+    out = save_checkpoint(model, tmp_path / "adapter", tokenizer_dir=ckpt)
+    assert not (out / "model.safetensors").exists()  # the adapter alone
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    theirs_model = peft.PeftModel.from_pretrained(ref, out).eval()
+    theirs = theirs_model(input_ids=ids).logits
+    vocab = theirs.shape[-1]
+    assert torch.allclose(ours[..., :vocab], theirs, atol=1e-5)
+    # loading back through the loader (the adapter names its base)
+    assert torch.equal(_logits(load_model(out), ids), ours)
+    # merged: the same weights as PEFT's merge_and_unload, and the same outputs
+    merged = merge_adapters(load_model(out))
+    hf_merged = theirs_model.merge_and_unload().state_dict()
+    for name, t in merged.state_dict().items():
+        key = name if name.startswith("lm_head") else f"model.{name}"
+        if key in hf_merged and "layers" in name:
+            assert torch.allclose(t, hf_merged[key], atol=1e-6), name
+    # merged is (W + BA)x, not Wx + BAx: equal up to float reassociation
+    assert torch.allclose(_logits(merged, ids), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_an_adapter_peft_wrote_loads_in_lmlab_with_equal_outputs(base, tmp_path, kind):
+    ckpt, hf = base
+    if kind == "ia3":
+        cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                             feedforward_modules=["down_proj"], init_ia3_weights=False)  # fmt: skip
+    else:
+        cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "up_proj"],
+                              use_dora=kind == "dora", init_lora_weights=False)  # fmt: skip
+    ref = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(hf), cfg).eval()
+    ref.save_pretrained(tmp_path / "theirs")
+    conf = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(hf)  # PEFT names the HF directory
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    theirs = ref(input_ids=ids).logits
+    ours = _logits(load_model(tmp_path / "theirs"), ids)
+    assert torch.allclose(ours[..., : theirs.shape[-1]], theirs, atol=1e-5)
+
+
+def test_a_new_lora_changes_nothing_and_only_adapters_get_gradients(base):
+    ckpt, _ = base
+    ids = torch.randint(0, 300, (2, 9))
+    model = load_model(ckpt)
+    before = _logits(model, ids)
+    add_adapters(
+        model,
+        parse_peft(r"lora:r=8,target_modules=re:.*\.(q|k|v|o|gate|up|down)_proj"),
+        base=str(ckpt),
+    )
+    assert torch.equal(_logits(model, ids), before)  # B = 0: the model is unchanged
+    model.train()
+    _perturb(model)
+    model(ids).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in n for n in with_grad)
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable, total = trainable_counts(model)
+    assert trainable == sum(model.state_dict()[k].numel() for k in adapter_names(model))
+    assert trainable < 0.2 * total
+
+
+def _sft(ckpt, data, out, steps, peft_spec):
+    from lmlab.adapt.instruct import instruct, parse_source
+    from lmlab.train.loop import TrainConfig
+
+    cfg = TrainConfig(batch_size=4, seq_len=64, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0,
+                      max_steps=steps, checkpoint_every=2, log_every=1, eval_every=100,
+                      weight_decay=0.0)  # fmt: skip
+    instruct(ckpt, [parse_source(str(data))], out, cfg, peft=parse_peft(peft_spec))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "loss" in x and "val_loss" not in x]
+
+
+def test_training_saves_only_the_adapter_and_resumes_exactly(base, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    ckpt, _ = base
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "completion": f"It is {i + 1}."} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = "dora:r=4,target_modules=q_proj|v_proj|down_proj"
+    straight = _sft(ckpt, data, tmp_path / "a", 4, spec)
+    _sft(ckpt, data, tmp_path / "b", 2, spec)  # stops with its step-2 checkpoint
+    resumed = {x["step"]: x for x in _sft(ckpt, data, tmp_path / "b", 4, spec)}
+    assert [x["step"] for x in straight] == [1, 2, 3, 4]
+    for x in straight:
+        assert resumed[x["step"]]["loss"] == pytest.approx(x["loss"], abs=1e-6), x["step"]
+    for d in ("a/last", "a/model"):
+        tensors = load_file(str(tmp_path / d / "adapter_model.safetensors"))
+        assert tensors and all(
+            k.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")) for k in tensors
+        )
+        assert not (tmp_path / d / "model.safetensors").exists()
+    blob = torch.load(tmp_path / "a/last/trainer_state.pt", weights_only=True)
+    n_adapter = len(load_file(str(tmp_path / "a/last/adapter_model.safetensors")))
+    assert len(blob["optimizer"]["state"]) == n_adapter  # AdamW moments for adapters only
+    # the trained adapter generates, and merges into a plain checkpoint with equal logits
+    ids = torch.randint(0, 300, (1, 7))
+    adapted = _logits(load_model(tmp_path / "a/model"), ids)
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "adapt", "merge", str(ckpt), str(tmp_path / "a/model"),
+        "--out", str(tmp_path / "merged"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "merged/model.safetensors").is_file()
+    assert torch.allclose(_logits(load_model(tmp_path / "merged"), ids), adapted, atol=1e-5)
+    code, out, err = lmlab_here(
+        monkeypatch, capsys, "generate", str(tmp_path / "a/model"), "--prompt", "What",
+        "--max-new-tokens", "4",
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_bad_adapters_and_settings_exit_2_naming_them(base, tmp_path, monkeypatch, capsys):
+    ckpt, _ = base
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    for spec, words in [
+        ("bogus", "method"),
+        ("lora:r=0", "r:"),
+        ("lora:r=x", "r must be a number"),
+        ("lora:target_modules=nothing", "match no linear layer"),
+        ("lora:alpha", "key=value"),
+    ]:
+        code, _, err = lmlab_here(
+            monkeypatch, capsys, "sft", "--model", str(ckpt), "--data", str(data), "--out",
+            str(tmp_path / "o"), "--peft", spec,
+        )  # fmt: skip
+        assert code == 2 and words in err, (spec, err)
+        assert not (tmp_path / "o").exists()
+    # an adapter whose base is gone, or whose tensors do not fit
+    model = add_adapters(load_model(ckpt), parse_peft("lora:r=2"), base=str(tmp_path / "gone"))
+    save_checkpoint(model, tmp_path / "orphan", tokenizer_dir=ckpt)
+    code, _, err = lmlab_here(monkeypatch, capsys, "generate", str(tmp_path / "orphan"),
+                              "--prompt", "x")  # fmt: skip
+    assert code == 2 and "gone" in err
+    conf = tmp_path / "orphan" / "adapter_config.json"
+    raw = json.loads(conf.read_text())
+    conf.write_text(json.dumps({**raw, "base_model_name_or_path": str(ckpt), "r": 3}))
+    code, _, err = lmlab_here(monkeypatch, capsys, "generate", str(tmp_path / "orphan"),
+                              "--prompt", "x")  # fmt: skip
+    assert code == 2 and "lora_A.weight has shape" in err
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "adapt", "merge", str(ckpt), str(ckpt), "--out", str(tmp_path / "m")
+    )
+    assert code == 2 and "not an adapter directory" in err
+
+
+def test_model_info_counts_what_training_trains(monkeypatch, capsys):
+    from lmlab.model.config import ModelConfig
+    from lmlab.model.transformer import Transformer
+
+    code, out, err = lmlab_here(
+        monkeypatch, capsys, "model", "info", "llama", "--size", "10M", "--peft", "lora:r=8",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    info = json.loads(out)
+    cfg = ModelConfig.from_dict(info["config"])
+    model = add_adapters(Transformer(cfg), parse_peft("lora:r=8"))
+    trainable, total = trainable_counts(model)
+    assert info["peft"]["trainable parameters"].startswith(f"{trainable:,} of {total:,}")
