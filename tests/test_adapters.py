@@ -236,3 +236,24 @@ def test_model_info_counts_what_training_trains(monkeypatch, capsys):
     model = add_adapters(Transformer(cfg), parse_peft("lora:r=8"))
     trainable, total = trainable_counts(model)
     assert info["peft"]["trainable parameters"].startswith(f"{trainable:,} of {total:,}")
+
+
+def test_the_server_puts_adapters_on_one_shared_base(base, tmp_path):
+    from lmlab.serve.engine import EngineLimits
+    from lmlab.serve.server import build
+
+    ckpt, _ = base
+    dirs = {}
+    for i, spec in enumerate(["lora:r=2", "ia3"]):
+        model = add_adapters(load_model(ckpt), parse_peft(spec), base=str(ckpt))
+        _perturb(model, seed=i)
+        dirs[spec.split(":")[0]] = save_checkpoint(model, tmp_path / str(i), tokenizer_dir=ckpt)
+    specs = [f"{k}={v}" for k, v in dirs.items()]
+    engines = build(str(ckpt), "base", specs, EngineLimits(), progress=lambda *_: None)
+    plain = engines["base"].model  # (engines' threads start with the server: none here)
+    ids = torch.randint(0, 300, (1, 8))
+    for name, d in dirs.items():
+        m = engines[name].model
+        assert m.layers[0].mlp.down_proj.weight is plain.layers[0].mlp.down_proj.weight
+        assert torch.equal(_logits(m, ids), _logits(load_model(d), ids))
+    assert not hasattr(plain.layers[0].self_attn.q_proj, "lora_A")  # the base untouched

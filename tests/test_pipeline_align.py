@@ -34,7 +34,13 @@ def test_sft_on_the_recipes_data_then_grpo_then_every_model_reported(smoke_run, 
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     rows += [{"messages": turns}] * 4
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = _sets(f"sft.data=[{data}]", "align.method=grpo", *TINY_GRPO)
+    args = _sets(
+        f"sft.data=[{data}]",
+        "sft.peft={method: lora, r: 4}",
+        "align.method=grpo",
+        "align.peft={method: ia3}",
+        *TINY_GRPO,
+    )
     lmlab_cmd("run", "smoke", "--quiet", *args, cwd=tmp_path, check=True)
     m = _manifest(run)
     status = {s: r["status"] for s, r in m["stages"].items()}
@@ -42,10 +48,14 @@ def test_sft_on_the_recipes_data_then_grpo_then_every_model_reported(smoke_run, 
         ["sft", "align", "eval", "report"], "done"
     )
     assert m["stages"]["sft"]["summary"]["examples"] == 8  # 12, less smoke's 30% held out
-    assert (run / "sft" / "instruct" / "model" / "model.safetensors").is_file()
+    # SFT trained a LoRA adapter; GRPO an IA³ one, on SFT's merged into its base
+    assert (run / "sft" / "instruct" / "model" / "adapter_config.json").is_file()
+    assert (run / "align" / "sft-merged" / "model.safetensors").is_file()
+    conf = json.loads((run / "align" / "grpo" / "model" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "IA3"
+    assert conf["base_model_name_or_path"] == str((run / "align" / "sft-merged").resolve())
     align = m["stages"]["align"]["summary"]
     assert align["method"] == "grpo" and align["steps"] == 2 and align["heldout_items"] == 3
-    assert (run / "align" / "grpo" / "model" / "model.safetensors").is_file()
     res = json.loads((run / "eval" / "results.json").read_text())
     assert set(res["lm"]) == {"base", "sft", "aligned"}
     assert res["qa"] == {}  # tuned on the recipe's data: no mined questions to ask

@@ -20,6 +20,8 @@ from lmlab.adapt.docstring_qa import PairsConfig
 from lmlab.config import STRICT, PosInt
 from lmlab.console import log
 from lmlab.errors import UsageError
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import load_model
 from lmlab.tokenizer import load_tokenizer, pad_id
 from lmlab.tokenizer.chat import encode_exchange
@@ -76,12 +78,14 @@ def sft(
     seed: int,
     key: str,
     objective: LossFn = token_cross_entropy,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Fine-tune the base checkpoint on `pairs_dir/train.jsonl`.
 
     The validation loss is measured (never trained on) on held-out-module pairs, so the
     curve shows generalisation to modules the model was not tuned on. `objective` is the
     loss (default: cross-entropy on the answer tokens, the prompt's targets being -100).
+    With `peft`, only a fresh adapter trains and `out_dir/model` is the adapter.
     """
     tok = load_tokenizer(tokenizer_dir)  # with its chat template and special tokens
     rows = _read_pairs(pairs_dir / "train.jsonl")
@@ -95,7 +99,7 @@ def sft(
         for r in _read_pairs(pairs_dir / "heldout.jsonl")
     ]
     pad = pad_id(tok)
-    model = load_model(base_dir)
+    model = with_adapter(load_model(base_dir), peft, base_dir)
     n = len(examples)
     bs = cfg.batch_size
     steps_per_epoch = max(1, n // bs)

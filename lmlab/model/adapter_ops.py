@@ -3,6 +3,7 @@ adapter to a model being trained, and merging an adapter into its base for good.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from torch import nn
@@ -63,3 +64,19 @@ def merge_into(base: str | Path, adapter: str | Path, out: str | Path) -> dict:
             kind="adapt-merge",
         )  # fmt: skip
     return {"method": cfg.method, "layers": layers}
+
+
+def adapter_on_loaded(adapter: str | Path, base: str | Path, model: nn.Module) -> nn.Module | None:
+    """The adapter directory `adapter` on `model`, already loaded from `base`, sharing its
+    weights (the modules are copied, the parameters not); None when `adapter` is not an
+    adapter of that base (then it is loaded as usual)."""
+    adapter = Path(adapter)
+    if not (adapter / ADAPTER_CONFIG).is_file() or getattr(model, "peft_config", None):
+        return None
+    cfg, named = read_adapter_config(adapter)
+    if named is None or base_reference(named) != base_reference(base):
+        return None
+    shared = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    add_adapters(shared, cfg, base=named)
+    load_adapter_weights(shared, adapter)
+    return shared

@@ -7,7 +7,6 @@ or run directory, or a Hugging Face model directory (read through `lmlab.model.h
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from lmlab.errors import UsageError
@@ -22,13 +21,16 @@ def config_of(
     width: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> ModelConfig:
-    """The `ModelConfig` a preset name or a checkpoint directory describes."""
+    """The `ModelConfig` a preset name describes, or a model's: a checkpoint or Hugging Face
+    directory, a run, a store name, a GGUF file or an adapter (the last two loaded)."""
     spec = {
         k: v for k, v in {"size": size, "layers": layers, "width": width}.items() if v is not None
     }
     if target in PRESETS:
         return resolve_model({"preset": target, **spec, **(overrides or {})})
-    path = Path(target)
+    from lmlab.model.store import resolve_model as store_path
+
+    path = store_path(target)  # a store name stands for its files
     if not path.exists():
         raise UsageError(
             f"{target}: neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
@@ -39,6 +41,10 @@ def config_of(
     from lmlab.model.loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
+    if not (ckpt / "config.json").is_file():  # a GGUF file, an adapter: read by loading it
+        from lmlab.model.loading import load_model
+
+        return load_model(ckpt).cfg
     raw = read_config(ckpt)
     if raw.get("format") == FORMAT:
         return ModelConfig.from_dict(raw["model"])

@@ -35,6 +35,7 @@ from lmlab.config import STRICT, Int, NonNegInt, PosFloat, PosInt
 from lmlab.data.pipeline import PipelineConfig
 from lmlab.errors import UsageError
 from lmlab.eval.synthetic import check_task
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import SIZE_KEYS, resolve_fields
 from lmlab.tokenizer.train import MIN_VOCAB
@@ -86,6 +87,8 @@ class SFTStage(SFTConfig):
     # of the docstring questions mined from the corpus
     data: list[str] = field(default_factory=list)
     packing: bool = True  # several examples per row, attention and loss kept inside each
+    # train an adapter only (LoRA, DoRA, IA³; docs/peft.md); None: every weight
+    peft: PeftConfig | None = None
 
 
 # GRPO's task keys: one task for every method, set at `align.*` (GRPO's own name on the right)
@@ -119,6 +122,7 @@ class AlignStage:
     max_new_tokens: PosInt = 32
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # its loss keys; the task is above
+    peft: PeftConfig | None = None  # train an adapter only (after merging SFT's, if any)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             batch_size=4,

@@ -152,6 +152,7 @@ def _sft_on_data(run: Run) -> dict:
         heldout=cfg.held_out_fraction,
         seed=run.recipe.seed,
         epochs=cfg.epochs,
+        peft=cfg.peft,
     )
     return {k: v for k, v in summary.items() if k != "config"}
 
@@ -177,6 +178,7 @@ def stage_sft(run: Run) -> dict:
         out_dir=out,
         seed=run.recipe.seed,
         key=key,
+        peft=cfg.peft,
     )
     return {**sizes, **{k: v for k, v in summary.items() if k != "config"}}
 
@@ -190,13 +192,23 @@ def stage_align(run: Run) -> dict:
     from lmlab.adapt.dpo import align_dpo
     from lmlab.adapt.grpo import align_grpo, before_after, heldout_scores, task_items
     from lmlab.adapt.pairs import build_pairs
+    from lmlab.model.adapter_ops import merge_into
 
     seed = run.recipe.seed
     start = sft_model_dir(run)
     out = run.stage_dir("align")
+    if cfg.peft is not None and run.recipe.sft.peft is not None:
+        # a new adapter goes on a plain model: SFT's adapter is merged into its base first
+        merged = out / "sft-merged"
+        if dist_.current().main and not (merged / "model.safetensors").is_file():
+            merge_into(run.stage_dir("pretrain") / "model", start, merged)
+        dist_.barrier()
+        start = merged
     train_cfg = dataclasses.replace(cfg.train)
     if cfg.method == "grpo":
-        summary = align_grpo(start, out / "grpo", cfg.grpo_config(), train_cfg, seed=seed)
+        summary = align_grpo(
+            start, out / "grpo", cfg.grpo_config(), train_cfg, seed=seed, peft=cfg.peft
+        )
         return {"method": "grpo", **{k: v for k, v in summary.items() if k != "config"}}
     pairs = [Path(p) for p in cfg.data] or [out / "pairs.jsonl"]
     if not cfg.data and dist_.current().main and not pairs[0].is_file():  # resumed: kept
@@ -206,7 +218,7 @@ def stage_align(run: Run) -> dict:
         )  # fmt: skip
         log(f"align: {built['pairs']} pairs from {built['items']} items ({built['ties']} ties)")
     dist_.barrier()
-    summary = align_dpo(start, pairs, out / "dpo", cfg.dpo, train_cfg, seed=seed)
+    summary = align_dpo(start, pairs, out / "dpo", cfg.dpo, train_cfg, seed=seed, peft=cfg.peft)
     summary = {k: v for k, v in summary.items() if k != "config"}
     _, held = task_items(cfg.task, cfg.prompts, cfg.heldout, cfg.difficulty, seed)
     tok = load_tokenizer(start)

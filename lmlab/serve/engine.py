@@ -238,12 +238,19 @@ class Engine:
                 self.in_flight -= handle.n
 
 
-def load_engine(name: str, path: str, limits: EngineLimits, metrics: Metrics) -> Engine:
-    """Load a model (run or checkpoint directory, Hugging Face directory, GGUF file, or a
-    store name) for serving."""
+def load_engine(
+    name: str, path: str, limits: EngineLimits, metrics: Metrics, shared_base=None
+) -> Engine:
+    """Load a model (run or checkpoint directory, Hugging Face directory, GGUF file, a
+    store name, an adapter directory) for serving. `shared_base`: (its path, the model
+    loaded from it); an adapter of that base is put on it without a second copy of its
+    weights."""
     from lmlab import load_model, load_tokenizer
+    from lmlab.model.adapter_ops import adapter_on_loaded
     from lmlab.model.loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
-    model = load_model(ckpt).eval()
-    return Engine(name, model, load_tokenizer(ckpt), limits, metrics, path=str(ckpt))
+    model = adapter_on_loaded(ckpt, *shared_base) if shared_base is not None else None
+    if model is None:
+        model = load_model(ckpt)
+    return Engine(name, model.eval(), load_tokenizer(ckpt), limits, metrics, path=str(ckpt))

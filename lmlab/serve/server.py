@@ -30,8 +30,9 @@ def build(
     limits: EngineLimits,
     progress=print,
 ):
-    """The engines, by served name: the model, then each `--adapter` (today a full
-    checkpoint served under its own name)."""
+    """The engines, by served name: the model, then each `--adapter` under its own name:
+    an adapter of the model shares the model's weights (each engine keeps only its
+    adapter's tensors and its own KV cache); any other model is loaded whole."""
     metrics = Metrics()
     pairs = [(name or model, model), *parse_adapters(adapters)]
     names = [n for n, _ in pairs]
@@ -40,7 +41,8 @@ def build(
     engines = {}
     for served, path in pairs:
         progress(f"loading {served} from {path}")
-        engines[served] = load_engine(served, path, limits, metrics)
+        shared = (model, engines[pairs[0][0]].model) if engines else None
+        engines[served] = load_engine(served, path, limits, metrics, shared)
     return engines
 
 
