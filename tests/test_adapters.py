@@ -257,3 +257,57 @@ def test_the_server_puts_adapters_on_one_shared_base(base, tmp_path):
         assert m.layers[0].mlp.down_proj.weight is plain.layers[0].mlp.down_proj.weight
         assert torch.equal(_logits(m, ids), _logits(load_model(d), ids))
     assert not hasattr(plain.layers[0].self_attn.q_proj, "lora_A")  # the base untouched
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_qlora_on_a_quantized_base(base, tmp_path, monkeypatch, capsys, method):
+    """LoRA on a quantized base equals the same LoRA on the dequantized base (the float
+    model the quantized weights stand for); training it moves the adapter only, and the
+    int8 kernel's missing backward is not needed."""
+    from lmlab.model.quant import QuantLinear
+
+    ckpt, _ = base
+    q_dir = tmp_path / "q"
+    code, _, err = lmlab_here(monkeypatch, capsys, "quantize", str(ckpt), "--out", str(q_dir),
+                              "--method", method, "--group-size", "32")  # fmt: skip
+    assert code == 0, err
+    spec = parse_peft("lora:r=4,target_modules=q_proj|v_proj|down_proj")
+    quant = add_adapters(load_model(q_dir), spec, base=str(q_dir))
+    assert any(isinstance(m, QuantLinear) for m in quant.modules())
+    deq = load_model(ckpt)  # the float model, its weights replaced by the dequantized ones
+    for name, m in quant.named_modules():
+        if isinstance(m, QuantLinear):
+            deq.get_submodule(name).weight.data.copy_(m.dequantized())
+    add_adapters(deq, spec, base=str(ckpt))
+    _perturb(quant)
+    deq.load_state_dict({k: v for k, v in quant.state_dict().items() if "lora_" in k},
+                        strict=False)  # fmt: skip
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.allclose(_logits(quant, ids), _logits(deq, ids), atol=1e-4)
+    # a gradient step: only the adapter's tensors get gradients; the int8 codes stay
+    before = {k: v.clone() for k, v in quant.state_dict().items() if "qweight" in k}
+    quant.train()
+    quant(ids).logsumexp(-1).sum().backward()
+    grads = {n for n, p in quant.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)
+    assert all(torch.equal(before[k], v) for k, v in quant.state_dict().items() if k in before)
+    # saved, it loads on the quantized base; merged, it is the dequantized weight + s·BA
+    out = save_checkpoint(quant, tmp_path / "qlora", tokenizer_dir=ckpt)
+    assert torch.allclose(_logits(load_model(out), ids), _logits(quant, ids), atol=1e-5)
+    merged = merge_adapters(load_model(out))
+    layer = quant.layers[0].self_attn.q_proj
+    expect = layer.dequantized() + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    assert torch.allclose(merged.layers[0].self_attn.q_proj.weight, expect, atol=1e-6)
+    # the command: the whole base in float (adapted layers or not), or quantized again
+    for extra in ([], ["--quantize", "int8"]):
+        dest = tmp_path / f"merged{len(extra)}"
+        code, _, err = lmlab_here(monkeypatch, capsys, "adapt", "merge", str(q_dir), str(out),
+                                  "--out", str(dest), *extra)  # fmt: skip
+        assert code == 0, err
+        conf = json.loads((dest / "config.json").read_text())
+        assert (conf.get("quantization") or {}).get("method") == (extra[1] if extra else None)
+        assert ("weight error" in err) == bool(extra)
+        got = _logits(load_model(dest), ids)
+        assert torch.allclose(got, _logits(quant, ids), atol=1e-4 if not extra else 0.5)
+    with pytest.raises(Exception, match="DoRA on a quantized base"):
+        add_adapters(load_model(q_dir), parse_peft("dora:r=2"))

@@ -22,6 +22,7 @@ from lmlab.model.adapters import (
 )
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.loading import as_checkpoint, load_model
+from lmlab.model.quant import quantize_model, save_quantized, weight_error
 from lmlab.model.store import resolve_model
 from lmlab.utils import claim_output_dir
 
@@ -45,9 +46,17 @@ def with_adapter(model: nn.Module, cfg: PeftConfig | None, base: str | Path) -> 
     return model
 
 
-def merge_into(base: str | Path, adapter: str | Path, out: str | Path) -> dict:
+def merge_into(
+    base: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    quantize: str | None = None,
+    group_size: int = 64,
+) -> dict:
     """`lmlab adapt merge`: BASE with ADAPTER's tensors merged in, saved as a plain
-    checkpoint (with BASE's tokenizer files) into `out`, which must be new or empty."""
+    checkpoint (with BASE's tokenizer files) into `out`, which must be new or empty. A
+    quantized BASE is dequantized to merge; `quantize` ("int8", "int4") quantizes the
+    merged model again and reports the relative weight error ‖W − Ŵ‖/‖W‖."""
     adapter = Path(adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise UsageError(f"{adapter}: not an adapter directory (no {ADAPTER_CONFIG})")
@@ -59,11 +68,15 @@ def merge_into(base: str | Path, adapter: str | Path, out: str | Path) -> dict:
         load_adapter_weights(model, adapter)
         layers = sum(isinstance(m, ADAPTED) for m in model.modules())
         merge_adapters(model)
-        save_checkpoint(
-            model, out, tokenizer_dir=ckpt, extra={"merged_adapter": str(adapter.resolve())},
-            kind="adapt-merge",
-        )  # fmt: skip
-    return {"method": cfg.method, "layers": layers}
+        extra = {"merged_adapter": str(adapter.resolve())}
+        if quantize is None:
+            save_checkpoint(model, out, tokenizer_dir=ckpt, extra=extra, kind="adapt-merge")
+            return {"method": cfg.method, "layers": layers}
+        full = copy.deepcopy(model)
+        quantize_model(model, quantize, group_size)
+        error = weight_error(full, model, model.quantization["modules"])
+        save_quantized(model, out, ckpt, extra=extra, kind="adapt-merge")
+    return {"method": cfg.method, "layers": layers, "quantized": quantize, "weight_error": error}
 
 
 def adapter_on_loaded(adapter: str | Path, base: str | Path, model: nn.Module) -> nn.Module | None:

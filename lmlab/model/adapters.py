@@ -21,6 +21,7 @@ The forward passes follow PEFT's exactly:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -36,6 +37,7 @@ from torch import nn
 
 from lmlab.config import STRICT, Fraction, PosFloat, PosInt
 from lmlab.errors import CheckpointError, UsageError
+from lmlab.model.quant import QuantLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -195,7 +197,90 @@ class IA3Linear(nn.Linear):
         return self.bias * self.ia3_l.flatten().to(self.bias.dtype)
 
 
-ADAPTED = (LoRALinear, IA3Linear)
+# --- adapters on a quantized base (QLoRA) --------------------------------------------------------
+
+
+class _FrozenQuantized(torch.autograd.Function):
+    """A quantized layer's output with a gradient for its input only: backward multiplies
+    by the layer's weight dequantized again, so no float copy of it is kept between the
+    forward and the backward (QLoRA's memory saving; the int8 kernel has no backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+        ctx.mod = mod
+        with torch.no_grad():
+            return mod.quantized_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.mod.dequantized().to(grad.dtype)
+        return grad @ w, None
+
+
+class QuantAdapted(nn.Module):
+    """Mixed into a quantized linear layer's own class (its tensors keep their names, the
+    adapter's are added beside them): LoRA or IA³ on the frozen quantized weight."""
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)  # the quantized class's own forward
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantized.apply(x, self)
+        return self.quantized_forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "ia3_l"):
+            ia3 = self.ia3_l.flatten().to(x.dtype)
+            if self.feedforward:
+                return self.base_forward(x * ia3)
+            return self.base_forward(x) * ia3
+        y = self.base_forward(x)
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.dequantized().float()
+        if hasattr(self, "ia3_l"):
+            return w * self.ia3_l.float()
+        return w + self.scaling * (self.lora_B.weight @ self.lora_A.weight).float()
+
+    @torch.no_grad()
+    def merged_bias(self) -> torch.Tensor | None:
+        if self.bias is None or not hasattr(self, "ia3_l") or self.feedforward:
+            return self.bias
+        return self.bias * self.ia3_l.flatten().to(self.bias.dtype)
+
+
+_QUANT_CLASSES: dict[type, type] = {}
+
+
+def _adapt_quantized(mod: nn.Module, cfg: PeftConfig, feedforward: bool, generator) -> nn.Module:
+    """`mod` (a quantized linear layer) with a LoRA or IA³ adapter, in place."""
+    if cfg.method == "dora":
+        raise UsageError("peft: DoRA on a quantized base is not supported (LoRA and IA³ are)")
+    if not hasattr(mod, "dequantized"):
+        raise UsageError(f"peft: a {type(mod).__name__} layer cannot be adapted")
+    cls = type(mod)
+    if cls not in _QUANT_CLASSES:
+        _QUANT_CLASSES[cls] = type(f"Adapted{cls.__name__}", (QuantAdapted, cls), {})
+    mod.__class__ = _QUANT_CLASSES[cls]
+    dev = mod.bias.device if mod.bias is not None else next(mod.buffers()).device
+    if cfg.method == "ia3":
+        mod.feedforward = feedforward
+        shape = (1, mod.in_features) if feedforward else (mod.out_features, 1)
+        mod.ia3_l = nn.Parameter(torch.ones(shape, device=dev))
+        return mod
+    mod.lora_A = nn.Linear(mod.in_features, cfg.r, bias=False, device=dev)
+    mod.lora_B = nn.Linear(cfg.r, mod.out_features, bias=False, device=dev)
+    nn.init.kaiming_uniform_(mod.lora_A.weight, a=math.sqrt(5), generator=generator)
+    nn.init.zeros_(mod.lora_B.weight)
+    mod.scaling = cfg.scaling
+    mod.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+    return mod
+
+
+ADAPTED = (LoRALinear, IA3Linear, QuantAdapted)
 
 
 # --- adding, counting, merging -----------------------------------------------------------------
@@ -218,7 +303,9 @@ def targets_of(model: nn.Module, cfg: PeftConfig) -> list[str]:
     return [
         n
         for n, m in model.named_modules()
-        if type(m) is nn.Linear and n not in heads and _matches(n, cfg.target_modules)
+        if (type(m) is nn.Linear or isinstance(m, QuantLinear))
+        and n not in heads
+        and _matches(n, cfg.target_modules)
     ]
 
 
@@ -243,18 +330,24 @@ def add_adapters(
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         old = getattr(holder, child)
-        if cfg.method == "ia3":
-            new = IA3Linear(old, _matches(name, cfg.feedforward_modules))
+        feedforward = _matches(name, cfg.feedforward_modules)
+        dev = next(iter(old.state_dict().values())).device
+        gen = None if dev.type == "meta" else torch.Generator(dev)  # meta: nothing drawn
+        gen = gen and gen.manual_seed(seed * 1_000_003 + i)
+        if isinstance(old, QuantLinear):  # QLoRA: the quantized weight stays as it is
+            new = _adapt_quantized(old, cfg, feedforward, gen)
+        elif cfg.method == "ia3":
+            new = IA3Linear(old, feedforward)
         else:
-            dev = old.weight.device
-            gen = None if dev.type == "meta" else torch.Generator(dev)  # meta: nothing drawn
-            new = LoRALinear(old, cfg, gen and gen.manual_seed(seed * 1_000_003 + i))
+            new = LoRALinear(old, cfg, gen)
         setattr(holder, child, new)
     score = getattr(model, "score", None)
     if isinstance(score, nn.Module):
         score.requires_grad_(True)
     model.peft_config = cfg
     model.peft_base = base
+    # what `save_checkpoint` writes for an adapted model: the adapter alone
+    model.save_adapter_files = functools.partial(save_adapter, model)
     return model
 
 
@@ -279,22 +372,37 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer's weight and put plain `nn.Linear` layers back:
-    the model becomes an ordinary one (what `lmlab adapt merge` saves)."""
+    the model becomes an ordinary one (what `lmlab adapt merge` saves). A quantized base
+    is dequantized whole, adapted layers or not (`lmlab adapt merge --quantize` quantizes
+    the result again)."""
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, ADAPTED):
             continue
+        w = mod.merged_weight()  # a quantized base: dequantized, in float
         lin = nn.Linear(
             mod.in_features, mod.out_features, bias=mod.bias is not None,
-            device=mod.weight.device, dtype=mod.weight.dtype,
+            device=w.device, dtype=w.dtype,
         )  # fmt: skip
         lin.weight.copy_(mod.merged_weight())
-        bias = mod.merged_bias() if isinstance(mod, IA3Linear) else mod.bias
+        bias = mod.merged_bias() if hasattr(mod, "merged_bias") else mod.bias
         if bias is not None:
             lin.bias.copy_(bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lin)
+    for name, mod in list(model.named_modules()):  # a quantized base: all of it in float
+        if isinstance(mod, QuantLinear):
+            w = mod.dequantized().float()
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.copy_(w)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+    if getattr(model, "quantization", None):
+        model.quantization = None
     model.peft_config = None
     model.peft_base = None
+    model.__dict__.pop("save_adapter_files", None)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -43,14 +43,14 @@ def save_checkpoint(
     `state` replaces `model.state_dict()` when the caller already gathered full tensors
     (a sharded FSDP model holds only its slice of each parameter). `kind` marks the
     directory as that command's output (see `lmlab.utils.claim_output_dir`). A model with
-    an adapter (`lmlab.model.adapters`) is saved as the adapter alone, in PEFT's layout:
-    its config names the base model, which loading it loads first."""
-    from lmlab.model.adapters import save_adapter
-
+    an adapter (`lmlab.model.adapters.add_adapters` gives it `save_adapter_files`) is saved
+    as the adapter alone, in PEFT's layout: its config names the base model, which
+    loading it loads first."""
     out = Path(out_dir)
     with atomic_dir(out, kind=kind) as tmp:
-        if getattr(model, "peft_config", None) is not None:
-            save_adapter(model, tmp, state, extra)
+        save_adapter_files = getattr(model, "save_adapter_files", None)
+        if save_adapter_files is not None:
+            save_adapter_files(tmp, state, extra)
             _copy_tokenizer_files(tokenizer_dir, tmp)
             if write_extra is not None:
                 write_extra(tmp)
