@@ -317,14 +317,31 @@ class LmlabLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
+def _check_model_path(args: list[str]) -> None:
+    """The lmlab model's `path=` checked before lm-eval starts: its CLI reads all of its
+    ~14k task files first, so a wrong path would take half a minute to be reported."""
+    from lmlab.model.loading import find_format
+
+    def value(flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+    if value("--model") != "lmlab":
+        return
+    for item in (value("--model_args") or "").split(","):
+        key, _, path = item.partition("=")
+        if key.strip() == "path" and path.strip():
+            find_format(path.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with the "lmlab" model registered (`lm_eval` itself cannot
     see it: lm-eval 0.4.13 discovers models by import only)."""
-    from lm_eval.__main__ import cli_evaluate
-
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:
+        _check_model_path(sys.argv[1:])
+        from lm_eval.__main__ import cli_evaluate
+
         cli_evaluate()
     except UsageError as e:  # DESIGN.md: bad usage is one line and exit code 2
         print(f"error: {e}", file=sys.stderr)
