@@ -293,7 +293,7 @@ def train_pairs_loop(
         batch_of(list(range(i, min(i + bs, n_held))), True)
         for i in range(0, min(n_held, bs * cfg.eval_batches), bs)
     ]
-    log(f"{what}: {n_train} training pairs, {n_held} held out, up to {cfg.step_limit} steps")
+    log(f"{what}: {n_train} training pairs, {n_held} held out, {cfg.budget}")
     out_dir.mkdir(parents=True, exist_ok=True)
     mark_output(out_dir, f"align-{what}")  # a later run resumes it; nothing else may
     summary = train(

@@ -263,7 +263,7 @@ def align_grpo(
         key = json.dumps({"grpo": grpo.__dict__, "seed": seed}, sort_keys=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         mark_output(out_dir, "align-grpo")
-        log(f"grpo: {n} prompts × {grpo.group_size} samples, up to {cfg.step_limit} steps")
+        log(f"grpo: {n} prompts × {grpo.group_size} samples, {cfg.budget}")
         summary = train(
             model,
             get_batch,

@@ -226,7 +226,7 @@ def instruct(
         mark_output(out_dir, "sft-data")
         log(
             f"sft: {total} examples in {len(sources)} set(s), {len(held)} held out, "
-            f"{'packed' if packing else 'one per row'}, up to {cfg.step_limit} steps"
+            f"{'packed' if packing else 'one per row'}, {cfg.budget}"
         )
         summary = train(model, get_batch, vals, cfg, out_dir, ckpt, key, name="sft")
     summary["examples"] = total

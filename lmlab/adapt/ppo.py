@@ -285,7 +285,7 @@ def align_ppo(
         key = json.dumps({"ppo": ppo.__dict__, "seed": seed}, sort_keys=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         mark_output(out_dir, "align-ppo")
-        log(f"ppo: {n} prompts, up to {cfg.step_limit} steps")
+        log(f"ppo: {n} prompts, {cfg.budget}")
         summary = train(
             policy,
             get_batch,

@@ -116,7 +116,7 @@ def sft(
 
     held = held[: bs * cfg.eval_batches]
     vals = [collate(held[i : i + bs], pad, cfg.seq_len) for i in range(0, len(held), bs)]
-    log(f"sft: {n} examples, {steps_per_epoch} steps per epoch, up to {cfg.step_limit} steps")
+    log(f"sft: {n} examples, {steps_per_epoch} steps per epoch, {cfg.budget}")
     summary = train(
         model, get_batch, vals, cfg, out_dir, tokenizer_dir, key, name="sft", objective=objective
     )

@@ -126,6 +126,15 @@ class TrainConfig:
         return self.batch_size * self.seq_len * self.grad_accum
 
     @property
+    def budget(self) -> str:
+        """The training budget in words ("up to 120 steps", "up to 120 steps or 5
+        minutes"), for the log lines that announce a run."""
+        parts = [f"{self.step_limit} steps"] if self.step_limit is not None else []
+        if self.max_minutes is not None:
+            parts.append(f"{self.max_minutes:g} minutes")
+        return "up to " + " or ".join(parts) if parts else "without a limit"
+
+    @property
     def step_limit(self) -> int | None:
         """The step budget implied by `max_steps`/`max_tokens` (without batch warm-up)."""
         limits = []
