@@ -311,3 +311,14 @@ def test_qlora_on_a_quantized_base(base, tmp_path, monkeypatch, capsys, method):
         assert torch.allclose(got, _logits(quant, ids), atol=1e-4 if not extra else 0.5)
     with pytest.raises(Exception, match="DoRA on a quantized base"):
         add_adapters(load_model(q_dir), parse_peft("dora:r=2"))
+
+
+def test_a_hub_base_name_resolves_to_the_store_model():
+    """PEFT writes the Hub id of the base into adapter_config.json; a store model made from
+    it stands in for it, so such an adapter loads offline."""
+    from lmlab.model.store import resolve_model
+
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == resolve_model(
+        "smollm2-135m-instruct"
+    )
+    assert str(resolve_model("someone/unknown-model")) == "someone/unknown-model"

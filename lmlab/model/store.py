@@ -35,6 +35,9 @@ class StoreModel:
     version: str  # the version `get` downloads when the package is not installed
     file: str  # the GGUF file's name inside the package
     about: str
+    # the Hugging Face Hub id of the model it was made from: a reference to it (as an
+    # adapter's `base_model_name_or_path` written by PEFT) resolves to this store model
+    hub_id: str = ""
 
 
 CATALOG = {
@@ -47,6 +50,7 @@ CATALOG = {
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct (Hugging Face TB): Llama architecture, 135M parameters, "
             "ChatML template, Q4_1 weights, Apache-2.0",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         )
     ]
 }
@@ -91,11 +95,14 @@ def installed_ggufs() -> dict[str, Path]:
 
 def resolve_model(ref: str | Path) -> Path:
     """A model reference as a path: an existing path as it is; a store name as its
-    converted checkpoint, else as the GGUF an installed package carries; a catalogue model
-    that is neither is refused with the command that gets it. Anything else comes back
+    converted checkpoint, else as the GGUF an installed package carries (a store model's
+    Hugging Face Hub id, too); a catalogue model that is neither is refused with the
+    command that gets it. Anything else comes back
     unchanged, for the caller to report as missing."""
     p = Path(ref)
     text = str(ref)
+    if not p.exists():  # a Hub id the store has a model of
+        text = next((m.name for m in CATALOG.values() if m.hub_id and m.hub_id == text), text)
     if p.exists() or not NAME.match(text):
         return p
     done = converted(text)
