@@ -322,3 +322,26 @@ def test_a_hub_base_name_resolves_to_the_store_model():
         "smollm2-135m-instruct"
     )
     assert str(resolve_model("someone/unknown-model")) == "someone/unknown-model"
+
+
+def test_bottleneck_adapters_in_lmlabs_own_layout(base, tmp_path, monkeypatch, capsys):
+    """Houlsby adapters after attention (o_proj) and after the feed-forward (down_proj):
+    new, they change nothing; trained, they save in lmlab's layout and load back equal;
+    they are not linear, so merging is refused."""
+    ckpt, _ = base
+    ids = torch.randint(0, 300, (2, 9))
+    model = load_model(ckpt)
+    before = _logits(model, ids)
+    add_adapters(model, parse_peft("bottleneck:r=8"), base=str(ckpt))
+    assert torch.equal(_logits(model, ids), before)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".adapter_" in n and ("o_proj" in n or "down_proj" in n) for n in names)
+    _perturb(model)
+    out = save_checkpoint(model, tmp_path / "b", tokenizer_dir=ckpt)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LMLAB_BOTTLENECK"
+    assert torch.equal(_logits(load_model(out), ids), _logits(model, ids))
+    assert not torch.allclose(_logits(model, ids), before, atol=1e-3)
+    code, _, err = lmlab_here(monkeypatch, capsys, "adapt", "merge", str(ckpt), str(out),
+                              "--out", str(tmp_path / "m"))  # fmt: skip
+    assert code == 2 and "not linear" in err and not (tmp_path / "m").exists()

@@ -42,7 +42,8 @@ from lmlab.model.quant import QuantLinear
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-METHODS = ("lora", "dora", "ia3")
+METHODS = ("lora", "dora", "ia3", "bottleneck")
+BOTTLENECK_TYPE = "LMLAB_BOTTLENECK"  # lmlab's own `peft_type`: PEFT has no such adapter
 
 
 @dataclass
@@ -54,7 +55,7 @@ class PeftConfig:
 
     __pydantic_config__ = STRICT
 
-    method: Literal["lora", "dora", "ia3"] = "lora"
+    method: Literal["lora", "dora", "ia3", "bottleneck"] = "lora"
     r: PosInt = 8
     alpha: PosFloat = 16.0
     dropout: Fraction = 0.0
@@ -98,6 +99,8 @@ def parse_peft(spec: str | dict | PeftConfig | None) -> PeftConfig | None:
         raw, where = dict(spec), "peft"
     if raw.get("method") == "ia3" and "target_modules" not in raw:
         raw["target_modules"] = ["k_proj", "v_proj", "down_proj"]  # PEFT's Llama defaults
+    if raw.get("method") == "bottleneck" and "target_modules" not in raw:
+        raw["target_modules"] = ["o_proj", "down_proj"]  # Houlsby: after attention, after FFN
     try:
         return TypeAdapter(PeftConfig).validate_python(raw)
     except ValidationError as e:
@@ -197,6 +200,31 @@ class IA3Linear(nn.Linear):
         return self.bias * self.ia3_l.flatten().to(self.bias.dtype)
 
 
+class BottleneckLinear(nn.Linear):
+    """Houlsby et al. 2019's adapter after a sublayer's output projection: y ← y +
+    up(GELU(down(y))), a bottleneck of width r with its own residual; `up` starts at zero,
+    so a new adapter changes nothing. Placed on `o_proj` and `down_proj` it sits after the
+    attention and after the feed-forward block, before their residual additions. It is
+    not linear, so it cannot be merged into the weight."""
+
+    def __init__(self, base: nn.Linear, cfg: PeftConfig, generator=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        dev, dt = base.weight.device, base.weight.dtype
+        self.adapter_down = nn.Linear(self.out_features, cfg.r, device=dev, dtype=dt)
+        self.adapter_up = nn.Linear(cfg.r, self.out_features, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.adapter_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y + self.adapter_up(self.adapter_dropout(F.gelu(self.adapter_down(y))))
+
+
 # --- adapters on a quantized base (QLoRA) --------------------------------------------------------
 
 
@@ -257,8 +285,10 @@ _QUANT_CLASSES: dict[type, type] = {}
 
 def _adapt_quantized(mod: nn.Module, cfg: PeftConfig, feedforward: bool, generator) -> nn.Module:
     """`mod` (a quantized linear layer) with a LoRA or IA³ adapter, in place."""
-    if cfg.method == "dora":
-        raise UsageError("peft: DoRA on a quantized base is not supported (LoRA and IA³ are)")
+    if cfg.method in ("dora", "bottleneck"):
+        raise UsageError(
+            f"peft: {cfg.method} on a quantized base is not supported (LoRA and IA³ are)"
+        )
     if not hasattr(mod, "dequantized"):
         raise UsageError(f"peft: a {type(mod).__name__} layer cannot be adapted")
     cls = type(mod)
@@ -280,7 +310,7 @@ def _adapt_quantized(mod: nn.Module, cfg: PeftConfig, feedforward: bool, generat
     return mod
 
 
-ADAPTED = (LoRALinear, IA3Linear, QuantAdapted)
+ADAPTED = (LoRALinear, IA3Linear, BottleneckLinear, QuantAdapted)
 
 
 # --- adding, counting, merging -----------------------------------------------------------------
@@ -336,6 +366,8 @@ def add_adapters(
         gen = gen and gen.manual_seed(seed * 1_000_003 + i)
         if isinstance(old, QuantLinear):  # QLoRA: the quantized weight stays as it is
             new = _adapt_quantized(old, cfg, feedforward, gen)
+        elif cfg.method == "bottleneck":
+            new = BottleneckLinear(old, cfg, gen)
         elif cfg.method == "ia3":
             new = IA3Linear(old, feedforward)
         else:
@@ -355,7 +387,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     """State-dict keys of the adapter's own tensors (and a reward head's)."""
     if getattr(model, "peft_config", None) is None:
         return []
-    keep = ("lora_A.", "lora_B.", "lora_magnitude_vector", "ia3_l")
+    keep = ("lora_A.", "lora_B.", "lora_magnitude_vector", "ia3_l", "adapter_down.", "adapter_up.")
     return [
         k
         for k in model.state_dict()
@@ -374,7 +406,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer's weight and put plain `nn.Linear` layers back:
     the model becomes an ordinary one (what `lmlab adapt merge` saves). A quantized base
     is dequantized whole, adapted layers or not (`lmlab adapt merge --quantize` quantizes
-    the result again)."""
+    the result again). A bottleneck adapter is not linear and is refused."""
+    if any(isinstance(m, BottleneckLinear) for m in model.modules()):
+        raise UsageError("a bottleneck adapter is not linear: it cannot be merged into weights")
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, ADAPTED):
             continue
@@ -443,6 +477,8 @@ def adapter_config_json(cfg: PeftConfig, base: str | None, adapted: list[str]) -
     }
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "feedforward_modules": cfg.feedforward_modules}
+    if cfg.method == "bottleneck":  # lmlab's own layout (PEFT has no bottleneck adapter)
+        return {**common, "peft_type": BOTTLENECK_TYPE, "r": cfg.r, "dropout": cfg.dropout}
     return {
         **common,
         "peft_type": "LORA",
@@ -476,6 +512,8 @@ def config_from_json(raw: dict, where: Path) -> PeftConfig:
                     "feedforward_modules": [],
                 }
             )
+        if kind == BOTTLENECK_TYPE:
+            return TypeAdapter(PeftConfig).validate_python(raw["lmlab"])
         if kind == "IA3":
             return TypeAdapter(PeftConfig).validate_python(
                 {
@@ -487,7 +525,8 @@ def config_from_json(raw: dict, where: Path) -> PeftConfig:
     except (KeyError, ValidationError, UsageError) as e:
         raise CheckpointError(f"{where}: unsupported adapter config ({e})") from None
     raise CheckpointError(
-        f"{where}: peft_type {raw.get('peft_type')!r} is not supported (lmlab reads LORA, IA3)"
+        f"{where}: peft_type {raw.get('peft_type')!r} is not supported (lmlab reads LORA, "
+        f"IA3 and its own {BOTTLENECK_TYPE})"
     )
 
 
