@@ -87,7 +87,7 @@ PeftOpt = Annotated[
     str | None,
     typer.Option(
         help="Train an adapter only: METHOD[:key=value,...], e.g. lora:r=16,alpha=32 "
-        "(lora, dora, ia3; docs/peft.md)."
+        "(lora, dora, ia3, bottleneck; docs/peft.md)."
     ),
 ]
 
