@@ -134,7 +134,6 @@ class LoRALinear(nn.Linear):
             if self.dora
             else None
         )
-        self.merged = False
 
     def delta(self) -> torch.Tensor:
         """s · B A, the update as one matrix."""
@@ -146,8 +145,6 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
         if not self.dora:
             return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         # PEFT's DoRA: with dropout active in training, the base part is recomputed on
@@ -179,11 +176,8 @@ class IA3Linear(nn.Linear):
         self.feedforward = feedforward
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
         if self.feedforward:
             return F.linear(x * self.ia3_l.flatten().to(x.dtype), self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) * self.ia3_l.flatten().to(x.dtype)
@@ -401,6 +395,16 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def _replace_with_linear(model: nn.Module, name: str, w: torch.Tensor, bias) -> None:
+    """Put a plain `nn.Linear` holding `w` (and `bias`) where module `name` was."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    lin.weight.copy_(w)
+    if bias is not None:
+        lin.bias.copy_(bias)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, lin)
+
+
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer's weight and put plain `nn.Linear` layers back:
@@ -410,28 +414,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     if any(isinstance(m, BottleneckLinear) for m in model.modules()):
         raise UsageError("a bottleneck adapter is not linear: it cannot be merged into weights")
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, ADAPTED):
-            continue
-        w = mod.merged_weight()  # a quantized base: dequantized, in float
-        lin = nn.Linear(
-            mod.in_features, mod.out_features, bias=mod.bias is not None,
-            device=w.device, dtype=w.dtype,
-        )  # fmt: skip
-        lin.weight.copy_(mod.merged_weight())
-        bias = mod.merged_bias() if hasattr(mod, "merged_bias") else mod.bias
-        if bias is not None:
-            lin.bias.copy_(bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, lin)
-    for name, mod in list(model.named_modules()):  # a quantized base: all of it in float
-        if isinstance(mod, QuantLinear):
-            w = mod.dequantized().float()
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            lin.weight.copy_(w)
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, lin)
+        if isinstance(mod, ADAPTED):  # on a quantized layer: dequantized, in float
+            bias = mod.merged_bias() if hasattr(mod, "merged_bias") else mod.bias
+            _replace_with_linear(model, name, mod.merged_weight(), bias)
+        elif isinstance(mod, QuantLinear):  # the rest of a quantized base: in float too
+            _replace_with_linear(model, name, mod.dequantized().float(), mod.bias)
     if getattr(model, "quantization", None):
         model.quantization = None
     model.peft_config = None
