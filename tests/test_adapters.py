@@ -309,7 +309,7 @@ def test_qlora_on_a_quantized_base(base, tmp_path, monkeypatch, capsys, method):
         assert ("weight error" in err) == bool(extra)
         got = _logits(load_model(dest), ids)
         assert torch.allclose(got, _logits(quant, ids), atol=1e-4 if not extra else 0.5)
-    with pytest.raises(Exception, match="DoRA on a quantized base"):
+    with pytest.raises(Exception, match="dora on a quantized base"):
         add_adapters(load_model(q_dir), parse_peft("dora:r=2"))
 
 
