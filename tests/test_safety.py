@@ -346,6 +346,10 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(slow_model, t
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: lmlab chat on the pseudo-terminal
+        # a shell starts a command with Ctrl-C at its default and unblocked; a disposition
+        # the test process was left with by earlier tests must not carry over the exec
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.chdir(tmp_path)
         argv = [sys.executable, "-m", "lmlab.cli", "chat", str(slow_model)]
         os.execv(sys.executable, [*argv, "--max-new-tokens", "3000"])  # greedy: no stop id
