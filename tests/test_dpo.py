@@ -211,34 +211,13 @@ def test_reward_margins_from_the_data_enter_the_loss(ckpt, tmp_path, monkeypatch
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log1p(math.exp(1.5)), abs=1e-4)
     # a margin that is not a number, or margins on some pairs only: exit 2, naming them
-    bad = tmp_path / "bad.jsonl"
+    bad, mixed = tmp_path / "bad.jsonl", tmp_path / "mixed.jsonl"
     bad.write_text(json.dumps({**recs[0], "margin": "big"}) + "\n")
-    code, _, err = lmlab_here(
-        monkeypatch,
-        capsys,
-        "align",
-        "rm",
-        str(ckpt),
-        "--data",
-        str(bad),
-        "--out",
-        str(tmp_path / "x"),
-    )
-    assert code == 2 and f"{bad}:1" in err and "margin" in err
-    mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps({**recs[0], "margin": 1}) + "\n" + json.dumps(recs[1]) + "\n")
-    code, _, err = lmlab_here(
-        monkeypatch,
-        capsys,
-        "align",
-        "rm",
-        str(ckpt),
-        "--data",
-        str(mixed),
-        "--out",
-        str(tmp_path / "y"),
-    )
-    assert code == 2 and "margin" in err
+    for data, where in ((bad, f"{bad}:1"), (mixed, "")):
+        code, _, err = lmlab_here(monkeypatch, capsys, "align", "rm", str(ckpt), "--data",
+                                  str(data), "--out", str(tmp_path / data.stem))  # fmt: skip
+        assert code == 2 and where in err and "margin" in err
 
 
 # --- KTO on unpaired feedback ---------------------------------------------------------------

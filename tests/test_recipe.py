@@ -3,19 +3,9 @@ import pytest
 from lmlab.errors import UsageError
 from lmlab.run.recipe import builtin_recipes, load_recipe
 
-from .conftest import lmlab_cmd, lmlab_here
+from .conftest import lmlab_cmd, lmlab_in
 
-
-def here(monkeypatch, capsys, cwd, *args: str) -> tuple[int, str, str]:
-    """`lmlab ARGS` in this process, run from `cwd` (no interpreter start: seconds quicker
-    than `lmlab_cmd`); monkeypatch restores the working directory and the console's global
-    settings (quiet, the interrupt hint) that a verb sets."""
-    import lmlab.console
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(lmlab.console, "_state", dict(lmlab.console._state))
-    capsys.readouterr()  # what the test printed before is not the command's output
-    return lmlab_here(monkeypatch, capsys, *args)
+here = lmlab_in  # `lmlab ARGS` in this process, from a directory
 
 
 def test_builtin_recipes_validate():

@@ -27,19 +27,9 @@ from lmlab.utils import (
     dir_lock,
     output_kind,
 )
-from tests.conftest import lmlab_cmd, lmlab_here
+from tests.conftest import lmlab_cmd, lmlab_in
 
-
-def here(monkeypatch, capsys, cwd, *args: str) -> tuple[int, str, str]:
-    """`lmlab ARGS` in this process, run from `cwd` (no interpreter start: seconds quicker
-    than `lmlab_cmd`); monkeypatch restores the working directory and the console's global
-    settings (quiet, the interrupt hint) that a verb sets."""
-    import lmlab.console
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(lmlab.console, "_state", dict(lmlab.console._state))
-    capsys.readouterr()  # what the test printed before is not the command's output
-    return lmlab_here(monkeypatch, capsys, *args)
+here = lmlab_in  # `lmlab ARGS` in this process, from a directory
 
 
 def user_folder(path: Path) -> Path:
