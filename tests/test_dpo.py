@@ -210,6 +210,19 @@ def test_reward_margins_from_the_data_enter_the_loss(ckpt, tmp_path, monkeypatch
     assert code == 0, err
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log1p(math.exp(1.5)), abs=1e-4)
+    # with a LoRA adapter: the same first loss (a new adapter changes nothing); the head
+    # trains with the adapter and loads with it
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "align", "rm", str(ckpt), "--data", str(data), "--out",
+        str(tmp_path / "rm-lora"), "--steps", "1", "--batch-size", "4", "--heldout", "0",
+        "--seq-len", "128", "--peft", "lora:r=2",
+    )  # fmt: skip
+    assert code == 0, err
+    lora = json.loads((tmp_path / "rm-lora/metrics.jsonl").read_text().splitlines()[0])
+    assert lora["loss"] == pytest.approx(first["loss"], abs=1e-6)
+    conf = json.loads((tmp_path / "rm-lora/model/adapter_config.json").read_text())
+    assert conf["task_type"] == "SEQ_CLS"
+    assert load_model(tmp_path / "rm-lora/model").score.weight.abs().sum() > 0  # trained
     # a margin that is not a number, or margins on some pairs only: exit 2, naming them
     bad, mixed = tmp_path / "bad.jsonl", tmp_path / "mixed.jsonl"
     bad.write_text(json.dumps({**recs[0], "margin": "big"}) + "\n")

@@ -112,7 +112,9 @@ def test_the_command_with_a_reward_model_and_with_the_verifier(ckpt, tmp_path, m
     rm_dir = save_checkpoint(rm, tmp_path / "rm", tokenizer_dir=ckpt)
     common = ["--steps", "2", "--prompts", "4", "--heldout", "2", "--max-completion", "6",
               "--batch-size", "2", "--seq-len", "128", "--ppo-epochs", "2"]  # fmt: skip
-    for name, extra in [("rm", ["--reward-model", str(rm_dir)]), ("verifier", [])]:
+    variants = [("rm", ["--reward-model", str(rm_dir)]), ("verifier", []),
+                ("lora", ["--peft", "lora:r=2"])]  # fmt: skip
+    for name, extra in variants:
         out = tmp_path / f"out-{name}"
         code, _, err = lmlab_here(
             monkeypatch, capsys, "align", "ppo", str(ckpt), "--out", str(out), *common, *extra
@@ -124,6 +126,8 @@ def test_the_command_with_a_reward_model_and_with_the_verifier(ckpt, tmp_path, m
         for key in ("kl", "entropy", "clip_fraction", "value_error"):
             assert key in steps[-1]
         assert load_model(out / "model").cfg.reward_head  # the value head stays
+        # with --peft: an adapter that trained the value head with it
+        assert (out / "model" / "adapter_config.json").is_file() == (name == "lora")
     code, _, err = lmlab_here(
         monkeypatch, capsys, "align", "ppo", str(ckpt), "--out", str(tmp_path / "x"),
         "--reward-model", str(ckpt),

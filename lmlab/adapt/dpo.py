@@ -16,7 +16,6 @@ rejected one, so that any contiguous even slice (a data-parallel rank's) keeps p
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -36,7 +35,7 @@ from lmlab.config import STRICT, Fraction, NonNegFloat, PosFloat
 from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.model.adapter_ops import with_adapter
-from lmlab.model.adapters import PeftConfig
+from lmlab.model.adapters import PeftConfig, adapter_disabled, reference_copy
 from lmlab.model.loading import as_checkpoint, load_model
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -179,13 +178,15 @@ def reference_logps(
     seq_len: int,
     batch: int = 8,
 ) -> torch.Tensor:
-    """The model's summed log-probs of every row's completion, before any update."""
+    """The model's summed log-probs of every row's completion, before any update (as its
+    base computes them: a fresh adapter's virtual tokens set aside)."""
     was = model.training
     model.eval()
     out = []
-    for i in range(0, len(rows), batch):
-        x, y = collate(rows[i : i + batch], pad, seq_len)
-        out.append(sequence_logps(model(x), y)[0])
+    with adapter_disabled(model):
+        for i in range(0, len(rows), batch):
+            x, y = collate(rows[i : i + batch], pad, seq_len)
+            out.append(sequence_logps(model(x), y)[0])
     model.train(was)
     return torch.cat(out)
 
@@ -326,7 +327,7 @@ def align_dpo(
     pairs = [p for path in data for p in read_pairs(path)]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = with_adapter(load_model(ckpt), peft, model_ref)
+        model = with_adapter(load_model(ckpt), peft, model_ref, tok)
         encoded = [encode_pair(tok, p) for p in pairs]
         too_long = sum(max(len(ids) for ids, _ in e) > cfg.seq_len + 1 for e in encoded)
         if too_long:
@@ -336,7 +337,7 @@ def align_dpo(
         refs = {}
         live = None
         if dpo.reference == "live" and not dpo.reference_free:
-            live = copy.deepcopy(model).eval().requires_grad_(False)
+            live = reference_copy(model)
         for name, part in (("train", train_pairs), ("held", held)):
             if dpo.reference_free or live is not None or not part:
                 refs[name] = torch.zeros(2 * len(part))

@@ -18,7 +18,6 @@ reply states it as "the answer is ...".
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from lmlab.eval.synthetic import TASKS, Item, check_task, extract_answer, make_i
 from lmlab.infer.generate import generate_batch
 from lmlab.infer.options import GenerationConfig
 from lmlab.model.adapter_ops import with_adapter
-from lmlab.model.adapters import PeftConfig
+from lmlab.model.adapters import PeftConfig, reference_copy
 from lmlab.model.loading import as_checkpoint, load_model, resolve_checkpoint
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -248,8 +247,8 @@ def align_grpo(
     items, held = task_items(grpo.task, grpo.prompts, grpo.heldout, grpo.difficulty, seed)
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = with_adapter(load_model(ckpt), peft, model_ref)
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta > 0 else None
+        model = with_adapter(load_model(ckpt), peft, model_ref, tok)
+        ref = reference_copy(model) if grpo.beta > 0 else None
         before = heldout_scores(model, tok, held, grpo.task, grpo.max_completion)
         if held:
             acc = sum(before) / len(held)

@@ -185,7 +185,7 @@ def instruct(
     sets = [read_examples(s.path) for s in sources]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = with_adapter(load_model(ckpt), peft, model_ref)
+        model = with_adapter(load_model(ckpt), peft, model_ref, tok)
         pad = pad_id(tok)
         train_sets, held = [], []
         for examples in sets:

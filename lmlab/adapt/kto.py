@@ -127,7 +127,7 @@ def align_kto(
     examples = [e for path in data for e in read_feedback(path)]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
-        model = with_adapter(load_model(ckpt), peft, model_ref)
+        model = with_adapter(load_model(ckpt), peft, model_ref, tok)
         n = len(examples)
         encoded = [
             (

@@ -41,6 +41,8 @@ from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.eval.synthetic import TASKS, Item, check_task
 from lmlab.infer.options import GenerationConfig
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import as_checkpoint, load_model
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
@@ -250,10 +252,16 @@ def ppo_objective(cfg: PPOConfig, kl_ctl: KLController | None = None):
 
 
 def align_ppo(
-    model_ref: str | Path, out_dir: str | Path, ppo: PPOConfig, cfg: TrainConfig, seed: int = 0
+    model_ref: str | Path,
+    out_dir: str | Path,
+    ppo: PPOConfig,
+    cfg: TrainConfig,
+    seed: int = 0,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Train `model_ref` with PPO against `ppo.reward_model` (or the task's verifier);
-    `cfg.batch_size` counts prompts. Held-out verifier accuracy before and after."""
+    `cfg.batch_size` counts prompts. Held-out verifier accuracy before and after. With
+    `peft` the policy trains an adapter (and its value head)."""
     check_task(ppo.task, ppo.difficulty)
     out_dir = claim_output_dir(out_dir, "align-ppo", resume=True)  # before any work
     judge = load_reward_model(ppo.reward_model) if ppo.reward_model is not None else None
@@ -263,6 +271,7 @@ def align_ppo(
         base = load_model(ckpt)
         ref = copy.deepcopy(base).eval().requires_grad_(False)
         policy = base if base.cfg.reward_head else with_reward_head(base)
+        policy = with_adapter(policy, peft, model_ref, tok)
         before = heldout_scores(policy, tok, held, ppo.task, ppo.max_completion)
         if held:
             acc = sum(before) / len(held)

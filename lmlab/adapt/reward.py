@@ -12,7 +12,7 @@ usually).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +27,10 @@ from lmlab.adapt.dpo import (
 from lmlab.adapt.preference import reward_model_loss
 from lmlab.config import STRICT, Fraction, NonNegFloat
 from lmlab.errors import UsageError
+from lmlab.model.adapter_ops import with_adapter
+from lmlab.model.adapters import PeftConfig
 from lmlab.model.loading import as_checkpoint, load_model
-from lmlab.model.transformer import Transformer
+from lmlab.model.transformer import Transformer, with_score_head
 from lmlab.tokenizer import load_tokenizer, pad_id
 from lmlab.train.batch import Batch, LossOut
 from lmlab.train.loop import TrainConfig
@@ -49,12 +51,7 @@ def with_reward_head(model: Transformer) -> Transformer:
     """The same decoder with a zero-initialised scalar head."""
     if model.cfg.family != "decoder":
         raise UsageError(f"reward model: family {model.cfg.family!r}; only decoders get a head")
-    rm = Transformer(replace(model.cfg, reward_head=True))
-    missing, unexpected = rm.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or set(missing) != {"score.weight"}:
-        raise UsageError(f"reward model: weights do not fit ({missing or unexpected})")
-    torch.nn.init.zeros_(rm.score.weight)
-    return rm
+    return with_score_head(model)
 
 
 def score_positions(ids: torch.Tensor, pad: int) -> torch.Tensor:
@@ -121,16 +118,19 @@ def align_rm(
     cfg: TrainConfig,
     seed: int = 0,
     one_pass: bool = False,
+    peft: PeftConfig | None = None,
 ) -> dict:
     """Train a reward model from `model_ref` on the pairs of `data`; the result under
     `out_dir/model` is a checkpoint with `reward_head: true`, which `load_model` loads and
-    `lmlab export --to hf` writes as a sequence-classification model."""
+    `lmlab export --to hf` writes as a sequence-classification model. With `peft` it is
+    an adapter (PEFT's SEQ_CLS layout: the new head trains and is saved with it)."""
     out_dir = claim_output_dir(out_dir, "align-rm", resume=True)  # before any work
     pairs = [p for path in data for p in read_pairs(path)]
     with as_checkpoint(model_ref, scratch=out_dir.parent) as ckpt:
         tok = load_tokenizer(ckpt)
         base = load_model(ckpt)
         model = base if base.cfg.reward_head else with_reward_head(base)
+        model = with_adapter(model, peft, model_ref, tok)
         margins = [p.margin for p in pairs]
         if any(m is not None for m in margins) and None in margins:
             raise UsageError("rm: some pairs have a 'margin' and some do not; give all or none")

@@ -99,7 +99,7 @@ def sft(
         for r in _read_pairs(pairs_dir / "heldout.jsonl")
     ]
     pad = pad_id(tok)
-    model = with_adapter(load_model(base_dir), peft, base_dir)
+    model = with_adapter(load_model(base_dir), peft, base_dir, tok)
     n = len(examples)
     bs = cfg.batch_size
     steps_per_epoch = max(1, n // bs)

@@ -148,11 +148,15 @@ def rm_cmd(
     lr: LrOpt = 1e-5,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
+    peft: PeftOpt = None,
 ) -> None:
     """Train a reward model (a scalar head on the decoder, Bradley-Terry loss) on
     preference pairs; OUT/model loads anywhere and exports to HF as sequence
-    classification."""
+    classification (with --peft: an adapter that trains the head with it)."""
     from lmlab.adapt.reward import RewardConfig, align_rm
+    from lmlab.model.adapters import parse_peft
+
+    peft_cfg = parse_peft(peft)
 
     rm, cfg, one_pass = _configs(
         "rm",
@@ -160,7 +164,7 @@ def rm_cmd(
         dict(center_coefficient=center_coefficient, heldout=heldout),
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
-    summary = align_rm(model, list(data), out, rm, cfg, seed=seed, one_pass=one_pass)
+    summary = align_rm(model, list(data), out, rm, cfg, seed=seed, one_pass=one_pass, peft=peft_cfg)
     log(f"rm: wrote {out / 'model'} ({summary.get('steps', '?')} steps, {summary['pairs']} pairs)")
 
 
@@ -334,10 +338,14 @@ def ppo_cmd(
     lr: LrOpt = 1e-6,
     seq_len: SeqOpt = 512,
     seed: SeedOpt = 0,
+    peft: PeftOpt = None,
 ) -> None:
     """PPO-RLHF (InstructGPT): sampled answers scored by a reward model (or a verifier), a
     per-token KL penalty, GAE with a value head on the policy, the clipped objective."""
     from lmlab.adapt.ppo import PPOConfig, align_ppo
+    from lmlab.model.adapters import parse_peft
+
+    peft_cfg = parse_peft(peft)
 
     ppo, cfg, _ = _configs(
         "ppo",
@@ -362,7 +370,7 @@ def ppo_cmd(
         ),
         dict(batch_size=batch_size, seq_len=seq_len, lr=lr, steps=steps),
     )
-    s = align_ppo(model, out, ppo, cfg, seed=seed)
+    s = align_ppo(model, out, ppo, cfg, seed=seed, peft=peft_cfg)
     log(f"ppo: wrote {out / 'model'}; {_heldout(s)}")
 
 

@@ -86,11 +86,15 @@ class Runner:
             self.cache = self._empty_cache(b, 1 + self.extra)
             start = torch.full((b, 1), self.cfg.decoder_start_id, device=self.device)
             return self._forward(start)[:, -1].float()
-        slots = width + self.extra
+        virtual = self.model._modules.get("virtual_prompt")  # prefix or prompt tuning
+        n = virtual.n if virtual is not None else 0
+        slots = n + width + self.extra
         self.cache = self._empty_cache(b, slots)
+        if virtual is not None:  # the virtual tokens take the first slots, once
+            virtual.fill(self.model, self.cache)
         if padded:
             self.mask = torch.ones(b, slots, dtype=torch.long, device=self.device)
-            self.mask[:, :width] = mask
+            self.mask[:, n : n + width] = mask
         self.prefix = width
         return self._forward(ids, keep=1)[:, -1].float()
 

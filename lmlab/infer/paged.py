@@ -48,6 +48,12 @@ def check_model(model: torch.nn.Module) -> Transformer:
             f"paged KV cache: model family {family!r} is not supported; "
             "only causal decoders (family: decoder) are"
         )
+    if "virtual_prompt" in model._modules:
+        raise UsageError(
+            f"paged KV cache: a {model.peft_config.method}-tuning adapter puts virtual tokens "
+            "before every sequence, which the paged cache does not hold; generate or chat with "
+            "it (lmlab generate/chat ADAPTER), or serve a LoRA, DoRA, IA³ or bottleneck adapter"
+        )
     return model
 
 

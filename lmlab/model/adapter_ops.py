@@ -34,12 +34,18 @@ def base_reference(ref: str | Path) -> str:
     return str(ref) if resolve_model(ref) != Path(ref) else str(Path(ref).resolve())
 
 
-def with_adapter(model: nn.Module, cfg: PeftConfig | None, base: str | Path) -> nn.Module:
+def with_adapter(
+    model: nn.Module, cfg: PeftConfig | None, base: str | Path, tokenizer=None
+) -> nn.Module:
     """`model` (loaded from `base`) with a fresh adapter when `cfg` asks for one: the
-    training functions' one line for parameter-efficient training."""
+    training functions' one line for parameter-efficient training. `tokenizer` (the
+    model's) encodes prompt tuning's `init_text`."""
     if cfg is None:
         return model
-    add_adapters(model, cfg, base=base_reference(base))
+    ids = None
+    if cfg.init_text is not None and tokenizer is not None:  # its tokens' embeddings
+        ids = tokenizer.encode(cfg.init_text, add_special_tokens=False).ids
+    add_adapters(model, cfg, base=base_reference(base), init_ids=ids)
     trainable, total = trainable_counts(model)
     log(f"peft: {cfg.method}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%)")  # fmt: skip

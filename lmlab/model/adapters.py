@@ -17,15 +17,23 @@ The forward passes follow PEFT's exactly:
   per row and detached (as in the paper's §4.3), m initialised to ‖W‖.
 - IA³: a learned vector l scales the layer's output (attention keys and values), or its
   input (the feed-forward's down projection); l starts at 1.
+- Prompt tuning (Lester et al. 2021) and prefix tuning (Li & Liang 2021) add no layer:
+  a `virtual_prompt` module puts n virtual tokens before every sequence, as soft input
+  embeddings run through the model, or as keys/values for every layer (optionally
+  produced by an MLP during training). They reach the model through its KV-cache seam
+  (`Transformer.forward`, `lmlab.infer.engine.Runner`), and are saved as PEFT saves them:
+  one `prompt_embeddings` tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,11 +46,15 @@ from torch import nn
 from lmlab.config import STRICT, Fraction, PosFloat, PosInt
 from lmlab.errors import CheckpointError, UsageError
 from lmlab.model.quant import QuantLinear
+from lmlab.model.transformer import ConcatCache
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-METHODS = ("lora", "dora", "ia3", "bottleneck")
+METHODS = ("lora", "dora", "ia3", "bottleneck", "prompt", "prefix")
+VIRTUAL = ("prompt", "prefix")  # virtual tokens, not layers
+PROMPT_EMBEDDINGS = "prompt_embeddings"  # PEFT's one tensor of a prompt-learning adapter
+PREFIX_ENCODER = "lmlab_prefix_encoder."  # the MLP of prefix tuning, kept to resume training
 BOTTLENECK_TYPE = "LMLAB_BOTTLENECK"  # lmlab's own `peft_type`: PEFT has no such adapter
 
 
@@ -55,7 +67,7 @@ class PeftConfig:
 
     __pydantic_config__ = STRICT
 
-    method: Literal["lora", "dora", "ia3", "bottleneck"] = "lora"
+    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt", "prefix"] = "lora"
     r: PosInt = 8
     alpha: PosFloat = 16.0
     dropout: Fraction = 0.0
@@ -63,6 +75,15 @@ class PeftConfig:
     rslora: bool = False  # scale by alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
     # IA³: the targets whose input (not output) is scaled (PEFT's `feedforward_modules`)
     feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+    # prompt and prefix tuning: how many virtual tokens; prompt tuning's soft prompt may
+    # start as the embeddings of a text (repeated or cut to length), else N(0, 1) as PEFT
+    num_virtual_tokens: PosInt = 20
+    init_text: str | None = None
+    # prefix tuning: train the prefix through an MLP (Li & Liang's reparameterisation)
+    prefix_projection: bool = False
+    encoder_hidden_size: PosInt | None = None  # the MLP's width (None: the keys' width)
+    # set by `add_adapters`: SEQ_CLS when the model has a reward head (trained with it)
+    task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
 
     @property
     def scaling(self) -> float:
@@ -87,11 +108,14 @@ def parse_peft(spec: str | dict | PeftConfig | None) -> PeftConfig | None:
                 raw[key] = value.removeprefix("re:")  # one regular expression, or PEFT's
             elif key in ("target_modules", "feedforward_modules"):
                 raw[key] = [v for v in value.split("|") if v]
-            elif key == "rslora":
+            elif key in ("rslora", "prefix_projection"):
                 raw[key] = value.strip().lower() in ("1", "true", "yes")
+            elif key == "init_text":
+                raw[key] = value
             else:
                 try:
-                    raw[key] = int(value) if key == "r" else float(value)
+                    ints = ("r", "num_virtual_tokens", "encoder_hidden_size")
+                    raw[key] = int(value) if key in ints else float(value)
                 except ValueError:
                     raise UsageError(f"--peft {spec}: {key} must be a number") from None
         where = f"--peft {spec}"
@@ -101,6 +125,8 @@ def parse_peft(spec: str | dict | PeftConfig | None) -> PeftConfig | None:
         raw["target_modules"] = ["k_proj", "v_proj", "down_proj"]  # PEFT's Llama defaults
     if raw.get("method") == "bottleneck" and "target_modules" not in raw:
         raw["target_modules"] = ["o_proj", "down_proj"]  # Houlsby: after attention, after FFN
+    if raw.get("method") in VIRTUAL:
+        raw.setdefault("target_modules", [])
     try:
         return TypeAdapter(PeftConfig).validate_python(raw)
     except ValidationError as e:
@@ -219,6 +245,112 @@ class BottleneckLinear(nn.Linear):
         return y + self.adapter_up(self.adapter_dropout(F.gelu(self.adapter_down(y))))
 
 
+# --- virtual tokens: prompt and prefix tuning --------------------------------------------------
+
+
+class VirtualPrompt(nn.Module):
+    """n virtual tokens before every sequence. Prompt tuning: `embedding` [n, d] is a soft
+    prompt that runs through the model like token embeddings. Prefix tuning: `embedding`
+    [n, layers·2·kv] holds every layer's keys and values (PEFT's layout: per token, layer
+    i's keys then its values, each kv_heads × head_dim), or, with `prefix_projection`,
+    [n, kv] that the MLP `transform` maps to them (Li & Liang's reparameterisation; only
+    its output is needed after training). `forward()` is that table."""
+
+    def __init__(self, model: nn.Module, cfg: PeftConfig, init: torch.Tensor | None, gen) -> None:
+        super().__init__()
+        mc = model.cfg
+        self.kind, self.n = cfg.method, cfg.num_virtual_tokens
+        self.layers, self.kv_heads, self.head_dim = mc.n_layers, mc.n_kv_heads, mc.head_dim
+        kv = mc.n_kv_heads * mc.head_dim
+        emb = model.embed_tokens.weight
+        dev, dt = emb.device, emb.dtype
+        width = mc.d_model if cfg.method == "prompt" else kv
+        if cfg.method == "prefix" and not cfg.prefix_projection:
+            width = self.layers * 2 * kv
+        self.embedding = nn.Embedding(self.n, width, device=dev, dtype=dt)
+        if dev.type != "meta":
+            nn.init.normal_(self.embedding.weight, generator=gen)  # nn.Embedding's N(0, 1)
+        if init is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(init)
+        if cfg.method == "prefix" and cfg.prefix_projection:
+            hidden = cfg.encoder_hidden_size or kv
+            self.transform = nn.Sequential(
+                nn.Linear(kv, hidden, device=dev, dtype=dt),
+                nn.Tanh(),
+                nn.Linear(hidden, self.layers * 2 * kv, device=dev, dtype=dt),
+            )
+            if dev.type != "meta":  # nn.Linear's own initialisation, drawn from `gen`
+                for lin in (self.transform[0], self.transform[2]):
+                    nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=gen)
+                    bound = 1 / math.sqrt(lin.in_features)
+                    nn.init.uniform_(lin.bias, -bound, bound, generator=gen)
+
+    def forward(self) -> torch.Tensor:
+        w = self.embedding.weight
+        return self.transform(w) if hasattr(self, "transform") else w
+
+    def cache(self, model: nn.Module) -> ConcatCache:
+        """The virtual tokens' keys/values for every layer, computed once for a batch of
+        one (the cache expands them to the batch), with gradients to the adapter."""
+        cc = ConcatCache(self.layers)
+        table = self()
+        if self.kind == "prompt":
+            dt = model.embed_tokens.weight.dtype
+            model(None, cache=cc, inputs_embeds=table[None].to(dt), hidden=True, logits_to_keep=1)
+            return cc
+        kv = table.view(self.n, self.layers * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        cc.k = [kv[2 * i][None] for i in range(self.layers)]
+        cc.v = [kv[2 * i + 1][None] for i in range(self.layers)]
+        cc.pos = self.n
+        return cc
+
+    @torch.no_grad()
+    def fill(self, model: nn.Module, cache) -> None:
+        """Write the virtual tokens into a fresh generation cache (slots 0..n-1)."""
+        cc = self.cache(model)
+        for i in range(self.layers):
+            cache.update(i, cc.k[i], cc.v[i])
+        cache.advance(self.n)
+
+    def widen_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A padding mask [B, S] or a bool mask [B, 1, T, S] with the virtual tokens'
+        columns in front, visible to every token."""
+        if mask is None:
+            return None
+        if mask.dim() == 2:
+            return F.pad(mask, (self.n, 0), value=1)
+        return F.pad(mask, (self.n, 0), value=True)
+
+
+def virtual_tokens(model: nn.Module) -> int:
+    """How many virtual tokens the model puts before a sequence (0 without an adapter that
+    adds them): what a generation cache must hold beyond the prompt."""
+    vp = model._modules.get("virtual_prompt")
+    return vp.n if vp is not None else 0
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """The base model's outputs while inside (a reference before training, as TRL takes it
+    from a PEFT model). Every layer adapter starts as the identity, so only virtual tokens
+    need setting aside; they are put back on leaving."""
+    vp = model._modules.pop("virtual_prompt", None)
+    try:
+        yield model
+    finally:
+        if vp is not None:
+            model._modules["virtual_prompt"] = vp
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` as its base computes (no virtual tokens): a reference
+    policy for the alignment objectives."""
+    with adapter_disabled(model):
+        ref = copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
 # --- adapters on a quantized base (QLoRA) --------------------------------------------------------
 
 
@@ -333,15 +465,42 @@ def targets_of(model: nn.Module, cfg: PeftConfig) -> list[str]:
     ]
 
 
+def _add_virtual(model: nn.Module, cfg: PeftConfig, init_ids: list[int] | None, seed: int):
+    family = model.cfg.family
+    if family != "decoder":
+        raise UsageError(f"peft: {cfg.method} tuning needs a causal decoder (not {family!r})")
+    init = None
+    if cfg.method == "prompt" and cfg.init_text is not None:
+        if not init_ids:
+            raise UsageError("peft: init_text needs the model's tokenizer (and a non-empty text)")
+        ids = init_ids * math.ceil(cfg.num_virtual_tokens / len(init_ids))
+        init = model.embed_tokens.weight.detach()[torch.tensor(ids[: cfg.num_virtual_tokens])]
+    dev = model.embed_tokens.weight.device
+    gen = None if dev.type == "meta" else torch.Generator(dev).manual_seed(seed * 1_000_003)
+    model.virtual_prompt = VirtualPrompt(model, cfg, init, gen)
+
+
 def add_adapters(
-    model: nn.Module, cfg: PeftConfig, base: str | None = None, seed: int = 0
+    model: nn.Module,
+    cfg: PeftConfig,
+    base: str | None = None,
+    seed: int = 0,
+    init_ids: list[int] | None = None,
 ) -> nn.Module:
-    """Adapt `model` in place: its targets get fresh adapters, every other parameter is
-    frozen (a reward head, when there is one, stays trainable: it is new). `base` is what
-    the adapter file names as its base model. The initialisation is seeded (`seed`, and
-    the layer's place), so two runs start from the same adapter. Returns the model."""
+    """Adapt `model` in place: its targets get fresh adapters (or it gets virtual tokens),
+    every other parameter is frozen (a reward head, when there is one, stays trainable:
+    it is new). `base` is what the adapter file names as its base model. The
+    initialisation is seeded (`seed`, and the layer's place), so two runs start from the
+    same adapter; `init_ids` are `cfg.init_text`'s tokens. Returns the model."""
     if getattr(model, "peft_config", None) is not None:
         raise UsageError("the model already has an adapter; merge it first")
+    if hasattr(model, "score"):
+        cfg = replace(cfg, task_type="SEQ_CLS")
+    if cfg.method in VIRTUAL:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _add_virtual(model, cfg, init_ids, seed)
+        return _mark_adapted(model, cfg, base)
     names = targets_of(model, cfg)
     if not names:
         raise UsageError(
@@ -367,6 +526,10 @@ def add_adapters(
         else:
             new = LoRALinear(old, cfg, gen)
         setattr(holder, child, new)
+    return _mark_adapted(model, cfg, base)
+
+
+def _mark_adapted(model: nn.Module, cfg: PeftConfig, base: str | None) -> nn.Module:
     score = getattr(model, "score", None)
     if isinstance(score, nn.Module):
         score.requires_grad_(True)
@@ -381,7 +544,15 @@ def adapter_names(model: nn.Module) -> list[str]:
     """State-dict keys of the adapter's own tensors (and a reward head's)."""
     if getattr(model, "peft_config", None) is None:
         return []
-    keep = ("lora_A.", "lora_B.", "lora_magnitude_vector", "ia3_l", "adapter_down.", "adapter_up.")
+    keep = (
+        "lora_A.",
+        "lora_B.",
+        "lora_magnitude_vector",
+        "ia3_l",
+        "adapter_down.",
+        "adapter_up.",
+        "virtual_prompt.",
+    )
     return [
         k
         for k in model.state_dict()
@@ -413,6 +584,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     the result again). A bottleneck adapter is not linear and is refused."""
     if any(isinstance(m, BottleneckLinear) for m in model.modules()):
         raise UsageError("a bottleneck adapter is not linear: it cannot be merged into weights")
+    if virtual_tokens(model):
+        raise UsageError(
+            f"a {model.peft_config.method}-tuning adapter adds virtual tokens, not weights: it "
+            "cannot be merged (use BASE + ADAPTER, the adapter directory, as the model)"
+        )
     for name, mod in list(model.named_modules()):
         if isinstance(mod, ADAPTED):  # on a quantized layer: dequantized, in float
             bias = mod.merged_bias() if hasattr(mod, "merged_bias") else mod.bias
@@ -446,22 +622,53 @@ def lmlab_key(key: str) -> str:
     return name.replace(".default.", ".").replace(".default", "")
 
 
-def adapter_config_json(cfg: PeftConfig, base: str | None, adapted: list[str]) -> dict:
+def _virtual_json(cfg: PeftConfig, mc) -> dict:
+    """PEFT's prompt-learning fields; `inference_mode` makes PEFT read the saved table
+    (prefix tuning's MLP output) instead of rebuilding the MLP."""
+    kv = mc.n_kv_heads * mc.head_dim
+    fields = {
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "num_transformer_submodules": 1,
+        "num_layers": mc.n_layers,
+    }
+    if cfg.method == "prompt":
+        return {
+            **fields,
+            "peft_type": "PROMPT_TUNING",
+            "token_dim": mc.d_model,
+            "num_attention_heads": mc.n_heads,
+            "prompt_tuning_init": "RANDOM",  # the trained table is what loads
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+        }
+    return {
+        **fields,
+        "peft_type": "PREFIX_TUNING",
+        "token_dim": kv,  # PEFT's rule for grouped-query models: kv_heads × head_dim
+        "num_attention_heads": mc.n_kv_heads,
+        "encoder_hidden_size": cfg.encoder_hidden_size or kv,
+        "prefix_projection": cfg.prefix_projection,
+    }
+
+
+def adapter_config_json(cfg: PeftConfig, base: str | None, adapted: list[str], mc=None) -> dict:
     """`adapter_config.json` as PEFT writes it (what `PeftConfig.from_pretrained` reads).
     A pattern is written as the list of the layers it adapted, by their Hugging Face
-    names: PEFT would match a pattern against every module, activations included."""
+    names: PEFT would match a pattern against every module, activations included. `mc`
+    (the model's config) sizes prompt and prefix tuning."""
     targets = cfg.target_modules
     if isinstance(targets, str):
         targets = [f"model.{n}" for n in adapted]
     common = {
         "base_model_name_or_path": base,
-        "modules_to_save": None,
-        "task_type": "CAUSAL_LM",
-        "fan_in_fan_out": False,
+        "modules_to_save": ["score"] if cfg.task_type == "SEQ_CLS" else None,
+        "task_type": cfg.task_type,
         "inference_mode": True,
-        "target_modules": targets,
         "lmlab": asdict(cfg),
     }
+    if cfg.method in VIRTUAL:
+        return {**common, **_virtual_json(cfg, mc)}
+    common |= {"fan_in_fan_out": False, "target_modules": targets}
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "feedforward_modules": cfg.feedforward_modules}
     if cfg.method == "bottleneck":  # lmlab's own layout (PEFT has no bottleneck adapter)
@@ -482,10 +689,30 @@ def adapter_config_json(cfg: PeftConfig, base: str | None, adapted: list[str]) -
 def config_from_json(raw: dict, where: Path) -> PeftConfig:
     """lmlab's config of an `adapter_config.json`, lmlab's or PEFT's own."""
     kind = str(raw.get("peft_type", "")).upper()
+    task = "SEQ_CLS" if raw.get("task_type") == "SEQ_CLS" else "CAUSAL_LM"
     try:
+        heads = {"score", "classifier"} if task == "SEQ_CLS" else set()  # PEFT's SEQ_CLS names
+        if set(raw.get("modules_to_save") or []) - heads:
+            raise UsageError(f"modules_to_save {raw['modules_to_save']} is not supported")
+        if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            if raw.get("num_transformer_submodules", 1) != 1:
+                raise UsageError("encoder-decoder prompt learning is not supported")
+            ours = raw.get("lmlab") or {}
+            return TypeAdapter(PeftConfig).validate_python(
+                {
+                    "method": "prompt" if kind == "PROMPT_TUNING" else "prefix",
+                    "num_virtual_tokens": raw["num_virtual_tokens"],
+                    "target_modules": [],
+                    # PEFT's file holds the MLP's output only; lmlab's keeps the MLP too
+                    "prefix_projection": bool(ours.get("prefix_projection", False)),
+                    "encoder_hidden_size": ours.get("encoder_hidden_size"),
+                    "init_text": ours.get("init_text"),
+                    "task_type": task,
+                }
+            )
         if kind == "LORA":
-            if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
-                raise UsageError("trained biases and modules_to_save are not supported")
+            if raw.get("bias", "none") != "none":
+                raise UsageError("trained biases are not supported")
             if raw.get("fan_in_fan_out"):
                 raise UsageError("fan_in_fan_out (GPT-2 Conv1D layers) is not supported")
             return TypeAdapter(PeftConfig).validate_python(
@@ -497,6 +724,7 @@ def config_from_json(raw: dict, where: Path) -> PeftConfig:
                     "target_modules": raw["target_modules"],
                     "rslora": bool(raw.get("use_rslora", False)),
                     "feedforward_modules": [],
+                    "task_type": task,
                 }
             )
         if kind == BOTTLENECK_TYPE:
@@ -507,13 +735,14 @@ def config_from_json(raw: dict, where: Path) -> PeftConfig:
                     "method": "ia3",
                     "target_modules": raw["target_modules"],
                     "feedforward_modules": raw.get("feedforward_modules") or [],
+                    "task_type": task,
                 }
             )
     except (KeyError, ValidationError, UsageError) as e:
         raise CheckpointError(f"{where}: unsupported adapter config ({e})") from None
     raise CheckpointError(
         f"{where}: peft_type {raw.get('peft_type')!r} is not supported (lmlab reads LORA, "
-        f"IA3 and its own {BOTTLENECK_TYPE})"
+        f"IA3, PROMPT_TUNING, PREFIX_TUNING and its own {BOTTLENECK_TYPE})"
     )
 
 
@@ -540,13 +769,45 @@ def save_adapter(
     (`extra`, such as a training summary, under its `lmlab_extra` key)."""
     cfg = model.peft_config
     state = state if state is not None else model.state_dict()
-    tensors = {peft_key(k): state[k].detach().contiguous().clone() for k in adapter_names(model)}
+    names = adapter_names(model)
+    tensors = {
+        peft_key(k): state[k].detach().contiguous().clone()
+        for k in names
+        if not k.startswith("virtual_prompt.")
+    }
+    if virtual_tokens(model):
+        tensors |= _virtual_tensors(model, {k: state[k] for k in names})
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     adapted = [n for n, m in model.named_modules() if isinstance(m, ADAPTED)]
-    config = adapter_config_json(cfg, model.peft_base, adapted)
+    config = adapter_config_json(cfg, model.peft_base, adapted, model.cfg)
     if extra:
         config["lmlab_extra"] = extra
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def _virtual_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """PEFT's `prompt_embeddings` (for prefix tuning with its MLP: the MLP's output, what
+    PEFT saves) and, with the MLP, its own tensors so that training resumes exactly."""
+    vp = model.virtual_prompt
+    own = {k.removeprefix("virtual_prompt."): v for k, v in state.items()}
+    with torch.no_grad():
+        table = torch.func.functional_call(vp, own, ())
+    out = {PROMPT_EMBEDDINGS: table.detach().contiguous().clone()}
+    if hasattr(vp, "transform"):
+        out |= {PREFIX_ENCODER + k: v.detach().contiguous().clone() for k, v in own.items()}
+    return out
+
+
+def _virtual_state(raw: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """A prompt-learning adapter file's tensors under the model's keys."""
+    if PROMPT_EMBEDDINGS not in raw:
+        raise CheckpointError(f"{file}: no {PROMPT_EMBEDDINGS!r} tensor")
+    mlp = {k[len(PREFIX_ENCODER) :]: v for k, v in raw.items() if k.startswith(PREFIX_ENCODER)}
+    if mlp:
+        got = {f"virtual_prompt.{k}": v for k, v in mlp.items()}
+    else:
+        got = {"virtual_prompt.embedding.weight": raw[PROMPT_EMBEDDINGS]}
+    return got | {lmlab_key(k): v for k, v in raw.items() if k.startswith(PEFT_PREFIX)}
 
 
 def load_adapter_weights(model: nn.Module, path: Path) -> None:
@@ -558,7 +819,10 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{file}: unreadable adapter weights ({e})") from None
     mine = model.state_dict()
     want = set(adapter_names(model))
-    got = {lmlab_key(k): v for k, v in raw.items()}
+    if virtual_tokens(model):
+        got = _virtual_state(raw, file)
+    else:
+        got = {lmlab_key(k): v for k, v in raw.items()}
     missing, extra = want - got.keys(), got.keys() - mine.keys()
     if missing or extra:
         what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(extra)[:3]}"
@@ -585,9 +849,15 @@ def peft_rows(cfg, peft: PeftConfig) -> list[tuple[str, str]]:
     mib = 1024**2
     full = total * 4 * 4  # weights, gradients, two AdamW moments
     ours = (total - trainable) * 4 + trainable * 4 * 4
+    if peft.method in VIRTUAL:
+        what = f"{peft.method} tuning, {peft.num_virtual_tokens} virtual tokens"
+        where = ("virtual tokens", f"{peft.num_virtual_tokens} before every sequence")
+    else:
+        what = "ia3" if peft.method == "ia3" else f"{peft.method}, r={peft.r}"
+        where = ("adapted layers", str(layers))
     return [
-        ("peft", "ia3" if peft.method == "ia3" else f"{peft.method}, r={peft.r}"),
-        ("adapted layers", str(layers)),
+        ("peft", what),
+        where,
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"),
         (
             "training memory, fp32 (weights, grads, AdamW)",

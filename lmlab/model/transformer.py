@@ -14,7 +14,7 @@ packed documents, ALiBi or T5 biases) builds one explicit mask per forward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +201,30 @@ class KVCache:
             torch.zeros(shape, device=device, dtype=dtype),
             torch.zeros(shape, device=device, dtype=dtype),
         )
+
+
+class ConcatCache:
+    """Keys/values held per layer and grown by concatenation: no in-place writes, so
+    gradients flow through it. A virtual prefix (prefix or prompt tuning) trains through
+    this one; `KVCache` serves generation."""
+
+    capacity = 1 << 62
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is not None:
+            b = k.shape[0]  # a prefix computed once for a batch of one serves every row
+            k = torch.cat([self.k[layer].expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([self.v[layer].expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, t: int) -> None:
+        self.pos += t
 
 
 @dataclass
@@ -524,7 +548,13 @@ class Transformer(nn.Module):
     `hidden=True` for the final hidden states [B, T, d_model] in place of the logits
     (what embeddings pool), `score_at` [B] for a reward head's score of each row at
     that position (`reward_head` models), and `with_scores=True` for (logits, the head's
-    score at every position): a policy and its value head in one forward (PPO)."""
+    score at every position): a policy and its value head in one forward (PPO);
+    `inputs_embeds` [B, T, d] in place of `input_ids` (soft prompts).
+
+    A model given a `virtual_prompt` module (prefix or prompt tuning,
+    `lmlab.model.adapters`) puts its virtual tokens before every sequence: without a cache
+    their keys/values come first in every layer; a generation cache holds them from the
+    start (`lmlab.infer.engine.Runner`). The outputs cover the real tokens only."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -575,11 +605,18 @@ class Transformer(nn.Module):
         hidden: bool = False,
         score_at: torch.Tensor | None = None,
         with_scores: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        b, t = input_ids.shape
+        b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        virtual = self._modules.get("virtual_prompt")
+        if virtual is not None and cache is None:
+            # prefix or prompt tuning: the virtual tokens' keys/values come first (a
+            # generation cache gets them once, from the engine)
+            cache = virtual.cache(self)
+            attention_mask = virtual.widen_mask(attention_mask)
         start = cache.pos if cache is not None else 0
-        device = input_ids.device
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         if cfg.position == "learned" and start + t > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds max_seq_len={cfg.max_seq_len} "
@@ -596,7 +633,7 @@ class Transformer(nn.Module):
             position_ids = positions_from(attention_mask, start, t, device)
         if isinstance(prefix_len, int):
             prefix_len = torch.full((b,), prefix_len, dtype=torch.long)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if cfg.position == "learned":
             x = x + self.embed_positions(position_ids + cfg.learned_pos_offset)
         elif cfg.position == "sinusoidal":
@@ -639,6 +676,17 @@ class Transformer(nn.Module):
         if with_scores:  # a policy with a value head (PPO): logits and a value per position
             return logits, self.score(x).squeeze(-1)
         return logits
+
+
+def with_score_head(model: Transformer) -> Transformer:
+    """The same decoder with a zero-initialised scalar head `score` (a reward model's, or
+    a policy's value head)."""
+    head = Transformer(replace(model.cfg, reward_head=True)).to(model.embed_tokens.weight.device)
+    missing, unexpected = head.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) != {"score.weight"}:
+        raise ValueError(f"reward head: weights do not fit ({missing or unexpected})")
+    nn.init.zeros_(head.score.weight)
+    return head
 
 
 class PositionTables:

@@ -23,6 +23,7 @@ from lmlab.model.adapters import (
 )
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.formats.registry import TokenizerFiles, register_format
+from lmlab.model.transformer import with_score_head
 
 
 def detect(path: Path) -> bool:
@@ -45,6 +46,8 @@ def load(path: Path, device: str = "cpu"):
     cfg, _ = read_adapter_config(path)
     base = _base(path)
     model = load_model(base, device)
+    if cfg.task_type == "SEQ_CLS" and not hasattr(model, "score"):
+        model = with_score_head(model)  # trained with the adapter: its tensors load below
     add_adapters(model, cfg, base=base)
     load_adapter_weights(model, path)
     return model.eval()
