@@ -844,7 +844,7 @@ def peft_rows(cfg, peft: PeftConfig) -> list[tuple[str, str]]:
     with torch.device("meta"):
         model = build_model(cfg)
         layers = len(targets_of(model, peft))
-        add_adapters(model, peft)
+        add_adapters(model, replace(peft, init_text=None))  # the count needs no tokens
     trainable, total = trainable_counts(model)
     mib = 1024**2
     full = total * 4 * 4  # weights, gradients, two AdamW moments
