@@ -13,7 +13,8 @@ import torch
 
 from lmlab import load_model, load_tokenizer
 from lmlab.errors import UsageError
-from lmlab.eval.tasks import apply_filters, load_task, prefix_token, run_task
+from lmlab.eval.tasks import apply_filters, load_task, run_task
+from lmlab.prompt.likelihood import prefix_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

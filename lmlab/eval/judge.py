@@ -42,7 +42,7 @@ class Verdict:
 def model_judge(model, tok, template: str = JUDGE_PROMPT) -> Callable[[str, str, str], float]:
     """P(the first response is better) from a judge model: the softmax over the
     log-likelihoods of " A" and " B" after the prompt."""
-    from lmlab.eval.tasks import loglikelihoods
+    from lmlab.prompt.likelihood import loglikelihoods
 
     def judge(question: str, first: str, second: str) -> float:
         ctx = template.format(question=question, a=first, b=second)

@@ -58,7 +58,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lmlab.errors import UsageError
-from lmlab.eval.tasks import score_continuations
+from lmlab.prompt.likelihood import score_continuations
 
 __all__ = ["LmlabLM", "main"]
 
