@@ -71,6 +71,7 @@ def test_a_run_from_a_store_model_skips_pretraining(tmp_path, monkeypatch):
         "sft.train.eval_batches=1",
         "sft.train.checkpoint_every=100",  # no resumable checkpoint of 135M weights + Adam
         "sft.train.keep_best=false",
+        "sft.peft.method=lora",  # an adapter: no 540 MB full checkpoint to write and reload
         "eval.val_tokens=128",
         "eval.questions=1",
         "eval.max_new_tokens=8",

@@ -46,6 +46,32 @@ def server_error(e: Exception) -> UsageError:
     return UsageError(f"{head}: {message or e}")
 
 
+def sampling_body(cfg: GenerationConfig) -> dict:
+    """The decoding settings of a request in OpenAI's fields (lmlab's and vLLM's extras,
+    `top_k`, `min_p`, `repetition_penalty`, only when set)."""
+    body: dict = {
+        "max_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+    }
+    if cfg.n != 1:
+        body["n"] = cfg.n
+    if cfg.seed is not None:
+        body["seed"] = cfg.seed
+    if cfg.stop_strings:
+        body["stop"] = list(cfg.stop_strings)
+    extra = {}
+    if cfg.top_k:
+        extra["top_k"] = cfg.top_k
+    if cfg.min_p:
+        extra["min_p"] = cfg.min_p
+    if cfg.repetition_penalty != 1.0:
+        extra["repetition_penalty"] = cfg.repetition_penalty
+    if extra:
+        body["extra_body"] = extra
+    return body
+
+
 @dataclass
 class RemoteChat:
     """A conversation with a served model, streamed as it comes. The served chat template
@@ -75,30 +101,8 @@ class RemoteChat:
 
     def request(self) -> dict:
         """The chat completion request for the conversation so far."""
-        cfg = self.cfg
         turns = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        body: dict = {
-            "model": self.model,
-            "messages": turns,
-            "max_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "stream": True,
-        }
-        if cfg.seed is not None:
-            body["seed"] = cfg.seed
-        if cfg.stop_strings:
-            body["stop"] = list(cfg.stop_strings)
-        extra = {}  # lmlab's and vLLM's extras, sent only when set
-        if cfg.top_k:
-            extra["top_k"] = cfg.top_k
-        if cfg.min_p:
-            extra["min_p"] = cfg.min_p
-        if cfg.repetition_penalty != 1.0:
-            extra["repetition_penalty"] = cfg.repetition_penalty
-        if extra:
-            body["extra_body"] = extra
-        return body
+        return {"model": self.model, "messages": turns, "stream": True, **sampling_body(self.cfg)}
 
     def reply(self, text: str, stdout: TextIO) -> str:
         """Send the user's turn and stream the answer to `stdout`. The answer joins the
