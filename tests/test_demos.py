@@ -1,0 +1,111 @@
+"""In-context learning's choices: demonstration selection (random, BM25, KATE's nearest
+neighbours, maximal marginal relevance), order (similarity, GlobalE's entropy), and
+contextual calibration, against references and hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.errors import UsageError
+from lmlab.prompt.demos import (
+    contextual_calibration,
+    global_entropy,
+    label_probs,
+    order_demos,
+    select_demos,
+)
+
+POOL = [
+    "the film was a joy from start to finish",
+    "a dull, lifeless movie",
+    "stocks fell sharply on monday",
+    "a wonderful, moving film with great actors",
+    "the committee approved the budget",
+    "boring and far too long",
+]
+
+
+class Fixed:
+    """An encoder whose vectors are given: the query's first, then the pool's."""
+
+    def __init__(self, vectors: dict[str, list[float]]) -> None:
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return torch.nn.functional.normalize(torch.tensor([self.vectors[t] for t in texts]), dim=-1)
+
+
+def test_kate_returns_the_true_nearest_neighbours():
+    st = pytest.importorskip("sentence_transformers")
+    from lmlab.model.sentence import default_encoder_dir
+
+    query = "an excellent film, I loved it"
+    ref = st.SentenceTransformer(str(default_encoder_dir()), device="cpu")
+    sims = ref.encode(POOL) @ ref.encode([query])[0]
+    want = [int(i) for i in np.argsort(-sims)[:3]]
+    assert select_demos(query, POOL, 3, "knn") == want
+    assert want[0] in (0, 3)
+
+
+def test_mmr_trades_relevance_for_diversity():
+    vecs = {"q": [1.0, 0.0], "a": [1.0, 0.05], "a2": [1.0, 0.06], "b": [0.5, -0.866]}
+    pool = ["a", "a2", "b"]
+    enc = Fixed(vecs)
+    assert select_demos("q", pool, 2, "knn", encoder=enc) == [0, 1]  # the two near-copies
+    assert select_demos("q", pool, 2, "mmr", encoder=enc, lam=0.5) == [0, 2]  # not a copy
+    assert select_demos("q", pool, 2, "mmr", encoder=enc, lam=1.0) == [0, 1]  # λ = 1: kNN
+
+
+def test_bm25_selection_follows_bm25s_and_random_is_seeded():
+    bm25s = pytest.importorskip("bm25s")
+    query = "a boring film"
+    ref = bm25s.BM25()
+    ref.index(bm25s.tokenize(POOL, stopwords="en", show_progress=False), show_progress=False)
+    scores = ref.get_scores(bm25s.tokenize([query], stopwords="en", return_ids=False)[0])
+    assert select_demos(query, POOL, 2, "bm25") == [int(i) for i in np.argsort(-scores)[:2]]
+    drawn = select_demos(query, POOL, 4, "random", seed=3)
+    assert drawn == select_demos(query, POOL, 4, "random", seed=3) and len(set(drawn)) == 4
+    with pytest.raises(UsageError, match="pool has 6"):
+        select_demos(query, POOL, 7, "random")
+    with pytest.raises(UsageError, match="choose one of"):
+        select_demos(query, POOL, 1, "nearest")
+
+
+def test_orders_by_similarity_and_by_global_entropy():
+    assert order_demos([7, 8, 9], "similarity", similarity=[0.9, 0.1, 0.5]) == [8, 9, 7]
+
+    def probe(order):  # orderings that end with demo 2 predict label 0 for every probe
+        if order[-1] == 2:
+            return np.array([[0.9, 0.1]] * 4)
+        return np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+
+    best = order_demos([0, 1, 2], "entropy", seed=0, probe=probe, candidates=6)
+    assert best[-1] != 2
+    assert global_entropy(probe(best)) == pytest.approx(np.log(2))
+    assert global_entropy(np.array([[0.9, 0.1]] * 3)) == 0.0
+
+
+class Scripted:
+    """log p(word | prompt) from a table: a prompt that ends with "N/A" is biased."""
+
+    name = "scripted"
+
+    def logprobs(self, pairs):
+        table = {" positive": np.log(0.7), " negative": np.log(0.1)}
+        return [table[w] + (0.0 if p.endswith("N/A") else (-1.0 if "bad" in p else 0.0))
+                for p, w in pairs]  # fmt: skip
+
+
+def test_contextual_calibration_divides_out_the_content_free_bias():
+    labels = [" positive", " negative"]
+    probs = label_probs(Scripted(), ["good film", "bad film"], labels)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(-1), 1)
+    cf = label_probs(Scripted(), ["N/A"], labels)[0]
+    assert cf == pytest.approx([0.875, 0.125])
+    calibrated = contextual_calibration(probs, cf)
+    # W = diag(1/p_cf): the content-free input itself becomes uniform
+    assert contextual_calibration(cf[None], cf)[0] == pytest.approx([0.5, 0.5])
+    want = (probs / cf) / (probs / cf).sum(-1, keepdims=True)
+    assert np.allclose(calibrated, want)
