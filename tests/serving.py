@@ -75,7 +75,7 @@ def running(app):
         thread.join(timeout=30)
 
 
-def scripted_checkpoint(root: Path, pieces: list[str]) -> Path:
+def scripted_checkpoint(root: Path, pieces: list[str], max_seq_len: int = 256) -> Path:
     """A real checkpoint whose greedy chat reply is exactly `pieces` joined, then its end of
     turn: each piece is a token of its own, and the weights make every token predict the
     next (attention and MLP outputs zeroed, so each position sees only its own token; the
@@ -102,7 +102,7 @@ def scripted_checkpoint(root: Path, pieces: list[str]) -> Path:
         d_model=64,
         n_heads=4,
         ffn_hidden=64,
-        max_seq_len=256,
+        max_seq_len=max_seq_len,
         tie_embeddings=False,
     )
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from lmlab.cli import (  # noqa: F401
     generation,
     models,
     pipeline,
+    prompting,
     rag,
     scaling,
     serving,

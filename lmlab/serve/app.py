@@ -43,6 +43,7 @@ from lmlab.serve.protocol import (
     refused,
 )
 from lmlab.serve.text import TextStream
+from lmlab.serve.tooling import tool_message, tool_turn, with_tools
 from lmlab.tokenizer.chat import encode_chat, stop_ids_of
 
 log = logging.getLogger("lmlab.serve")
@@ -198,7 +199,8 @@ def create_app(engines: dict[str, Engine], settings: Settings | None = None) -> 
     async def chat(body: ChatRequest, request: Request):
         engine = engine_of(body.model)
         _refuse(body)
-        prompt = encode_chat(engine.tok, [_turn(m) for m in body.messages])
+        turns = with_tools([_turn(m) for m in body.messages], body.tools, body.tool_choice)
+        prompt = encode_chat(engine.tok, turns)
         want = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         cfg = _config(body, engine, len(prompt), want, param, chat=True)
@@ -209,19 +211,23 @@ def create_app(engines: dict[str, Engine], settings: Settings | None = None) -> 
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_chunks(run, body.model, usage), run)
         await run.wait(request)
-        return {
-            **_head("chatcmpl", "chat.completion", body.model),
-            "choices": [
+        choices = []
+        for i, c in enumerate(run.choices):
+            tools = body.tools if body.tool_choice != "none" else None
+            message, called = tool_message(c.text.text, tools)
+            choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text.text},
+                    "message": message,
                     "logprobs": {"content": c.chat_logprobs(c.logprobs)}
                     if cfg.logprobs is not None
                     else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": "tool_calls" if called else c.finish_reason,
                 }
-                for i, c in enumerate(run.choices)
-            ],
+            )
+        return {
+            **_head("chatcmpl", "chat.completion", body.model),
+            "choices": choices,
             "usage": run.usage(),
         }
 
@@ -571,6 +577,8 @@ def _turn(m: Message) -> dict:
                 400, f"only text content is supported, got {sorted(kinds)}", param="messages"
             )
         text = "".join(p.text or "" for p in m.content)
+    if m.role == "tool" or (m.role == "assistant" and (m.model_extra or {}).get("tool_calls")):
+        return tool_turn(m.role, text, m.model_extra or {})
     role = "system" if m.role == "developer" else m.role
     return {"role": role, "content": text}
 

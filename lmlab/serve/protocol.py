@@ -99,7 +99,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    # refused by name below: lmlab has no tools or structured output
+    # tools: described to the model, its calls read back (lmlab.serve.tooling); the legacy
+    # functions API and structured output are refused by name below
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -142,10 +143,21 @@ def refused(body: BaseModel) -> tuple[str, str] | None:
     """(param, message) for a field lmlab does not do, or None."""
     checks: list[tuple[str, bool, str]] = []
     if isinstance(body, ChatRequest):
+        from lmlab.serve.tooling import check_tools
+
         checks += [
-            (k, getattr(body, k) is not None, "tools and function calling are not supported")
-            for k in ("tools", "tool_choice", "functions", "function_call")
+            (
+                k,
+                getattr(body, k) is not None,
+                "the legacy functions API is not supported; use tools",
+            )
+            for k in ("functions", "function_call")
         ]
+        bad_tools = check_tools(body.tools, body.tool_choice)
+        checks.append(("tools", bad_tools is not None, bad_tools or ""))
+        checks.append(
+            ("stream", bool(body.tools) and body.stream, "streaming with tools is not supported")
+        )
         fmt = body.response_format
         text = fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text")
         checks.append(
