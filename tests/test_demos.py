@@ -109,3 +109,26 @@ def test_contextual_calibration_divides_out_the_content_free_bias():
     assert contextual_calibration(cf[None], cf)[0] == pytest.approx([0.5, 0.5])
     want = (probs / cf) / (probs / cf).sum(-1, keepdims=True)
     assert np.allclose(calibrated, want)
+
+
+def test_an_eval_task_names_its_demo_selector(tmp_path):
+    from lmlab.eval.tasks import fewshot_docs, load_task
+
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(POOL)]
+    (tmp_path / "train.jsonl").write_text(
+        "".join(f'{{"text": "{r["text"]}", "label": {r["label"]}}}\n' for r in rows)
+    )
+    (tmp_path / "test.jsonl").write_text('{"text": "a boring film, far too long", "label": 1}\n')
+    spec = ("task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: train.jsonl\n"
+            "    test: test.jsonl\ntest_split: test\nfewshot_split: train\nnum_fewshot: 2\n"
+            "output_type: multiple_choice\ndoc_to_text: '{{text}}'\ndoc_to_choice: ['no', 'yes']\n"
+            "doc_to_target: label\n")  # fmt: skip
+    (tmp_path / "t.yaml").write_text(spec + "fewshot_selector: bm25\nfewshot_order: similarity\n")
+    task = load_task(tmp_path / "t.yaml")
+    doc = {"text": "a boring film, far too long", "label": 1}
+    shots = fewshot_docs(task, np.random.default_rng(0), doc)
+    best = select_demos(doc["text"], POOL, 2, "bm25")
+    assert [s["text"] for s in shots] == [POOL[i] for i in best[::-1]]  # most similar last
+    (tmp_path / "bad.yaml").write_text(spec + "fewshot_selector: psychic\n")
+    with pytest.raises(UsageError, match="fewshot_selector 'psychic'"):
+        load_task(tmp_path / "bad.yaml")

@@ -33,6 +33,7 @@ import yaml
 from lmlab.errors import UsageError
 from lmlab.eval.stats import summarize
 from lmlab.prompt.answers import INVALID, extract_regex
+from lmlab.prompt.demos import SELECTORS, order_demos, select_demos
 from lmlab.prompt.fewshot import fewshot_context
 from lmlab.prompt.likelihood import loglikelihoods, prefix_token, score_continuations
 from lmlab.prompt.templates import render_jinja
@@ -65,6 +66,11 @@ class Task:
     filters: list[dict] = field(default_factory=list)
     source: Path | None = None
     kind: str = "json"  # dataset_path: json, csv or parquet
+    # lmlab's extension: how demonstrations are chosen for each document (random, bm25,
+    # knn: KATE's nearest neighbours, mmr) and ordered (random; similarity: the most
+    # similar next to the question)
+    fewshot_selector: str = "random"
+    fewshot_order: str = "random"
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -104,7 +110,7 @@ def load_task(path: str | Path) -> Task:
     unknown = [m for m in metrics if m not in METRICS[out]]
     if unknown:
         raise UsageError(f"{path}: metric {unknown[0]!r} (for {out}: {', '.join(METRICS[out])})")
-    return Task(
+    task = Task(
         name=name,
         output_type=out,
         data_files=files,
@@ -123,7 +129,19 @@ def load_task(path: str | Path) -> Task:
         filters=(raw.get("filter_list") or [{}])[0].get("filter", []),
         source=path,
         kind=raw["dataset_path"],
+        fewshot_selector=_choice(path, raw, "fewshot_selector", SELECTORS),
+        fewshot_order=_choice(path, raw, "fewshot_order", ("random", "similarity")),
     )
+    if task.fewshot_order == "similarity" and task.fewshot_selector == "random":
+        raise UsageError(f"{path}: fewshot_order similarity needs a fewshot_selector by similarity")
+    return task
+
+
+def _choice(path: Path, raw: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = raw.get(key, "random")
+    if value not in allowed:
+        raise UsageError(f"{path}: {key} {value!r} (choose one of {', '.join(allowed)})")
+    return value
 
 
 def _data_path(task_file: Path, name: str) -> Path:
@@ -295,7 +313,18 @@ def fewshot_docs(task: Task, rng: np.random.Generator, exclude: dict | None) -> 
     pool = [d for d in read_docs(task.data_files[task.fewshot_split], task.kind) if d != exclude]
     if len(pool) < task.num_fewshot:
         raise UsageError(f"{task.name}: {task.num_fewshot} shots but {len(pool)} fewshot docs")
-    return [pool[i] for i in rng.choice(len(pool), task.num_fewshot, replace=False)]
+    if task.fewshot_selector == "random" and task.fewshot_order == "random":
+        return [pool[i] for i in rng.choice(len(pool), task.num_fewshot, replace=False)]
+    has_choices = task.doc_to_choice is not None
+    texts = [str(doc_value(task.doc_to_text, d, has_choices, "text")) for d in pool]
+    query = str(doc_value(task.doc_to_text, exclude, has_choices, "text")) if exclude else ""
+    seed = int(rng.integers(1 << 31))
+    picked = select_demos(query, texts, task.num_fewshot, task.fewshot_selector, seed)
+    if task.fewshot_order == "similarity":  # best first from the selector: reversed
+        picked = picked[::-1]
+    else:
+        picked = order_demos(picked, "random", seed)
+    return [pool[i] for i in picked]
 
 
 def run_task(

@@ -20,6 +20,7 @@ same code runs on a local model or a served one."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -33,12 +34,26 @@ ORDERS = ("random", "similarity", "entropy")
 CONTENT_FREE = "N/A"
 
 
-def _embed(texts: list[str], encoder) -> torch.Tensor:
-    if encoder is None:
-        from lmlab.model.sentence import load_sentence_encoder
+@functools.cache
+def _default_encoder():
+    from lmlab.model.sentence import load_sentence_encoder
 
-        encoder = load_sentence_encoder()
-    return encoder.encode(texts)
+    return load_sentence_encoder()
+
+
+def _embed(texts: list[str], encoder) -> torch.Tensor:
+    return (encoder or _default_encoder()).encode(texts)
+
+
+@functools.lru_cache(maxsize=8)
+def pool_index(pool: tuple[str, ...], method: str):
+    """A pool's embeddings (knn, mmr) or BM25 index (bm25), kept for the next query on the
+    same pool (an evaluation asks once per document)."""
+    if method == "bm25":
+        from lmlab.prompt.retrieval import build_bm25
+
+        return build_bm25(list(pool))
+    return _embed(list(pool), None)
 
 
 def select_demos(
@@ -64,12 +79,12 @@ def select_demos(
     if method == "random":
         return [int(i) for i in np.random.default_rng(seed).choice(len(pool), k, replace=False)]
     if method == "bm25":
-        from lmlab.prompt.retrieval import build_bm25
-
-        index = pool_bm25 if pool_bm25 is not None else build_bm25(list(pool))
+        index = pool_bm25 if pool_bm25 is not None else pool_index(tuple(pool), "bm25")
         scores = np.asarray(index.get_scores(_query_words(query)))
         return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
-    vecs = pool_vectors if pool_vectors is not None else _embed(list(pool), encoder)
+    if pool_vectors is None:
+        pool_vectors = pool_index(tuple(pool), method) if encoder is None else encoder.encode(pool)
+    vecs = pool_vectors
     q = _embed([query], encoder)[0]
     sims = vecs @ q
     if method == "knn":
