@@ -132,3 +132,29 @@ def test_an_eval_task_names_its_demo_selector(tmp_path):
     (tmp_path / "bad.yaml").write_text(spec + "fewshot_selector: psychic\n")
     with pytest.raises(UsageError, match="fewshot_selector 'psychic'"):
         load_task(tmp_path / "bad.yaml")
+
+
+def test_a_prompt_from_the_surveys_components_and_named_tips(tmp_path):
+    from lmlab.prompt.components import TIPS, load_prompt, prompt_messages, render_prompt
+
+    (tmp_path / "p.yaml").write_text(
+        "task: Classify the sentiment of the review.\n"
+        "context: 'Reviews come from {{ site }}.'\n"
+        "demos:\n  - {input: 'A joy.', output: positive}\n"
+        "input: '{{ review }}'\noutput_format: one word\ntips: [clear_goal, delimit_input]\n"
+    )
+    spec = load_prompt(tmp_path / "p.yaml")
+    text = render_prompt(spec, {"site": "a forum", "review": "Dull."})
+    assert text == (
+        f"Classify the sentiment of the review. {TIPS['clear_goal']} {TIPS['delimit_input']}\n\n"
+        "Context: Reviews come from a forum.\n\nInput: ```\nA joy.\n```\nOutput: positive\n\n"
+        "Output format: one word\n\nInput: ```\nDull.\n```\nOutput:"
+    )
+    system, user = prompt_messages(spec, {"site": "a forum", "review": "Dull."})
+    assert system["role"] == "system" and user["content"].endswith("Dull.\n```\nOutput:")
+    for bad, words in [({"tips": ["be_nice"]}, "known tips"), ({"shots": []}, "unknown key"),
+                       ({"demos": [{"input": "x"}]}, r"demos\[0\]")]:  # fmt: skip
+        with pytest.raises(UsageError, match=words):
+            load_prompt(bad)
+    with pytest.raises(Exception, match="review"):  # a variable left out is an error
+        render_prompt(spec, {"site": "x"})
