@@ -117,3 +117,30 @@ def test_strategies_end_to_end_on_smollm2(sandbox):
         sol = solve(strategy, backend, "Tom has 3 boxes of 4 pens. How many pens?", cfg=cfg)
         assert sol.transcript and all(isinstance(t, dict) for t in sol.transcript)
         assert sol.answer is None or sol.answer.lstrip("-").isdigit()
+
+
+def test_lmlab_eval_runs_strategies_on_the_same_items(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.conftest import lmlab_here
+    from tests.serving import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "m")
+    out = tmp_path / "ev"
+    code, _, err = lmlab_here(
+        monkeypatch, capsys, "eval", str(ckpt), "--tasks", "strategy:direct:addition:1",
+        "--tasks", "strategy:plan_and_solve:addition:1", "--limit", "1", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())["tasks"]
+    assert set(res) == {"strategy_direct_addition_d1", "strategy_plan_and_solve_addition_d1"}
+    rows = {
+        name: [json.loads(x) for x in (out / "samples" / f"{name}.jsonl").read_text().splitlines()]
+        for name in res
+    }
+    a, b = rows.values()
+    assert [r["id"] for r in a] == [r["id"] for r in b]  # the same items for both strategies
+    assert all(r["transcript"] and "prediction" in r for r in a + b)
+    code, _, err = lmlab_here(monkeypatch, capsys, "eval", str(ckpt), "--tasks",
+                              "strategy:guess:addition", "--out", str(tmp_path / "x"))  # fmt: skip
+    assert code == 2 and "strategy 'guess'" in err

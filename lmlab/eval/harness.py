@@ -34,7 +34,8 @@ def item_text(rec: dict) -> str:
 BUILTIN_TASKS = Path(__file__).parent / "data" / "tasks"  # built-in task YAMLs, by name
 BUILTIN_HELP = (
     "a task YAML file, a built-in task (python_mc), synthetic:TASK[:DIFFICULTY] "
-    "(coin_flip, last_letter, reverse_list, addition, multiplication, sort_words) "
+    "(coin_flip, last_letter, reverse_list, addition, multiplication, sort_words), "
+    "strategy:STRATEGY:TASK[:DIFFICULTY] (a reasoning strategy on a synthetic task) "
     "or code[:FILE.jsonl]"
 )
 
@@ -49,6 +50,14 @@ def parse_task(name: str):
     if (BUILTIN_TASKS / f"{name}.yaml").is_file():
         return load_task(BUILTIN_TASKS / f"{name}.yaml")
     kind, _, rest = name.partition(":")
+    if kind == "strategy":
+        from lmlab.prompt.strategies import STRATEGIES
+
+        strategy, _, rest = rest.partition(":")
+        if strategy not in STRATEGIES or strategy == "few_shot_cot":
+            usable = ", ".join(s for s in STRATEGIES if s != "few_shot_cot")
+            raise UsageError(f"eval: {name}: strategy {strategy!r} (one of {usable})")
+        return ("strategy", strategy, *parse_task(f"synthetic:{rest}")[1:])
     if kind == "synthetic":
         task, _, diff = rest.partition(":")
         if task not in TASKS:
@@ -64,6 +73,40 @@ def parse_task(name: str):
 
 
 PERTURBATIONS = (("typos", 0.05), ("random_case", 0.2), ("whitespace", 0.3))
+
+
+def run_strategy(spec: tuple, model, tok, limit: int | None, seed: int, samples: int):
+    """A reasoning strategy (`lmlab.prompt.strategies`) on a synthetic task's items, through
+    the local backend: the same items for every strategy at a seed, so `--compare-to`
+    pairs them. Records keep each item's transcript."""
+    from lmlab.eval.synthetic import ANSWER_FORMS, make_items
+    from lmlab.prompt.backend import LocalBackend
+    from lmlab.prompt.strategies import solve
+
+    _, strategy, task, diff = spec
+    name = f"strategy_{strategy}_{task}_d{diff}"
+    items = make_items(task, limit or 50, diff, seed=seed)
+    backend = LocalBackend(model, tok)
+    # self-consistency votes over --self-consistency samples (5 when that is left at 1)
+    extra = {"n": samples if samples > 1 else 5} if strategy == "self_consistency" else {}
+    log(f"eval: {name} ({len(items)} items)")
+    records = []
+    for it in items:
+        sol = solve(strategy, backend, it.question, ANSWER_FORMS[task], **extra)
+        ok = sol.answer == it.answer
+        records.append(
+            {**it.to_dict(), "prediction": sol.answer, "correct": ok, "transcript": sol.transcript}
+        )
+    acc = np.array([r["correct"] for r in records], dtype=float)
+    se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+    entry = {
+        "name": name,
+        "n": len(records),
+        "output_type": "generate_until",
+        "results": {"accuracy": {"value": float(acc.mean()), "stderr": _finite(se)}},
+        "config": {"strategy": strategy, "task": task, "difficulty": diff, **extra},
+    }
+    return entry, records
 
 
 def robustness(model, tok, task: str, diff: int, n: int, seed: int, chat: bool) -> dict:
@@ -92,6 +135,8 @@ def run_builtin(
     self_consistency: int = 1,
 ):
     """Run a built-in suite; returns (results entry, per-item records)."""
+    if spec[0] == "strategy":
+        return run_strategy(spec, model, tok, limit, seed, self_consistency)
     if spec[0] == "synthetic":
         from lmlab.eval.synthetic import evaluate_synthetic
 
