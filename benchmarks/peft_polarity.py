@@ -17,13 +17,19 @@ standard error, and the paired difference against the untuned model scored the s
 
 Table 1, one fresh process per method: held-out accuracy, paired difference, trainable
 parameters, peak RSS of training (VmHWM, read before the evaluation), the loop's
-tokens/s and wall time. Table 2: one training step of lmlab's LoRA (r=8 on q,v) against
-PEFT + transformers on the Hugging Face export of the same weights, same token ids
-(batch 8 x 128), AdamW, fp32, each in a fresh process: median step time after warm-up
-steps, and peak RSS.
+tokens/s and wall time. Besides the layer adapters (LoRA, DoRA, IA³): QLoRA (LoRA on the
+base quantized once to lmlab's int4 format, as `lmlab quantize --method int4` does, in the
+run's temporary directory; the int4 base's own zero-shot accuracy is scored too), prompt
+tuning (soft prompt initialised from the question's text) and prefix tuning (with Li &
+Liang's MLP reparameterisation). Table 2: one training step of lmlab's LoRA (r=8 on q,v)
+against PEFT + transformers on the Hugging Face export of the same weights, same token
+ids (batch 8 x 128), AdamW, fp32, each in a fresh process: median step time after
+warm-up steps, and peak RSS.
 
-Run: `python benchmarks/peft_polarity.py` (about 30 minutes on 2 cores); `--table 1` or
-`--table 2` for one table; `--steps 1 --limit 8` for a smoke run. The data is the copy
+Run: `python benchmarks/peft_polarity.py` (about 45 minutes on 2 cores); `--table 1` or
+`--table 2` for one table; `--methods NAME...` for some of table 1's rows (the untuned
+model is always scored); `--steps 1 --limit 8` for a smoke run. A method whose process
+fails is reported as failed and the others still run. The data is the copy
 `python3-pattern` ships (`--data`); its README swaps the descriptions of its two polarity
 files, this one holds the sentences.
 """
@@ -59,7 +65,23 @@ METHODS: dict[str, tuple[str | None, float]] = {
     "lora-r8-all": ("lora:r=8,alpha=16,target_modules=all-linear", 1e-3),
     "dora-r8-qv": ("dora:r=8,alpha=16", 1e-3),
     "ia3": ("ia3", 3e-3),
+    # LoRA on the int4-quantized base (QUANTIZED below): the lr of the other LoRA rows
+    "qlora-int4-r8-qv": ("lora:r=8,alpha=16", 1e-3),
+    # prompt tuning, 20 soft tokens from the question's text (the spec cannot hold a comma;
+    # this text has none); 3e-2: PEFT's prompt-tuning example with AdamW (Lester et al.
+    # use 0.3 with Adafactor)
+    "prompt-20-text": (
+        "prompt:num_virtual_tokens=20,init_text=Is this review positive or negative? "
+        "Answer with one word.",
+        3e-2,
+    ),
+    # prefix tuning, 20 virtual tokens through Li & Liang's MLP (hidden width: the keys'
+    # width, the default); 1e-2: PEFT's prefix-tuning example
+    "prefix-20-mlp": ("prefix:num_virtual_tokens=20,prefix_projection=true", 1e-2),
 }
+# methods trained on a quantized copy of the base: name -> (method, group size), the
+# `lmlab quantize` options; `lmlab quantize`'s default group size for int4
+QUANTIZED: dict[str, tuple[str, int]] = {"qlora-int4-r8-qv": ("int4", 64)}
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -145,9 +167,12 @@ def score_replies(model, tok, sentences: list[str], batch: int = 32) -> list[lis
     """[log p(positive reply | prompt), log p(negative reply | prompt)] per sentence, the
     replies' tokens as SFT learns them (`encode_exchange`). Prompts of similar length are
     run together (left-padded, into a KV cache), then both replies are scored on copies
-    of the cache: one prompt forward for the two replies."""
+    of the cache: one prompt forward for the two replies. A model with virtual tokens
+    (prompt or prefix tuning) gets them in the cache's first slots, before the padding,
+    as lmlab's generation engine puts them (`lmlab.infer.engine.Runner.prefill`)."""
     import torch
 
+    from lmlab.model.adapters import virtual_tokens
     from lmlab.model.transformer import KVCache
     from lmlab.tokenizer import pad_id
     from lmlab.tokenizer.chat import encode_exchange
@@ -165,18 +190,21 @@ def score_replies(model, tok, sentences: list[str], batch: int = 32) -> list[lis
         raise SystemExit("the replies must tokenize the same after every prompt")
     rp, rn = next(iter(replies))
     n = len(rp)
+    nv = virtual_tokens(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[float]] = [[0.0, 0.0] for _ in prompts]
     for s0 in range(0, len(order), batch):
         rows = order[s0 : s0 + batch]
         b, width = len(rows), max(len(prompts[i]) for i in rows)
         x = torch.full((b, width), pad, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.ones((b, nv + width), dtype=torch.long)  # virtual tokens: seen by all
         for j, i in enumerate(rows):
             x[j, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[j, width - len(prompts[i]) :] = 1
-        cache = KVCache.empty(model.cfg, b, width + n)
+            mask[j, nv : nv + width - len(prompts[i])] = 0
+        cache = KVCache.empty(model.cfg, b, nv + width + n)
         with torch.no_grad():
+            if nv:
+                model.virtual_prompt.fill(model, cache)
             logits = model(x, cache=cache, attention_mask=mask, logits_to_keep=1)
             first = torch.log_softmax(logits[:, -1].float(), -1)
             total = torch.cat([first[:, rp[0]], first[:, rn[0]]])
@@ -224,7 +252,8 @@ def child_train(spec: dict) -> dict:
 
     test = [tuple(r) for r in json.loads(Path(spec["test"]).read_text())]
     res: dict = {}
-    if spec["method"] != "untuned":
+    base = spec.get("base") or spec["ckpt"]  # the model trained: the int4 copy for QLoRA
+    if not spec["method"].startswith("untuned"):
         peft_spec, lr = METHODS[spec["method"]]
         cfg = TrainConfig(
             batch_size=spec["batch_size"], seq_len=spec["seq_len"], lr=lr,
@@ -234,7 +263,7 @@ def child_train(spec: dict) -> dict:
         )  # fmt: skip
         t0 = time.perf_counter()
         summary = instruct(
-            spec["ckpt"], [Source(Path(spec["train"]))], spec["out"], cfg, packing=False,
+            base, [Source(Path(spec["train"]))], spec["out"], cfg, packing=False,
             heldout=0.0, seed=spec["seed"], peft=parse_peft(peft_spec),
         )  # fmt: skip
         res["train_wall_s"] = time.perf_counter() - t0
@@ -249,9 +278,34 @@ def child_train(spec: dict) -> dict:
         res["tokens_per_s"] = summary["tokens_per_s"]
         res["steps"] = summary["steps"]
         model_path = str(Path(spec["out"]) / "model")
-    else:
-        model_path = spec["ckpt"]
+    else:  # untuned: the base as it is (untuned-int4: its int4 copy)
+        model_path = base
     res.update(evaluate(model_path, spec["ckpt"], test))
+    res["peak_rss_mib"] = peak_rss_mib()
+    return res
+
+
+def child_quantize(spec: dict) -> dict:
+    """The base quantized into spec["out"] as `lmlab quantize CKPT --method M --out OUT
+    --group-size G --no-speed` writes it (no held-out tokens beside a converted model, so no
+    perplexity check); returns its report (`quantization.json`)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from lmlab.infer.quantize import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    report = quantize_checkpoint(
+        spec["ckpt"], spec["out"], spec["method"], group_size=spec["group_size"],
+        progress=False, measure_speed=False,
+    )  # fmt: skip
+    keep = (
+        "method", "group_size", "modules", "quantized_parameters", "parameters",
+        "weight_relative_error", "disk_bytes", "memory_bytes", "quantized_weight_bytes",
+        "reload_max_abs_diff",
+    )  # fmt: skip
+    res = {k: report[k] for k in keep if k in report}
+    res["quantize_s"] = time.perf_counter() - t0
     res["peak_rss_mib"] = peak_rss_mib()
     return res
 
@@ -334,7 +388,11 @@ def run_child(kind: str, spec: dict) -> dict:
 
 
 def trainable_of(ckpt: str, peft_spec: str | None) -> tuple[int, int]:
-    """(trainable, total) parameters of a method, counted on the meta device."""
+    """(trainable, total) parameters of a method, counted on the meta device on the full-
+    precision base (QLoRA: the same adapter; its total counts the base's parameters as
+    they were before quantization). A prompt's init_text only sets initial values."""
+    from dataclasses import replace
+
     import torch
 
     from lmlab.model.adapters import add_adapters, parse_peft, trainable_counts
@@ -345,7 +403,7 @@ def trainable_of(ckpt: str, peft_spec: str | None) -> tuple[int, int]:
     with torch.device("meta"):
         model = build_model(ModelConfig.from_dict(read_config(Path(ckpt))["model"]))
         if peft_spec is not None:
-            add_adapters(model, parse_peft(peft_spec))
+            add_adapters(model, replace(parse_peft(peft_spec), init_text=None))
     return trainable_counts(model)
 
 
@@ -363,9 +421,38 @@ def table1(args, ckpt: str, tmp: Path, train, test) -> dict:
         "warmup": args.warmup, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "seed": args.seed, "threads": args.threads,
     }  # fmt: skip
-    results = {}
+    results: dict = {}
+    quantized: dict[tuple[str, int], str] = {}  # (method, group size) -> its checkpoint
     for method in ["untuned", *args.methods]:
-        res = run_child("train", {**common, "method": method, "out": str(tmp / method)})
+        base = ckpt
+        if method in QUANTIZED:
+            q = QUANTIZED[method]
+            if q not in quantized:  # once per run: the base quantized, then its zero-shot
+                qdir = tmp / f"base-{q[0]}-g{q[1]}"
+                rep = run_child(
+                    "quantize", {"ckpt": ckpt, "out": str(qdir), "method": q[0],
+                                 "group_size": q[1], "threads": args.threads},
+                )  # fmt: skip
+                quantized[q] = str(qdir)
+                name = f"untuned-{q[0]}"
+                res = run_child("train", {**common, "method": name, "base": str(qdir)})
+                res["quantization"] = rep
+                results[name] = res
+                acc, se = mean_stderr(res["correct"])
+                print(
+                    f"  {name}: accuracy {acc:.3f} ± {se:.3f}, {res['wall_s']:.0f} s (quantized "
+                    f"in {rep['quantize_s']:.0f} s, weight error "
+                    f"{rep['weight_relative_error']:.4f})",
+                    flush=True,
+                )
+            base = quantized[q]
+        spec = {**common, "method": method, "out": str(tmp / method), "base": base}
+        try:
+            res = run_child("train", spec)
+        except SystemExit as e:  # one method's failure loses neither the others nor the run
+            print(f"  {method}: FAILED\n{e}", flush=True)
+            results[method] = {"failed": str(e)}
+            continue
         if method != "untuned":
             res["trainable"], res["total"] = trainable_of(ckpt, METHODS[method][0])
         results[method] = res
@@ -396,10 +483,18 @@ def print_table1(a: dict, results: dict) -> None:
     base = results["untuned"]["correct"]
     full = results.get("full", {}).get("correct")
     for method, res in results.items():
+        if "failed" in res:
+            why = res["failed"].strip().splitlines()[-1][:120].replace("|", "/")
+            print(f"| {method} | {METHODS[method][1]:g} | failed: {why} |" + " – |" * 9)
+            continue
         acc, se = mean_stderr(res["correct"])
-        if method == "untuned":
+        if method.startswith("untuned"):
+            name, vs = "untuned (zero-shot)", "–"
+            if method != "untuned":  # a quantized base: what quantization alone changed
+                diff, dse = paired_difference(base, res["correct"])
+                name, vs = f"{method} (zero-shot)", f"{diff:+.3f} ± {dse:.3f}"
             print(
-                f"| untuned (zero-shot) | – | – | {acc:.3f} ± {se:.3f} | – | – "
+                f"| {name} | – | – | {acc:.3f} ± {se:.3f} | {vs} | – "
                 f"| {res['pred_positive']:.0%} | – | {res['peak_rss_mib']:,.0f} | – | – "
                 f"| {res['wall_s']:.0f} |"
             )
@@ -428,6 +523,21 @@ def print_table1(a: dict, results: dict) -> None:
         "train s: the loop's summary (tokens = padded rows x width); wall s: the whole "
         "process (load, train, save, evaluate)."
     )
+    for method, res in results.items():
+        q = res.get("quantization")
+        if q:
+            mem, qw = q["memory_bytes"], q.get("quantized_weight_bytes", {})
+            print(
+                f"{method}: the base quantized {q['method']} (group size {q['group_size']}) "
+                f"as `lmlab quantize` does, {q['modules']} linear layers "
+                f"({q['quantized_parameters']:,} of {q['parameters']:,} parameters; "
+                f"embeddings and the tied head stay fp32), relative weight error "
+                f"{q['weight_relative_error']:.4f}; quantized weights "
+                f"{qw.get('before', 0) / 2**20:,.0f} -> {qw.get('after', 0) / 2**20:,.0f} MiB, "
+                f"parameter memory {mem['before'] / 2**20:,.0f} -> {mem['after'] / 2**20:,.0f} "
+                f"MiB; took {q['quantize_s']:.0f} s. Its zero-shot row's paired column: int4 "
+                "base minus the fp32 base."
+            )
 
 
 def table2(args, ckpt: str, tmp: Path, train) -> dict:
@@ -509,7 +619,8 @@ def report(saved: dict) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, spec = sys.argv[2], json.loads(sys.argv[3])
-        res = child_train(spec) if kind == "train" else child_step(spec)
+        child = {"train": child_train, "quantize": child_quantize, "step": child_step}[kind]
+        res = child(spec)
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
