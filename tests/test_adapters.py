@@ -287,7 +287,16 @@ def test_qlora_on_a_quantized_base(base, tmp_path, monkeypatch, capsys, method):
     # a gradient step: only the adapter's tensors get gradients; the int8 codes stay
     before = {k: v.clone() for k, v in quant.state_dict().items() if "qweight" in k}
     quant.train()
-    quant(ids).logsumexp(-1).sum().backward()
+    weight_shapes = {tuple(m.dequantized().shape) for m in quant.modules()
+                     if isinstance(m, QuantLinear)}  # fmt: skip
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        loss = quant(ids).logsumexp(-1).sum()
+    # no layer, adapted or not, keeps a float copy of its weight for the backward (QLoRA)
+    assert not [s for s in saved if tuple(s) in weight_shapes]
+    loss.backward()
     grads = {n for n, p in quant.named_parameters() if p.grad is not None}
     assert grads and all(".lora_" in n for n in grads)
     assert all(torch.equal(before[k], v) for k, v in quant.state_dict().items() if k in before)

@@ -119,7 +119,7 @@ def test_only_the_virtual_tokens_train_and_the_file_holds_only_them(base, tmp_pa
     assert keys - {"prompt_embeddings"} == {f"lmlab_prefix_encoder.{n[15:]}" for n in with_grad}
 
 
-def test_prompt_tuning_from_text_starts_at_the_texts_embeddings(base):
+def test_prompt_tuning_from_text_starts_at_the_texts_embeddings(base, tmp_path):
     from lmlab.model.adapter_ops import with_adapter
     from lmlab.tokenizer import load_tokenizer
 
@@ -130,6 +130,10 @@ def test_prompt_tuning_from_text_starts_at_the_texts_embeddings(base):
     ids = tok.encode("the cat sat", add_special_tokens=False).ids
     want = model.embed_tokens.weight[torch.tensor((ids * 7)[:7])]
     assert torch.equal(model.virtual_prompt.embedding.weight, want)
+    # the saved adapter loads without the text's tokens: its trained table is what loads
+    out = save_checkpoint(model, tmp_path / "pt", tokenizer_dir=ckpt)
+    again = load_model(out)
+    assert torch.equal(again.virtual_prompt.embedding.weight, want)
     with pytest.raises(UsageError, match="init_text"):
         with_adapter(load_model(ckpt), cfg, ckpt)  # no tokenizer to read the text with
 

@@ -371,9 +371,10 @@ class _FrozenQuantized(torch.autograd.Function):
         return grad @ w, None
 
 
-class QuantAdapted(nn.Module):
-    """Mixed into a quantized linear layer's own class (its tensors keep their names, the
-    adapter's are added beside them): LoRA or IA³ on the frozen quantized weight."""
+class QuantFrozen(nn.Module):
+    """Mixed into the class of every quantized linear layer of a model being adapted: a
+    gradient that passes through it (to an adapter before it) is computed with the weight
+    dequantized again, so no layer keeps a float copy of its weight for the backward."""
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)  # the quantized class's own forward
@@ -382,6 +383,14 @@ class QuantAdapted(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return _FrozenQuantized.apply(x, self)
         return self.quantized_forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x)
+
+
+class QuantAdapted(QuantFrozen):
+    """Mixed into a quantized linear layer's own class (its tensors keep their names, the
+    adapter's are added beside them): LoRA or IA³ on the frozen quantized weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "ia3_l"):
@@ -406,7 +415,16 @@ class QuantAdapted(nn.Module):
         return self.bias * self.ia3_l.flatten().to(self.bias.dtype)
 
 
-_QUANT_CLASSES: dict[type, type] = {}
+_QUANT_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _mix(mod: nn.Module, mixin: type) -> None:
+    """Give `mod` its class with `mixin` in front (one class per pair, made once)."""
+    cls = type(mod)
+    if (mixin, cls) not in _QUANT_CLASSES:
+        name = f"{mixin.__name__.removeprefix('Quant')}{cls.__name__}"
+        _QUANT_CLASSES[mixin, cls] = type(name, (mixin, cls), {})
+    mod.__class__ = _QUANT_CLASSES[mixin, cls]
 
 
 def _adapt_quantized(mod: nn.Module, cfg: PeftConfig, feedforward: bool, generator) -> nn.Module:
@@ -417,10 +435,7 @@ def _adapt_quantized(mod: nn.Module, cfg: PeftConfig, feedforward: bool, generat
         )
     if not hasattr(mod, "dequantized"):
         raise UsageError(f"peft: a {type(mod).__name__} layer cannot be adapted")
-    cls = type(mod)
-    if cls not in _QUANT_CLASSES:
-        _QUANT_CLASSES[cls] = type(f"Adapted{cls.__name__}", (QuantAdapted, cls), {})
-    mod.__class__ = _QUANT_CLASSES[cls]
+    _mix(mod, QuantAdapted)
     dev = mod.bias.device if mod.bias is not None else next(mod.buffers()).device
     if cfg.method == "ia3":
         mod.feedforward = feedforward
@@ -530,6 +545,9 @@ def add_adapters(
 
 
 def _mark_adapted(model: nn.Module, cfg: PeftConfig, base: str | None) -> nn.Module:
+    for mod in model.modules():  # QLoRA: no quantized layer keeps a float weight for backward
+        if isinstance(mod, QuantLinear) and not isinstance(mod, QuantFrozen):
+            _mix(mod, QuantFrozen)
     score = getattr(model, "score", None)
     if isinstance(score, nn.Module):
         score.requires_grad_(True)
@@ -706,7 +724,9 @@ def config_from_json(raw: dict, where: Path) -> PeftConfig:
                     # PEFT's file holds the MLP's output only; lmlab's keeps the MLP too
                     "prefix_projection": bool(ours.get("prefix_projection", False)),
                     "encoder_hidden_size": ours.get("encoder_hidden_size"),
-                    "init_text": ours.get("init_text"),
+                    # how the soft prompt started does not matter once trained: the table
+                    # in the file is what loads (and loading needs no tokenizer)
+                    "init_text": None,
                     "task_type": task,
                 }
             )
