@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.errors import UsageError
 from lmlab.model.config import GATED, ModelConfig, deepnorm_constants
 
 # --- normalization -----------------------------------------------------------------------
@@ -684,7 +685,7 @@ def with_score_head(model: Transformer) -> Transformer:
     head = Transformer(replace(model.cfg, reward_head=True)).to(model.embed_tokens.weight.device)
     missing, unexpected = head.load_state_dict(model.state_dict(), strict=False)
     if unexpected or set(missing) != {"score.weight"}:
-        raise ValueError(f"reward head: weights do not fit ({missing or unexpected})")
+        raise UsageError(f"reward head: weights do not fit ({missing or unexpected})")
     nn.init.zeros_(head.score.weight)
     return head
 
