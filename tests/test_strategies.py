@@ -144,3 +144,71 @@ def test_lmlab_eval_runs_strategies_on_the_same_items(tmp_path, monkeypatch, cap
     code, _, err = lmlab_here(monkeypatch, capsys, "eval", str(ckpt), "--tasks",
                               "strategy:guess:addition", "--out", str(tmp_path / "x"))  # fmt: skip
     assert code == 2 and "strategy 'guess'" in err
+
+
+def _task_file(tmp_path, **keys) -> str:
+    import json
+
+    import yaml
+
+    docs = [{"q": "What is 2+3?", "a": "5"}, {"q": "What is 7+8?", "a": "1,5"}]
+    shots = [{"q": "What is 1+1?", "a": "1 and 1 make 2. The answer is 2."}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "shots.jsonl").write_text("".join(json.dumps(d) + "\n" for d in shots))
+    spec = {
+        "task": "sums",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": "test.jsonl", "train": "shots.jsonl"}},
+        "test_split": "test",
+        "fewshot_split": "train",
+        "doc_to_text": "{{q}}",
+        "doc_to_target": "a",
+        **keys,
+    }
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_a_task_yaml_names_a_strategy_and_scores_its_answers(tmp_path, monkeypatch):
+    from lmlab.eval.tasks import load_task, run_task
+    from lmlab.prompt import backend as backend_mod
+
+    script = Scripted([
+        ("Question: What is 2+3?", "2 and 3 make 5. The answer is 5."),
+        ("Question: What is 7+8?", "The answer is 14."),
+        ("What is 2+3?", ["The answer is 5.", "The answer is 6.", "The answer is 5."]),
+        ("What is 7+8?", ["The answer is 15.", "The answer is 15.", "The answer is 1."]),
+    ])  # fmt: skip
+    monkeypatch.setattr(backend_mod, "LocalBackend", lambda model, tok: script)
+    task = load_task(_task_file(tmp_path, strategy="self_consistency", strategy_kwargs={"n": 3}))
+    out = run_task(None, None, task)
+    # the majority of each item's three chains, against targets read as integers ("1,5")
+    assert [r["filtered"] for r in out["records"]] == ["5", "15"]
+    assert [r["votes"] for r in out["records"]][1] == ["15", "15", "1"]
+    assert out["results"]["exact_match"]["value"] == 1.0
+    assert all(cfg.n == 3 for _, cfg in script.calls)
+
+    script.calls.clear()
+    task = load_task(_task_file(tmp_path, strategy="few_shot_cot", num_fewshot=1))
+    out = run_task(None, None, task)
+    assert [r["exact_match"] for r in out["records"]] == [1.0, 0.0]
+    assert all("What is 1+1?" in p and "The answer is 2." in p for p, _ in script.calls)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"strategy": "guess"}, "strategy 'guess'"),
+        ({"strategy": "direct", "answer_form": "float"}, "answer_form 'float'"),
+        ({"strategy": "self_consistency", "strategy_kwargs": {"m": 3}}, "takes no 'm'"),
+        ({"strategy": "few_shot_cot"}, "num_fewshot >= 1"),
+        ({"answer_form": "word"}, "answer_form needs a strategy"),
+        ({"strategy": "direct", "output_type": "multiple_choice"}, "generate_until"),
+    ],
+)
+def test_task_strategy_keys_are_checked(tmp_path, keys, message):
+    from lmlab.eval.tasks import load_task
+
+    with pytest.raises(UsageError, match=message):
+        load_task(_task_file(tmp_path, **keys))

@@ -11,7 +11,14 @@ rules. `output_type` picks the scoring (Zhao et al. §7.1):
 - `loglikelihood_rolling`: a whole document scored in disjoint windows of maximal
   context; `word_perplexity`, `byte_perplexity`, `bits_per_byte`.
 - `generate_until`: greedy generation up to the stop strings, `filter_list` answer
-  extraction (regex, take_first, lowercase, strip), then `exact_match`.
+  extraction (regex, take_first, lowercase, strip), then `exact_match`. lmlab's
+  extension `strategy: NAME` (`lmlab.prompt.strategies`: direct, zero_shot_cot,
+  few_shot_cot, self_consistency, least_to_most, plan_and_solve, self_refine, pal)
+  answers each document's `doc_to_text` with that strategy instead, reads the answer in
+  `answer_form` (integer, yes_no, word, comma_list, word_list) from the output and from
+  the target alike, and scores it with the task's metrics; `strategy_kwargs` go to the
+  strategy (e.g. `n` for self-consistency), and few-shot CoT takes its worked
+  demonstrations from the fewshot split (`num_fewshot` of them, chosen as above).
 
 Tokenization follows lm-eval's HFLM (trailing spaces of a context move to the
 continuation; context and continuation are encoded together and split), so the same task
@@ -21,6 +28,7 @@ scores the same numbers through `lm_eval --model lmlab` and here.
 from __future__ import annotations
 
 import ast
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
@@ -71,6 +79,10 @@ class Task:
     # similar next to the question)
     fewshot_selector: str = "random"
     fewshot_order: str = "random"
+    # lmlab's extension: generate_until answered by a reasoning strategy
+    strategy: str | None = None
+    answer_form: str = "integer"
+    strategy_kwargs: dict = field(default_factory=dict)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -134,7 +146,43 @@ def load_task(path: str | Path) -> Task:
     )
     if task.fewshot_order == "similarity" and task.fewshot_selector == "random":
         raise UsageError(f"{path}: fewshot_order similarity needs a fewshot_selector by similarity")
+    _strategy_keys(path, raw, task)
     return task
+
+
+# what run_task gives every strategy itself (few-shot CoT's shots come from the task)
+FIXED_ARGS = {"backend", "question", "form", "cfg", "shots"}
+
+
+def _strategy_keys(path: Path, raw: dict, task: Task) -> None:
+    """Check and set `strategy`, `answer_form` and `strategy_kwargs`."""
+    from lmlab.prompt import strategies
+    from lmlab.prompt.answers import FORMS
+    from lmlab.prompt.strategies import STRATEGIES
+
+    if "strategy" not in raw:
+        for key in ("answer_form", "strategy_kwargs"):
+            if key in raw:
+                raise UsageError(f"{path}: {key} needs a strategy")
+        return
+    name = raw["strategy"]
+    if name not in STRATEGIES:
+        raise UsageError(f"{path}: strategy {name!r} (choose one of {', '.join(STRATEGIES)})")
+    if task.output_type != "generate_until":
+        raise UsageError(f"{path}: a strategy answers generate_until tasks, not {task.output_type}")
+    form = raw.get("answer_form", "integer")
+    if form not in FORMS:
+        raise UsageError(f"{path}: answer_form {form!r} (choose one of {', '.join(FORMS)})")
+    kwargs = raw.get("strategy_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"{path}: strategy_kwargs must be a mapping")
+    takes = set(inspect.signature(getattr(strategies, name)).parameters) - FIXED_ARGS
+    if set(kwargs) - takes:
+        bad = sorted(set(kwargs) - takes)[0]
+        raise UsageError(f"{path}: strategy_kwargs: {name} takes no {bad!r} ({sorted(takes)})")
+    if name == "few_shot_cot" and task.num_fewshot < 1:
+        raise UsageError(f"{path}: few_shot_cot needs num_fewshot >= 1 and a fewshot_split")
+    task.strategy, task.answer_form, task.strategy_kwargs = name, form, dict(kwargs)
 
 
 def _choice(path: Path, raw: dict, key: str, allowed: tuple[str, ...]) -> str:
@@ -384,6 +432,9 @@ def run_task(
         results = {}
         for m in task.metrics:  # weighted over the corpus, as lm-eval aggregates them
             results[m] = rolling_metric(records, m, seed)
+    elif task.strategy is not None:
+        records = [_strategy_record(model, tok, task, doc, rng, seed) for doc in docs]
+        results = _generation_results(records, task, seed)
     else:
         from lmlab.infer import GenerationConfig, generate_batch
 
@@ -404,13 +455,60 @@ def run_task(
             rec = {"prompt": prompt, "generation": c.text, "filtered": pred, "target": gold}
             rec.update(generation_scores(pred, gold, task))
             records.append(rec)
-        results = {}
-        for m in task.metrics:
-            if m in ("bleu", "chrf"):  # corpus statistics: bootstrap over items
-                results[m] = corpus_score(records, m, seed)
-            else:
-                results[m] = _mean(records, m)
+        results = _generation_results(records, task, seed)
     return {"task": task.name, "n": len(docs), "results": results, "records": records}
+
+
+def _generation_results(records: list[dict], task: Task, seed: int) -> dict:
+    results = {}
+    for m in task.metrics:
+        if m in ("bleu", "chrf"):  # corpus statistics: bootstrap over items
+            results[m] = corpus_score(records, m, seed)
+        else:
+            results[m] = _mean(records, m)
+    return results
+
+
+def _strategy_record(model, tok, task: Task, doc: dict, rng, seed: int) -> dict:
+    """One document answered by the task's strategy through the local backend. The
+    target is read in the same answer form as the output, so "1,234" and "1234" match
+    and a worked target's "The answer is X." counts as X."""
+    from lmlab.infer import GenerationConfig
+    from lmlab.prompt.answers import read_answer
+    from lmlab.prompt.backend import LocalBackend
+    from lmlab.prompt.strategies import solve
+
+    kw = task.generation_kwargs
+    cfg = GenerationConfig(
+        max_new_tokens=int(kw.get("max_gen_toks", 256)),
+        temperature=float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0,
+        seed=seed,
+    )
+    question = str(doc_value(task.doc_to_text, doc, False, "text"))
+    if task.description:
+        question = f"{task.description}{question}"
+    extra = dict(task.strategy_kwargs)
+    if task.strategy == "few_shot_cot":
+        shots = fewshot_docs(task, rng, doc)
+        extra["shots"] = [
+            (str(doc_value(task.doc_to_text, s, False, "text")), target_text(task, s))
+            for s in shots
+        ]
+    sol = solve(task.strategy, LocalBackend(model, tok), question, task.answer_form, cfg, **extra)
+    target = target_text(task, doc)
+    gold = read_answer(target, task.answer_form) or target.strip()
+    pred = sol.answer or ""
+    rec = {
+        "prompt": question,
+        "generation": sol.transcript[-1]["output"] if sol.transcript else "",
+        "filtered": pred,
+        "target": gold,
+        "transcript": sol.transcript,
+    }
+    if sol.votes is not None:
+        rec["votes"] = sol.votes
+    rec.update(generation_scores(pred, gold, task))
+    return rec
 
 
 def _rolling_value(recs, metric: str) -> float:
