@@ -185,9 +185,51 @@ def test_tool_calls_round_trip_through_the_server_in_openais_shape(tmp_path):
         assert r.choices[0].finish_reason in ("tool_calls", "stop", "length")
         plain = client.chat.completions.create(model="s", messages=messages[:1])
         assert plain.choices[0].message.tool_calls is None  # no tools offered: plain text
-        for bad in ({"stream": True}, {"tool_choice": "required"}):
-            with pytest.raises(openai.BadRequestError):
-                client.chat.completions.create(model="s", messages=messages[:1], tools=tools, **bad)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model="s", messages=messages[:1], tools=tools, tool_choice="required"
+            )
+        # streamed: the call comes as one tool_calls delta, never as content
+        chunks = list(
+            client.chat.completions.create(
+                model="s", messages=messages[:1], tools=tools, stream=True, logprobs=True
+            )
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == ""
+        ((streamed,),) = [d.tool_calls for d in deltas if d.tool_calls]
+        assert streamed.index == 0 and streamed.function.name == "calculator"
+        assert json.loads(streamed.function.arguments) == {"expression": "6*7"}
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        lps = [t for c in chunks if c.choices and c.choices[0].logprobs
+               for t in c.choices[0].logprobs.content]  # fmt: skip
+        assert len(lps) == 3  # the three tokens' log-probs, sent with the call
+
+
+def test_a_streamed_reply_goes_out_until_a_tool_call_could_begin():
+    from lmlab.serve.tooling import ToolStream, held_from
+
+    assert held_from("The answer is 42.") == len("The answer is 42.")
+    assert held_from("Let me check <tool") == len("Let me check ")  # a marker's beginning
+    assert held_from('So: {"name": "x"}') == len("So: ")
+    assert held_from("Action") == 0 and held_from("The Act") == len("The ")
+    tools = default_registry(["calculator"]).specs()
+    text = 'Checking. <tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}'
+    ts, sent = ToolStream(tools), ""
+    for end in range(1, len(text) + 1):  # one character at a time
+        sent += ts.release(text[:end])
+    assert sent == "Checking. "
+    rest, calls = ts.finish(text + "</tool_call>")
+    assert rest == "" and calls[0]["function"]["name"] == "calculator" and calls[0]["index"] == 0
+    # braces that are not a call are held, then sent as content at the end
+    ts = ToolStream(tools)
+    first = ts.release("A set {1, 2}")
+    assert first == "A set " and ts.finish("A set {1, 2} has two items.") == (
+        "{1, 2} has two items.", None)  # fmt: skip
+    # a call to a tool the request did not offer is content
+    ts = ToolStream(tools)
+    other = '<tool_call>{"name": "rm", "arguments": {}}</tool_call>'
+    assert ts.release(other) == "" and ts.finish(other) == (other, None)
 
 
 def test_agent_and_solve_commands_check_their_input(tmp_path, monkeypatch, capsys):

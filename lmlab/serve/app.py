@@ -43,7 +43,7 @@ from lmlab.serve.protocol import (
     refused,
 )
 from lmlab.serve.text import TextStream
-from lmlab.serve.tooling import tool_message, tool_turn, with_tools
+from lmlab.serve.tooling import ToolStream, tool_message, tool_turn, with_tools
 from lmlab.tokenizer.chat import encode_chat, stop_ids_of
 
 log = logging.getLogger("lmlab.serve")
@@ -207,13 +207,13 @@ def create_app(engines: dict[str, Engine], settings: Settings | None = None) -> 
         cfg.logprobs = (body.top_logprobs or 0) if body.logprobs else None
         handle = _submit(engine, prompt, cfg)
         run = Generation(engine, handle, cfg, settings.request_timeout)
+        tools = body.tools if body.tool_choice != "none" else None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(run, body.model, usage), run)
+            return _sse(_chat_chunks(run, body.model, usage, tools), run)
         await run.wait(request)
         choices = []
         for i, c in enumerate(run.choices):
-            tools = body.tools if body.tool_choice != "none" else None
             message, called = tool_message(c.text.text, tools)
             choices.append(
                 {
@@ -453,7 +453,11 @@ def _sse(chunks: AsyncIterator[dict], *runs: Generation) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-async def _chat_chunks(run: Generation, model: str, include_usage: bool) -> AsyncIterator[dict]:
+async def _chat_chunks(
+    run: Generation, model: str, include_usage: bool, tools: list[dict] | None = None
+) -> AsyncIterator[dict]:
+    """Chat chunks as the samples grow. With tools, what could be a tool call is held
+    back (`ToolStream`), and log-probs go out with the text they belong to."""
     head = _head("chatcmpl", "chat.completion.chunk", model)
     extra = {"usage": None} if include_usage else {}
 
@@ -461,16 +465,34 @@ async def _chat_chunks(run: Generation, model: str, include_usage: bool) -> Asyn
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**head, "choices": [choice], **extra}
 
+    def lps(c: Choice, items: list) -> dict | None:
+        return {"content": c.chat_logprobs(items)} if run.cfg.logprobs is not None else None
+
+    streams = [ToolStream(tools) if tools else None for _ in range(run.handle.n)]
+    pending: list[list] = [[] for _ in range(run.handle.n)]
     for i in range(run.handle.n):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for index, ev in run.events():
-        c = run.choices[index]
+        c, ts = run.choices[index], streams[index]
         delta, items = c.absorb(ev)
+        finish = c.finish_reason
+        if ts is not None:
+            pending[index] += items
+            delta = ts.release(c.text.text) if not ev.finished else ""
+            items = pending[index] if delta else []
+            if ev.finished:
+                rest, calls = ts.finish(c.text.text)
+                if calls:
+                    yield chunk(index, {"tool_calls": calls}, logprobs=lps(c, pending[index]))
+                    pending[index], finish = [], "tool_calls"
+                else:
+                    delta, items = rest, pending[index]
+            if delta:
+                pending[index] = []
         if delta or items:
-            lps = {"content": c.chat_logprobs(items)} if run.cfg.logprobs is not None else None
-            yield chunk(index, {"content": delta}, logprobs=lps)
+            yield chunk(index, {"content": delta}, logprobs=lps(c, items))
         if ev.finished:
-            yield chunk(index, {}, finish=c.finish_reason)
+            yield chunk(index, {}, finish=finish)
     if include_usage:
         yield {**head, "choices": [], "usage": run.usage()}
 

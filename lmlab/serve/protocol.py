@@ -155,9 +155,6 @@ def refused(body: BaseModel) -> tuple[str, str] | None:
         ]
         bad_tools = check_tools(body.tools, body.tool_choice)
         checks.append(("tools", bad_tools is not None, bad_tools or ""))
-        checks.append(
-            ("stream", bool(body.tools) and body.stream, "streaming with tools is not supported")
-        )
         fmt = body.response_format
         text = fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text")
         checks.append(

@@ -3,7 +3,12 @@
 asks for `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; what the model writes
 is read back with `parse_tool_calls` and returned as `message.tool_calls`, with
 `finish_reason` "tool_calls". Earlier tool calls and tool results in the conversation
-become text turns, so every chat template renders them."""
+become text turns, so every chat template renders them.
+
+Streamed, a reply's text goes out as it comes while it cannot be a tool call (`ToolStream`):
+from the first place one could begin (`<tool_call>`, a code fence, `{`, `Action:`, or the
+start of one of these at the end of the text so far) it is held back; at the end the held
+text is either read as tool calls (sent as one `tool_calls` delta) or sent as content."""
 
 from __future__ import annotations
 
@@ -84,3 +89,45 @@ def tool_message(text: str, tools: list[dict] | None) -> tuple[dict, bool]:
             return {"role": "assistant", "content": None,
                     "tool_calls": [c.openai() for c in calls]}, True  # fmt: skip
     return {"role": "assistant", "content": text}, False
+
+
+# where a tool call could begin in a reply (what `parse_tool_calls` reads)
+CALL_MARKERS = ("<tool_call>", "```", "{", "Action:")
+
+
+def held_from(text: str) -> int:
+    """How much of `text` can be streamed now: up to the first marker, or up to a marker's
+    beginning that ends the text (the rest of it may be on its way)."""
+    cut = len(text)
+    for m in CALL_MARKERS:
+        i = text.find(m)
+        if i >= 0:
+            cut = min(cut, i)
+        for k in range(len(m) - 1, 0, -1):
+            if text.endswith(m[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return cut
+
+
+class ToolStream:
+    """One streamed choice's text when the request has tools."""
+
+    def __init__(self, tools: list[dict]) -> None:
+        self.tools, self.sent = tools, 0
+
+    def release(self, text: str) -> str:
+        """The content that can go out now, given the whole text so far."""
+        cut = held_from(text)
+        out = text[self.sent : cut] if cut > self.sent else ""
+        self.sent = max(self.sent, cut)
+        return out
+
+    def finish(self, text: str) -> tuple[str, list[dict] | None]:
+        """At the end: (content still held, None), or ("", the streamed tool_calls
+        entries, each with its index) when the reply calls tools."""
+        message, called = tool_message(text, self.tools)
+        if called:
+            return "", [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        rest, self.sent = text[self.sent :], len(text)
+        return rest, None
