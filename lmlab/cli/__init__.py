@@ -7,6 +7,7 @@ from lmlab.cli import (  # noqa: F401
     data,
     evaluation,
     generation,
+    guide,
     models,
     pipeline,
     prompting,
