@@ -70,15 +70,18 @@ def model_info(
 
 @model_app.command("presets")
 def model_presets() -> None:
-    """List the presets and the architecture choices each fixes (Zhao et al. Table 3)."""
+    """List the presets, the architecture choices each fixes (Zhao et al. Table 3) and the
+    model-catalog entry each follows (`lmlab models catalog --name NAME`)."""
     from rich.table import Table
 
+    from lmlab.guide.catalog import load_catalog, preset_links
     from lmlab.model.info import PRESET_COLUMNS, preset_rows
 
-    table = Table(*PRESET_COLUMNS)
+    links = preset_links(load_catalog())
+    table = Table(*PRESET_COLUMNS, "catalog")
     table.columns[0].no_wrap = True
     for row in preset_rows():
-        table.add_row(*row)
+        table.add_row(*row, links.get(row[0], ""))
     console.print(table)
 
 
@@ -238,3 +241,99 @@ def quantize(
         measure_speed=speed,
     )
     print(format_report(report))
+
+
+@store_app.command("catalog")
+def models_catalog(
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="encoder-only, encoder-decoder, decoder-only or other."),
+    ] = None,
+    open_: Annotated[
+        bool | None, typer.Option("--open/--closed", help="Open- or closed-source models only.")
+    ] = None,
+    org: Annotated[str | None, typer.Option("--org", help="Organization (substring).")] = None,
+    min_size: Annotated[
+        float | None, typer.Option("--min-size", help="At least this many billion parameters.")
+    ] = None,
+    max_size: Annotated[
+        float | None, typer.Option("--max-size", help="At most this many billion parameters.")
+    ] = None,
+    since: Annotated[int | None, typer.Option(help="Released in or after this year.")] = None,
+    until: Annotated[int | None, typer.Option(help="Released in or before this year.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name or alias (substring).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    tree: Annotated[
+        Path | None, typer.Option(help="Also draw the evolutionary tree to FILE.svg or FILE.png.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --tree file.")
+    ] = False,
+) -> None:
+    """The models of the surveys (Zhao et al. Table 1, Yang et al. Table 1 and Fig. 1):
+    filter them, print them, draw their evolutionary tree (docs/catalog.md). A size or
+    year filter leaves out the models whose size or year the surveys do not give."""
+    from lmlab.guide.catalog import draw_tree, filter_entries, load_catalog
+
+    entries = filter_entries(
+        load_catalog(),
+        architecture=arch,
+        open_=open_,
+        organization=org,
+        min_size=min_size,
+        max_size=max_size,
+        since=since,
+        until=until,
+        name=name,
+    )
+    drawn = draw_tree(entries, tree, overwrite=overwrite) if tree is not None else None
+    if as_json:
+        import json
+
+        for e in entries:
+            print(json.dumps(e.row(), ensure_ascii=False))
+    else:
+        from rich.table import Table
+
+        table = Table(
+            "name",
+            "organization",
+            "architecture",
+            "open",
+            "size (B)",
+            "release",
+            "pre-train data",
+            "hardware",
+            "preset",
+            title=f"model catalog ({len(entries)})",
+        )
+        table.columns[0].no_wrap = True
+
+        def cell(v: object) -> str:
+            if isinstance(v, bool):
+                return "open" if v else "closed"
+            return "" if v is None else str(v)
+
+        for e in entries:
+            size = None if e.size_b is None else f"{e.size_b:g}"
+            table.add_row(
+                *(
+                    cell(v)
+                    for v in (
+                        e.name,
+                        e.organization,
+                        e.architecture,
+                        e.open,
+                        size,
+                        e.release,
+                        e.pretrain_data,
+                        e.hardware,
+                        e.preset,
+                    )
+                )
+            )
+        console.print(table)
+    if drawn is not None:
+        left = len(entries) - drawn
+        note = f" ({left} without a release date left out)" if left else ""
+        console.print(f"tree: {tree} ({drawn} models){note}", style="dim")
