@@ -8,6 +8,7 @@ from lmlab.cli import (  # noqa: F401
     evaluation,
     generation,
     guide,
+    guide_cost,
     models,
     pipeline,
     prompting,
