@@ -48,9 +48,13 @@ def save_checkpoint(
     loading it loads first."""
     out = Path(out_dir)
     with atomic_dir(out, kind=kind) as tmp:
-        save_adapter_files = getattr(model, "save_adapter_files", None)
-        if save_adapter_files is not None:
-            save_adapter_files(tmp, state, extra)
+        # a model that is not a Transformer (a classifier) knows its own files; adapters
+        # on a Transformer save only themselves
+        save_own = getattr(model, "save_model_files", None) or getattr(
+            model, "save_adapter_files", None
+        )
+        if save_own is not None:
+            save_own(tmp, state, extra)
             _copy_tokenizer_files(tokenizer_dir, tmp)
             if write_extra is not None:
                 write_extra(tmp)

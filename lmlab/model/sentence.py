@@ -12,6 +12,7 @@ sentence-transformers' own encoding."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -176,3 +177,91 @@ def cosine_top(query: torch.Tensor, matrix: torch.Tensor, k: int) -> tuple[list[
     k = min(k, sims.shape[0])
     top = torch.topk(sims, k)
     return top.indices.tolist(), [float(x) for x in top.values]
+
+
+CLASSIFIER_FORMAT = "lmlab-encoder-classifier-v1"
+
+
+class EncoderClassifier(nn.Module):
+    """A sentence encoder with a linear classification head on its mean-pooled (not
+    normalised) output: the small fine-tuned model of the practical guide's comparison.
+    It trains through lmlab's shared loop (`lmlab.adapt.classify`), which asks a model
+    for its FLOPs per token and lets it save itself."""
+
+    def __init__(self, encoder: SentenceEncoder, labels: list[str], source: str = "") -> None:
+        super().__init__()
+        self.encoder, self.labels, self.source = encoder, list(labels), source
+        encoder.normalize = False  # the head sees the raw mean; unit length loses the scale
+        self.score = nn.Linear(encoder.dim, len(labels))
+        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return self.score(self.encoder(ids, real))
+
+    def rows(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and the real-token mask of `texts`, right-padded to the longest."""
+        encs = self.encoder.tokenizer.encode_batch(list(texts))
+        width = max(1, max((len(e.ids) for e in encs), default=1))
+        ids = torch.zeros(len(encs), width, dtype=torch.long)
+        real = torch.zeros(len(encs), width, dtype=torch.long)
+        for r, e in enumerate(encs):
+            ids[r, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+            real[r, : len(e.ids)] = 1
+        return ids, real
+
+    @torch.no_grad()
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """[N, labels] class probabilities, batches of similar length."""
+        was = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), len(self.labels))
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            out[rows] = self(*self.rows([texts[i] for i in rows])).float().softmax(-1)
+        self.train(was)
+        return out
+
+    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """2 FLOPs per weight per token in the matmuls, plus attention's scores and
+        values (4·T·d per layer); three times that when training (forward + backward)."""
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attn = 4 * seq_len * self.encoder.dim * len(self.encoder.layers)
+        return (2 * matmul + attn) * (3 if training else 1)
+
+    def save_model_files(self, out: Path, state=None, extra: dict | None = None) -> None:
+        """The weights (encoder + head) and the labels; `load_classifier` reads them back
+        (the tokenizer comes from the encoder directory named in `source`)."""
+        from safetensors.torch import save_file
+
+        state = state if state is not None else self.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in state.items()},
+                  str(out / "model.safetensors"))  # fmt: skip
+        meta = {"format": CLASSIFIER_FORMAT, "labels": self.labels, "encoder": self.source}
+        peft = getattr(self, "peft_config", None)
+        if peft is not None:  # adapter tensors are in the state: loading adds them first
+            meta["peft"] = dataclasses.asdict(peft)
+        (out / "config.json").write_text(json.dumps({**meta, **(extra or {})}, indent=2))
+
+
+def load_classifier(path: str | Path) -> EncoderClassifier:
+    """An `EncoderClassifier` saved by `save_model_files`."""
+    root = Path(path)
+    try:
+        meta = json.loads((root / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{root}: not a saved classifier ({e})") from None
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{root}/config.json: format {meta.get('format')!r} is no classifier")
+    model = EncoderClassifier(load_sentence_encoder(meta["encoder"] or None), meta["labels"],
+                              meta["encoder"])  # fmt: skip
+    if meta.get("peft"):
+        from lmlab.model.adapters import PeftConfig, add_adapters
+
+        add_adapters(model, PeftConfig(**meta["peft"]), base=meta["encoder"])
+    try:
+        model.load_state_dict(load_file(str(root / "model.safetensors")))
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{root}/model.safetensors: does not fit ({e})") from None
+    return model.eval()

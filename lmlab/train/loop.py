@@ -702,7 +702,8 @@ def _precision_dtype(precision: str) -> torch.dtype:
 
 def _flop_rates(model, batch: Batch, precision: str, d: Dist) -> tuple[float, float]:
     """Model FLOPs per trained token at this sequence length, and the device's peak."""
-    fpt = float(model.cfg.flops_per_token(batch.inputs.shape[1], training=True))
+    flops = getattr(model, "flops_per_token", None) or model.cfg.flops_per_token
+    fpt = float(flops(batch.inputs.shape[1], training=True))
     return fpt, cached_peak_flops(d.device, _precision_dtype(precision))
 
 
