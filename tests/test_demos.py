@@ -158,3 +158,30 @@ def test_a_prompt_from_the_surveys_components_and_named_tips(tmp_path):
             load_prompt(bad)
     with pytest.raises(Exception, match="review"):  # a variable left out is an error
         render_prompt(spec, {"site": "x"})
+
+
+def test_label_words_after_one_prompt_share_one_forward(tmp_path):
+    """Scoring pairs that share their model input runs it once, and gives what scoring
+    each pair on its own gives (one-token and longer continuations mixed)."""
+    from lmlab import load_model, load_tokenizer
+    from lmlab.prompt.likelihood import encode_pair, score_continuations
+    from tests.serving import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "m")
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    prompts = ["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"]
+    short = [w for w in (" the", " a", " is", " was", " it", " of", " x", " b")
+             if len(encode_pair(tok, prompts[0], w)[1]) == 1]  # fmt: skip
+    words = short[:3] + [" it was fine"]
+    assert len(short) >= 2
+    pairs = [encode_pair(tok, p, w) for p in prompts for w in words]
+    calls = []
+    hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    together = score_continuations(model, pairs, batch_size=64)
+    hook.remove()
+    alone = [score_continuations(model, [p])[0] for p in pairs]
+    for (a, ga), (b, gb) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-5) and ga == gb
+    one_token = [len(k) == 1 for _, k in pairs]
+    distinct = {tuple(c + k[:-1]) for c, k in pairs}
+    assert sum(calls) == len(distinct) < len(pairs) and any(one_token)

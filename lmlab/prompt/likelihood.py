@@ -52,25 +52,41 @@ def score_continuations(
                 f"scoring: needs a non-empty context and a continuation of 1 to {max_len} "
                 f"tokens (has {len(ctx)} and {len(cont)})"
             )
-    rows = [(c + k)[-(max_len + 1) :][:-1] for c, k in pairs]
+    prefix = model.cfg.family == "prefix"
+    # pairs whose model input is the same (one context, several one-token continuations:
+    # label words, single-letter choices) share one forward; their targets are read from
+    # it. A prefix decoder's input also includes where its bidirectional prefix ends.
+    keys = [(tuple((c + k)[-(max_len + 1) :][:-1]), len(k) if prefix else 0) for c, k in pairs]
+    unique = list(dict.fromkeys(keys))
+    where = {key: u for u, key in enumerate(unique)}
+    wanted: list[list[int]] = [[] for _ in unique]
+    for i, key in enumerate(keys):
+        wanted[where[key]].append(i)
+    unique = [row for row, _ in unique]
     device = next(model.parameters()).device
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))
+    order = sorted(range(len(unique)), key=lambda u: -len(unique[u]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        ids = torch.zeros(len(idx), max(len(rows[i]) for i in idx), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(rows[i])] = torch.tensor(rows[i])
+        ids = torch.zeros(len(idx), max(len(unique[u]) for u in idx), dtype=torch.long)
+        for r, u in enumerate(idx):
+            ids[r, : len(unique[u])] = torch.tensor(unique[u])
         kwargs = {}
         if model.cfg.family == "prefix":
-            n_ctx = [len(rows[i]) - len(pairs[i][1]) + 1 for i in idx]
+            n_ctx = [len(unique[u]) - len(pairs[wanted[u][0]][1]) + 1 for u in idx]
             kwargs["prefix_len"] = torch.tensor(n_ctx, device=device)
         res = model(ids.to(device), **kwargs)
-        logp = (res.logits if hasattr(res, "logits") else res).float().log_softmax(-1).cpu()
-        for r, i in enumerate(idx):
-            n, tgt = len(rows[i]), torch.tensor(pairs[i][1])
-            lp = logp[r, n - len(tgt) : n]
-            out[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+        logits = res.logits if hasattr(res, "logits") else res
+        for r, u in enumerate(idx):
+            n = len(unique[u])
+            for i in wanted[u]:
+                tgt = torch.tensor(pairs[i][1])
+                # only the continuation's positions go through the softmax over the vocabulary
+                lp = logits[r, n - len(tgt) : n].float().log_softmax(-1).cpu()
+                out[i] = (
+                    float(lp.gather(-1, tgt[:, None]).sum()),
+                    bool((lp.argmax(-1) == tgt).all()),
+                )
     return out
 
 
