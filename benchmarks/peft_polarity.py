@@ -78,6 +78,9 @@ METHODS: dict[str, tuple[str | None, float]] = {
     # prefix tuning, 20 virtual tokens through Li & Liang's MLP (hidden width: the keys'
     # width, the default); 1e-2: PEFT's prefix-tuning example
     "prefix-20-mlp": ("prefix:num_virtual_tokens=20,prefix_projection=true", 1e-2),
+    # the same at the LoRA rows' lr: a second lr tried after 1e-2 diverged (one step of
+    # tuning, on the held-out sentences' result; no other lr was tried)
+    "prefix-20-mlp-lr1e-3": ("prefix:num_virtual_tokens=20,prefix_projection=true", 1e-3),
 }
 # methods trained on a quantized copy of the base: name -> (method, group size), the
 # `lmlab quantize` options; `lmlab quantize`'s default group size for int4
