@@ -11,6 +11,7 @@ import torch
 from lmlab.errors import UsageError
 from lmlab.prompt.demos import (
     contextual_calibration,
+    generated_probe,
     global_entropy,
     label_probs,
     order_demos,
@@ -185,3 +186,25 @@ def test_label_words_after_one_prompt_share_one_forward(tmp_path):
     one_token = [len(k) == 1 for _, k in pairs]
     distinct = {tuple(c + k[:-1]) for c, k in pairs}
     assert sum(calls) == len(distinct) < len(pairs) and any(one_token)
+
+
+def test_the_probe_set_is_written_by_the_model_itself():
+    """Lu et al.'s probe: sampled inputs after the demonstrations, first lines only,
+    empties and repeats dropped; temperature 1 and n samples in one request."""
+
+    class Sampler:
+        def __init__(self):
+            self.calls = []
+
+        def complete(self, prompts, cfg):
+            self.calls.append((prompts, cfg))
+            return [[" a warm film\nSentiment: positive", " a warm film", "", " dull\nx"]]
+
+    demos = "Review: fine\nSentiment: positive\n\n"
+    b = Sampler()
+    assert generated_probe(b, demos, "Review:", 4, seed=3) == ["a warm film", "dull"]
+    ((prompts, cfg),) = b.calls
+    assert prompts == [demos + "Review:"] and cfg.n == 4 and cfg.temperature == 1.0
+    assert cfg.seed == 3
+    with pytest.raises(UsageError, match="n must be >= 1"):
+        generated_probe(b, demos, "Review:", 0)

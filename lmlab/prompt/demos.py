@@ -10,7 +10,9 @@ and how to correct the label bias of the prompt they make.
   similar demonstration stands next to the query (KATE's reversed order); and
   `entropy`, Lu et al. 2022's GlobalE: among candidate orderings, the one whose
   predicted labels over a probe set are the most balanced (highest entropy), since the
-  orderings that fail are the ones that collapse onto one label.
+  orderings that fail are the ones that collapse onto one label. The probe set can be
+  unlabelled inputs the user has, or, as Lu et al. build it, inputs the model writes
+  itself after the demonstrations (`generated_probe`), so no data is spent on it.
 - Calibration (`contextual_calibration`), Zhao et al. 2021: the label probabilities the
   prompt gives a content-free input ("N/A") estimate its bias; each prediction is
   divided by them (W = diag(p_cf)⁻¹) and renormalised.
@@ -162,3 +164,27 @@ def global_entropy(probs: np.ndarray) -> float:
     counts = np.bincount(probs.argmax(-1), minlength=probs.shape[-1]).astype(float)
     share = counts / counts.sum()
     return float(-sum(p * math.log(p) for p in share if p > 0))
+
+
+def generated_probe(
+    backend,
+    demonstrations: str,
+    input_prefix: str,
+    n: int,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+) -> list[str]:
+    """Lu et al. 2022's probe set: `n` inputs sampled from the model itself (temperature
+    1) after the demonstrations and the input's prefix (e.g. "Review:"), each cut at its
+    first line break; empty and repeated ones are dropped, so fewer than `n` may come
+    back. Labels play no part: the probe only asks which labels an ordering predicts."""
+    from lmlab.infer.options import GenerationConfig
+
+    if n < 1:
+        raise UsageError(f"probe: n must be >= 1, got {n}")
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed, stop_strings=["\n"]
+    ).validate()
+    outs = backend.complete([demonstrations + input_prefix], cfg)[0]
+    probe = [o.split("\n")[0].strip() for o in outs]
+    return list(dict.fromkeys(p for p in probe if p))
