@@ -15,6 +15,7 @@ from lmlab.cli import (  # noqa: F401
     rag,
     scaling,
     serving,
+    trust,
 )
 from lmlab.cli.app import app, main
 

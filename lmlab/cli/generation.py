@@ -15,7 +15,7 @@ import typer
 from lmlab.cli.app import app
 from lmlab.console import log
 from lmlab.errors import UsageError
-from lmlab.infer.options import GenerationConfig
+from lmlab.infer.options import GenerationConfig, WatermarkConfig
 
 
 def generation_options(*names: str):
@@ -96,6 +96,21 @@ def generate(
         bool, typer.Option(help="Wrap the prompt in the model's own chat template.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per output.")] = False,
+    watermark: Annotated[
+        bool, typer.Option(help="KGW watermark (lmlab detect-watermark finds it).")
+    ] = False,
+    watermark_gamma: Annotated[
+        float | None, typer.Option(help="Watermark: green list fraction (0.25).")
+    ] = None,
+    watermark_delta: Annotated[
+        float | None, typer.Option(help="Watermark: added to green logits (2.0).")
+    ] = None,
+    watermark_key: Annotated[
+        int | None, typer.Option(help="Watermark: the hashing key (15485863).")
+    ] = None,
+    watermark_scheme: Annotated[
+        str | None, typer.Option(help="Watermark: lefthash or selfhash.")
+    ] = None,
 ) -> None:
     """Continue prompts with any decoding strategy; one plain prompt streams its text."""
     from lmlab import load_model
@@ -107,6 +122,13 @@ def generate(
 
     if draft and amateur:
         raise UsageError("--draft and --amateur: choose speculative or contrastive decoding")
+    wm = watermark_config(
+        watermark, watermark_gamma, watermark_delta, watermark_key, watermark_scheme
+    )
+    if wm is not None:
+        if draft:  # the acceptance test compares the target's and the draft's own distributions
+            raise UsageError("--watermark: speculative decoding (--draft) cannot apply it")
+        gen = dataclasses.replace(gen, watermark=wm)
     m, tok, cfg, _ = load_for_generation(model, gen, stop_at_end_of_turn=chat)
     ids = [
         encode_chat(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p).ids
@@ -136,6 +158,24 @@ def generate(
     _print_completions(comps, prompt, tok, chat, json_out)
     if stats is not None:
         log("speculative: " + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
+
+
+def watermark_config(
+    on: bool,
+    gamma: float | None,
+    delta: float | None,
+    key: int | None,
+    scheme: str | None,
+) -> WatermarkConfig | None:
+    """The `WatermarkConfig` the flags ask for (None without `on`), validated; a setting
+    given without `on` is refused rather than ignored."""
+    given = {"gamma": gamma, "delta": delta, "hashing_key": key, "seeding_scheme": scheme}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not on:
+        if given:
+            raise UsageError(f"--watermark-{next(iter(given)).split('_')[-1]} needs --watermark")
+        return None
+    return WatermarkConfig(**given).validate()
 
 
 def _print_completions(comps, prompt: list[str], tok, chat: bool, json_out: bool) -> None:

@@ -7,6 +7,7 @@ torch, so the command line reads it without paying for torch at start-up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmlab.errors import UsageError
@@ -18,6 +19,39 @@ def parse_early_stopping(text: str) -> bool | str:
     if text.lower() not in table:
         raise UsageError(f"--early-stopping {text}: use true, false or never")
     return table[text.lower()]
+
+
+SCHEMES = ("lefthash", "selfhash")
+
+
+@dataclass
+class WatermarkConfig:
+    """The KGW watermark (Kirchenbauer et al. 2023): before each pick, a pseudo-random
+    "green" fraction `gamma` of the vocabulary, seeded by the previous token (`lefthash`) or
+    by the candidate token itself (`selfhash`), gets `delta` added to its logits, so that
+    anyone who knows `hashing_key` can count green tokens and test for the watermark. The
+    defaults and the seeding are transformers' `WatermarkingConfig`'s, so either detects
+    the other's text. Kept here, free of torch, so the command line can build one."""
+
+    gamma: float = 0.25
+    delta: float = 2.0
+    seeding_scheme: str = "lefthash"
+    hashing_key: int = 15485863  # the millionth prime, as the paper's reference code
+    context_width: int = 1
+
+    def validate(self) -> WatermarkConfig:
+        checks = [
+            (0 < self.gamma < 1, "gamma must be in (0, 1)"),
+            (math.isfinite(self.delta) and self.delta >= 0, "delta must be finite and >= 0"),
+            (self.seeding_scheme in SCHEMES, f"scheme must be one of {', '.join(SCHEMES)}"),
+            # the seed is computed in int64, as transformers does
+            (0 <= self.hashing_key < 2**63, "key must be in [0, 2**63)"),
+            (self.context_width >= 1, "context width must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(f"watermark: {msg}")
+        return self
 
 
 def _opt(default, help: str, **more):
@@ -58,6 +92,9 @@ class GenerationConfig:
     )
     logprobs: int | None = _opt(None, "Report log-probs of the chosen and top-k tokens.")
     seed: int | None = _opt(None, "Seed for sampling.")
+    watermark: WatermarkConfig | None = _opt(
+        None, "KGW watermark (lmlab generate --watermark builds it).", cli=False
+    )
 
     def validate(self) -> GenerationConfig:
         checks = [
@@ -88,6 +125,10 @@ class GenerationConfig:
         for ok, msg in checks:
             if not ok:  # named as the CLI flags are (--top-p)
                 raise UsageError(f"generation: {msg.replace('_', '-')}")
+        if self.watermark is not None:
+            if not isinstance(self.watermark, WatermarkConfig):
+                raise UsageError("generation: watermark must be a WatermarkConfig")
+            self.watermark.validate()
         return self
 
     @property
@@ -96,11 +137,13 @@ class GenerationConfig:
 
     @property
     def has_penalties(self) -> bool:
-        """Whether anything reshapes the logits before the pick (penalties, a logit bias)."""
+        """Whether anything reshapes the logits before the pick (penalties, a logit bias, a
+        watermark): then each row's history is kept and `apply_penalties` runs."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or self.no_repeat_ngram_size > 0
             or bool(self.logit_bias)
+            or self.watermark is not None
         )

@@ -5,7 +5,10 @@ The order and semantics follow transformers' logits processors, so results can b
 against them: repetition penalty (CTRL: divide a positive logit, multiply a negative one),
 no-repeat n-gram, then temperature, top-k, top-p (nucleus) and min-p. Presence and
 frequency penalties are OpenAI's: subtract `presence` once and `frequency` per occurrence,
-counted over the generated tokens only; so is `logit_bias`, a fixed shift per token id.
+counted over the generated tokens only; so is `logit_bias`, a fixed shift per token id. The
+KGW watermark (`watermark.py`) comes last among them; it acts before temperature and
+truncation, as the paper's reference processor does (transformers applies it after them:
+the same when temperature is 1 and nothing is truncated).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from lmlab.infer.options import GenerationConfig
+from lmlab.infer.watermark import watermark_logits
 
 # --- warpers: truncate the distribution ------------------------------------------------
 
@@ -106,6 +110,8 @@ def apply_penalties(logits: torch.Tensor, hist: History, cfg: GenerationConfig) 
             banned = banned_ngram_tokens(seq, cfg.no_repeat_ngram_size)
             if banned:
                 logits[r, banned] = float("-inf")
+    if cfg.watermark is not None:  # last, as transformers appends it: it ranks the rest
+        logits = watermark_logits(logits, hist.seqs, cfg.watermark)
     return logits
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmlab.infer.options import GenerationConfig
+from lmlab.infer.options import GenerationConfig, WatermarkConfig
 
 MAX_N = 16  # samples per request; each is a sequence in the batch
 MAX_TOP_LOGPROBS = 20  # as OpenAI
@@ -47,6 +47,7 @@ class _Sampling(_Body):
     min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     ignore_eos: bool = False  # run to max_tokens whatever the model says (benchmarks)
+    watermark: bool | WatermarkRequest | None = None  # KGW; true = the default settings
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -73,7 +74,29 @@ class _Sampling(_Body):
             n=self.n,
             logprobs=logprobs,
             seed=self.seed,
+            watermark=self.watermark_config(),
         )
+
+    def watermark_config(self) -> WatermarkConfig | None:
+        w = self.watermark
+        if w is None or w is False:
+            return None
+        if w is True:
+            return WatermarkConfig()
+        return WatermarkConfig(
+            gamma=w.gamma, delta=w.delta, hashing_key=w.key, seeding_scheme=w.scheme
+        )
+
+
+class WatermarkRequest(BaseModel):
+    """lmlab's `watermark` request field: the KGW settings (`lmlab detect-watermark` needs
+    the same gamma, key and scheme to find it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    gamma: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    delta: Annotated[float, Field(ge=0, le=100)] = 2.0
+    key: Annotated[int, Field(ge=0, lt=2**63)] = 15485863
+    scheme: Literal["lefthash", "selfhash"] = "lefthash"
 
 
 class StreamOptions(BaseModel):

@@ -1,0 +1,1 @@
+"""Telling generated text apart and checking what a model says: watermark detection."""
