@@ -16,6 +16,7 @@ from lmlab.cli import (  # noqa: F401
     scaling,
     serving,
     trust,
+    trust_memorization,
     trust_hallucination,
 )
 from lmlab.cli.app import app, main
