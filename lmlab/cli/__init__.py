@@ -16,8 +16,9 @@ from lmlab.cli import (  # noqa: F401
     scaling,
     serving,
     trust,
-    trust_memorization,
+    trust_detect,
     trust_hallucination,
+    trust_memorization,
 )
 from lmlab.cli.app import app, main
 
