@@ -48,13 +48,16 @@ def test_compare_runs_both_arms_and_writes_the_report(tmp_path, monkeypatch, cap
         monkeypatch, capsys, "compare", str(data), "--out", str(out), "--llm", str(llm),
         "--shots", "0", "--shots", "2", "--labels", "8", "--labels", "100",
         "--test-size", "16", "--tune", "head", "--epochs", "10",
-        "--label-words", "pos=good,neg=bad", "--price-per-hour", "2.0",
+        "--label-words", "pos=good,neg=bad", "--price-per-hour", "2.0", "--no-chat",
+        "--template", "Review: {text}\\nSentiment:", "--instruction", "",
     )  # fmt: skip
     assert code == 0, err
     res = json.loads((out / "compare.json").read_text())
     s = res["summary"]
     assert res["classes"] == ["neg", "pos"] and res["label_words"] == ["bad", "good"]
-    assert [r["shots"] for r in s["llm"]] == [0, 2]
+    # each shot count raw and with contextual calibration
+    assert [(r["shots"], r["calibrated"]) for r in s["llm"]] == [
+        (0, False), (0, True), (2, False), (2, True)]  # fmt: skip
     # 100 labels asked, 32 outside the test set: the curve ends at all 32
     assert [r["labels"] for r in s["fine_tuned"]] == [8, 32]
     runs = res["runs"]
@@ -63,12 +66,13 @@ def test_compare_runs_both_arms_and_writes_the_report(tmp_path, monkeypatch, cap
     assert s["fine_tuned"][-1]["accuracy"] >= 0.8
     for p in s["paired"]:  # paired differences are exactly the per-item differences
         ft = next(r for r in runs["fine_tuned"] if r["labels"] == p["labels"])
-        best = next(r for r in runs["llm"] if r["shots"] == s["best_llm_shots"])
+        best = next(r for r in runs["llm"] if r["shots"] == s["best_llm_shots"]
+                    and r["calibrated"] == s["best_llm_calibrated"])  # fmt: skip
         assert p["diff"] == pytest.approx(np.mean(ft["correct"]) - np.mean(best["correct"]))
         assert p["flow"] == "llm"  # fewer than 100 labels: Fig. 2's "just a few"
     assert s["flow"]["recommendation"] == "llm" and s["flow"]["labelled"] == 32
     md = (out / "compare.md").read_text()
-    assert "decision flow" in md and "$" in md and "LLM, 2-shot" in md
+    assert "decision flow" in md and "$" in md and "LLM, 2-shot (plain, calibrated)" in md
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "report:" in stdout or "report:" in err
     # the report directory is compare's own: refused without --overwrite, kept intact
@@ -154,3 +158,45 @@ def test_the_classifier_trains_through_the_shared_loop_and_reloads(tmp_path):
     assert torch.allclose(again.predict_proba(texts), full.predict_proba(texts), atol=1e-6)
     with pytest.raises(UsageError, match="one class only"):
         fine_tune_classifier(texts[:3], [1, 1, 1], ["neg", "pos"])
+
+
+def test_prompts_follow_the_template_and_calibration_uses_the_same_demonstrations():
+    from lmlab.guide.compare import llm_arm
+
+    class Recorder:
+        name = "rec"
+
+        def __init__(self):
+            self.pairs = []
+
+        def logprobs(self, pairs):
+            self.pairs += pairs
+            return [-1.0 if w.strip() == "good" else -2.0 for _, w in pairs]
+
+    rec = Recorder()
+    cfg = CompareConfig(shots=[1], template="Review: {text}\nSentiment:", instruction="",
+                        chat=False, llm="x")  # fmt: skip
+    pool = [("a fine film", 1), ("a dull film", 0)]
+    test = [("lovely", 1), ("awful", 0)]
+    import lmlab.prompt.backend as backend_mod
+
+    orig = backend_mod.open_backend
+    backend_mod.open_backend = lambda *a, **k: rec
+    try:
+        out = llm_arm(cfg, pool, test, ["neg", "pos"], ["bad", "good"], float("inf"))
+    finally:
+        backend_mod.open_backend = orig
+    prompts = list(dict.fromkeys(p for p, _ in rec.pairs))
+    item = [p for p in prompts if p.endswith("Review: lovely\nSentiment:")]
+    assert len(item) == 1 and item[0].count("\n\n") == 1  # one demonstration, then the item
+    demo = item[0].split("\n\n")[0]
+    free = item[0].replace("Review: lovely", "Review: N/A")
+    assert free in prompts and demo in ("Review: a fine film\nSentiment: good",
+                                        "Review: a dull film\nSentiment: bad")  # fmt: skip
+    assert {w for _, w in rec.pairs} == {" good", " bad"}
+    raw, cal = out
+    assert raw["correct"] == [1, 0] and not raw["calibrated"] and cal["calibrated"]
+    with pytest.raises(UsageError, match="has no {text}"):
+        CompareConfig(template="Review:").check()
+    with pytest.raises(UsageError, match="only {labels}"):
+        CompareConfig(instruction="pick {one}").check()

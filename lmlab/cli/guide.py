@@ -97,6 +97,19 @@ def compare(
         str | None, typer.Option(help="An OpenAI-compatible server for the LLM.")
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Its key.")] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(help="Prompt a local model with a chat template as a conversation."),
+    ] = True,
+    template: Annotated[
+        str, typer.Option(help="One item, up to its label: {text} is the item.")
+    ] = "Text: {text}\nLabel:",
+    instruction: Annotated[
+        str, typer.Option(help="Said first; {labels} lists the label words ('' for none).")
+    ] = "Classify each text as one of: {labels}.",
+    calibrate: Annotated[
+        bool, typer.Option(help="Also each configuration with contextual calibration.")
+    ] = True,
     shots: Annotated[list[int] | None, typer.Option(help="Demonstrations (repeatable).")] = None,
     selector: Annotated[str, typer.Option(help="Demonstrations: random, bm25, knn or mmr.")] = (
         "random"
@@ -142,6 +155,10 @@ def compare(
         llm=llm,
         url=url,
         api_key=api_key,
+        chat=chat,
+        calibrate=calibrate,
+        template=template.replace("\\n", "\n"),
+        instruction=instruction.replace("\\n", "\n"),
         shots=list(shots) if shots else [0, 4, 16],
         selector=selector,
         labels=list(labels) if labels else [50, 100, 200, 500, 1000, 3000],

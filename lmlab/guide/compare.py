@@ -25,8 +25,9 @@ from lmlab.errors import UsageError
 from lmlab.guide.flow import decide
 
 FEW_LABELS = 100  # fewer labelled examples than this count as Fig. 2's "just a few"
-INSTRUCTION = "Classify each text as one of: {labels}.\n\n"
-DEMO = "Text: {text}\nLabel: {label}\n\n"
+INSTRUCTION = "Classify each text as one of: {labels}."
+CHAT_HINT = "Reply with the label only."
+TEMPLATE = "Text: {text}\nLabel:"  # an item; a demonstration adds " LABEL" and a blank line
 
 
 @dataclass
@@ -37,6 +38,10 @@ class CompareConfig:
     label_words: dict[str, str] = field(default_factory=dict)  # label -> word in prompts
     llm: str = "smollm2-135m-instruct"
     url: str | None = None  # an OpenAI-compatible server for the LLM arm
+    chat: bool = True  # a local model with a chat template is prompted as a conversation
+    instruction: str = INSTRUCTION  # {labels}: the label words, comma-separated ("" for none)
+    template: str = TEMPLATE  # {text}: one item, up to where its label goes
+    calibrate: bool = True  # also each configuration with contextual calibration
     api_key: str | None = None
     shots: list[int] = field(default_factory=lambda: [0, 4, 16])
     selector: str = "random"  # demonstrations: random, bm25, knn, mmr (lmlab.prompt.demos)
@@ -51,6 +56,15 @@ class CompareConfig:
     seed: int = 0
 
     def check(self) -> None:
+        for name, text, key in (("--template", self.template, "text"),
+                                ("--instruction", self.instruction, "labels")):  # fmt: skip
+            try:
+                text.format(**{key: "x"})
+            except (KeyError, IndexError, ValueError) as e:
+                msg = f"compare: {name} {text!r}: only {{{key}}} may be filled ({e})"
+                raise UsageError(msg) from None
+        if "{text}" not in self.template:
+            raise UsageError(f"compare: --template {self.template!r} has no {{text}}")
         if self.test_size < 2:
             raise UsageError(f"compare: --test-size must be >= 2, got {self.test_size}")
         if any(k < 0 for k in self.shots) or any(n < 2 for n in self.labels):
@@ -96,7 +110,8 @@ def read_labelled(path: str | Path, cfg: CompareConfig) -> list[tuple[str, str]]
                     hint = "" if cfg.columns else " (a file without a header: give --columns)"
                     raise UsageError(f"{p}: no column {col!r} (columns: {', '.join(header)}){hint}")
             ti, li = header.index(tc), header.index(lc)
-            for n, rec in enumerate(reader, 1 if cfg.columns else 2):
+            for rec in reader:
+                n = reader.line_num  # the record's last line (a quoted field may span lines)
                 if not rec:
                     continue
                 if len(rec) != len(header):
@@ -140,10 +155,16 @@ def stratified(labels: list[int], n: int, rng: np.random.Generator) -> list[int]
 def llm_arm(cfg: CompareConfig, pool, test, names, words, deadline) -> list[dict]:
     """Accuracy of the prompted LLM at each number of shots."""
     from lmlab.prompt.backend import open_backend
-    from lmlab.prompt.demos import label_probs, select_demos
+    from lmlab.prompt.demos import (
+        CONTENT_FREE,
+        contextual_calibration,
+        label_probs,
+        select_demos,
+    )
 
     backend = open_backend(cfg.llm, cfg.url, cfg.api_key)
-    head = INSTRUCTION.format(labels=", ".join(words))
+    head = cfg.instruction.format(labels=", ".join(words))
+    render = chat_renderer(backend, cfg.template) if cfg.chat else None
     pool_texts = tuple(t for t, _ in pool)
     gold = np.array([y for _, y in test])
     out = []
@@ -155,26 +176,66 @@ def llm_arm(cfg: CompareConfig, pool, test, names, words, deadline) -> list[dict
             out.append({"shots": k, "skipped": "budget"})
             continue
         t = time.perf_counter()
-        prompts = []
+        prompts, free = [], []
         for i, (text, _) in enumerate(test):
             seed = cfg.seed * 100_003 + i
             demos = select_demos(text, pool_texts, k, cfg.selector, seed) if k else []
             if cfg.selector != "random":  # best first from the selector: nearest the text
                 demos = demos[::-1]
-            shown = "".join(DEMO.format(text=pool[d][0], label=words[pool[d][1]]) for d in demos)
-            prompts.append(head + shown + f"Text: {text}\nLabel:")
-        probs = label_probs(backend, prompts, [" " + w for w in words])
+            shots = [(pool[d][0], words[pool[d][1]]) for d in demos]
+            for x, into in ((text, prompts), (CONTENT_FREE, free)):
+                if render is not None:
+                    into.append(render(head, shots, x))
+                else:
+                    item = cfg.template.format
+                    shown = "".join(f"{item(text=t)} {w}\n\n" for t, w in shots)
+                    into.append((f"{head}\n\n" if head else "") + shown + item(text=x))
+        label_words = [("" if render else " ") + w for w in words]
+        probs = label_probs(backend, prompts, label_words)
         secs = time.perf_counter() - t
-        pred = probs.argmax(-1)
-        out.append({
-            "shots": k,
-            "correct": (pred == gold).astype(int).tolist(),
-            "predicted_share": np.bincount(pred, minlength=len(names)).tolist(),
-            "seconds": secs,
-            "s_per_item": secs / len(test),
-        })  # fmt: skip
-        log(f"compare: LLM {k}-shot accuracy {np.mean(out[-1]['correct']):.3f} ({secs:.0f} s)")
+        fmt = "chat" if render is not None else "plain"
+        runs = [(False, probs, secs)]
+        if cfg.calibrate:  # each item's own prompt with "N/A" for its text (Zhao et al. 2021)
+            t = time.perf_counter()
+            q = contextual_calibration(probs, label_probs(backend, free, label_words))
+            runs.append((True, q, secs + time.perf_counter() - t))
+        for calibrated, p, took in runs:
+            pred = p.argmax(-1)
+            out.append({
+                "shots": k,
+                "format": fmt,
+                "calibrated": calibrated,
+                "correct": (pred == gold).astype(int).tolist(),
+                "predicted_share": np.bincount(pred, minlength=len(names)).tolist(),
+                "seconds": took,
+                "s_per_item": took / len(test),
+            })  # fmt: skip
+            acc = np.mean(out[-1]["correct"])
+            what = " calibrated" if calibrated else ""
+            log(f"compare: LLM {k}-shot{what}: accuracy {acc:.3f} ({took:.0f} s)")
     return out
+
+
+def chat_renderer(backend, template: str):
+    """For a local model with a chat template: the prompt as a conversation (the
+    instruction as the system turn, each text a user turn, each demonstration's label the
+    assistant's reply), rendered up to the assistant's turn, where the label word is
+    scored. None for a model without a template or a remote backend (plain text then)."""
+    from lmlab.prompt.backend import LocalBackend
+    from lmlab.tokenizer.chat import apply_chat_template, chat_template_of
+
+    if not isinstance(backend, LocalBackend) or chat_template_of(backend.tokenizer) is None:
+        return None
+
+    def render(head: str, shots: list[tuple[str, str]], text: str) -> str:
+        turns: list[dict] = [{"role": "system", "content": f"{head} {CHAT_HINT}".strip()}]
+        for t, w in shots + [(text, None)]:
+            turns.append({"role": "user", "content": template.format(text=t)})
+            if w is not None:
+                turns.append({"role": "assistant", "content": w})
+        return apply_chat_template(backend.tokenizer, turns, add_generation_prompt=True)
+
+    return render
 
 
 def fine_tuned_arm(cfg: CompareConfig, pool, test, names, deadline) -> list[dict]:
@@ -240,7 +301,8 @@ def summarise(llm: list[dict], ft: list[dict], cfg: CompareConfig, n_labelled: i
             continue
         c = np.array(r["correct"], float)
         llm_rows.append({"shots": r["shots"], "accuracy": c.mean(), "se": _se(c),
-                         "s_per_item": r["s_per_item"]})  # fmt: skip
+                         "s_per_item": r["s_per_item"], "format": r["format"],
+                         "calibrated": r["calibrated"]})  # fmt: skip
     ft_rows = []
     for n in sorted({r["labels"] for r in ft if "correct" in r}):
         runs = [r for r in ft if r["labels"] == n and "correct" in r]
@@ -277,6 +339,7 @@ def summarise(llm: list[dict], ft: list[dict], cfg: CompareConfig, n_labelled: i
         "llm": llm_rows,
         "fine_tuned": [{k: v for k, v in r.items() if k != "per_item"} for r in ft_rows],
         "best_llm_shots": best["shots"] if best is not None and "correct" in best else None,
+        "best_llm_calibrated": bool(best.get("calibrated")) if best is not None else None,
         "paired": paired,
         "crossover_labels": crossover,
         "flow": {"labelled": n_labelled, **flow.to_dict()},
@@ -369,7 +432,8 @@ def report_markdown(result: dict) -> str:
     ]
     for r in s["llm"]:
         acc = f"{r['accuracy']:.3f} ± {r['se']:.3f}"
-        lines.append(f"| LLM, {r['shots']}-shot | {r['shots']} | {acc} "
+        how = r["format"] + (", calibrated" if r["calibrated"] else "")
+        lines.append(f"| LLM, {r['shots']}-shot ({how}) | {r['shots']} | {acc} "
                      f"| {_cost(r['s_per_item'], price)} | – |")  # fmt: skip
     for r in s["fine_tuned"]:
         sd = f" (seed sd {r['seed_sd']:.3f})" if r["seed_sd"] is not None else ""
@@ -378,7 +442,8 @@ def report_markdown(result: dict) -> str:
     if s["paired"]:
         lines += [
             "",
-            f"Fine-tuned minus the best prompted configuration ({s['best_llm_shots']}-shot), "
+            f"Fine-tuned minus the best prompted configuration ({s['best_llm_shots']}-shot"
+            f"{', calibrated' if s['best_llm_calibrated'] else ''}), "
             "paired over the same items (± SE; a winner needs the difference beyond 2 SE):",
             "",
             "| labels | difference | winner | the decision flow says |",
@@ -418,8 +483,10 @@ def plot_curve(result: dict, path: Path) -> None:
         ax.errorbar(x, [r["accuracy"] for r in ft], yerr=[2 * r["se"] for r in ft],
                     marker="o", capsize=3, label="fine-tuned (± 2 SE)")  # fmt: skip
     for r in s["llm"]:
-        ax.axhline(r["accuracy"], ls="--", lw=1, color=f"C{1 + s['llm'].index(r)}",
-                   label=f"LLM {r['shots']}-shot {r['accuracy']:.3f}")  # fmt: skip
+        ax.axhline(r["accuracy"], lw=1, color=f"C{1 + s['llm'].index(r)}",
+                   ls="--" if not r["calibrated"] else ":",
+                   label=f"LLM {r['shots']}-shot{' cal.' if r['calibrated'] else ''} "
+                         f"{r['accuracy']:.3f}")  # fmt: skip
     ax.axvline(FEW_LABELS, color="grey", lw=0.8, ls=":", label='Fig. 2\'s "few labels"')
     ax.set_xscale("log")
     ax.set_xlabel("labelled examples")
