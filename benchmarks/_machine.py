@@ -60,3 +60,34 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_and_report(args, run, report, *packages: str) -> None:
+    """The tail every benchmark shares: with `--report FILE`, print an earlier run's
+    tables; else set torch's threads (`args.threads`), record the machine, the command
+    and the arguments, `run(args)`, write it all to `--json` and print the tables."""
+    import json
+    import shlex
+    import sys
+    import time
+
+    if getattr(args, "report", None):
+        report(json.loads(Path(args.report).read_text()))
+        return
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    saved: dict = {
+        "machine": machine(*packages),
+        "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    print(saved["machine"], flush=True)
+    saved["results"] = run(args)
+    saved["wall_s"] = time.perf_counter() - t
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(saved))
+    print()
+    report(saved)

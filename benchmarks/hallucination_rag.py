@@ -33,15 +33,11 @@ for a smoke run. `--report hallu.json` prints the table again.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from _machine import machine
+from _machine import run_and_report
 from rag_pydocs import DOCS, make_questions, mentions
 
 SCORES = ("selfcheck", "disagreement", "unigram", "avg_nlp", "avg_max_nlp", "semantic",
@@ -162,25 +158,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the raw results here")
     ap.add_argument("--report", type=Path, help="print the table of a --json file, run nothing")
     args = ap.parse_args()
-    if args.report:
-        report(json.loads(args.report.read_text()))
-        return
-    import torch
-
-    torch.set_num_threads(args.threads)
-    t = time.perf_counter()
-    saved: dict = {
-        "machine": machine(),
-        "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-    print(saved["machine"], flush=True)
-    saved["results"] = run(args)
-    saved["wall_s"] = time.perf_counter() - t
-    if args.json:
-        args.json.write_text(json.dumps(saved))
-    print()
-    report(saved)
+    run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

@@ -40,13 +40,11 @@ import argparse
 import csv
 import hashlib
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import machine
+from _machine import run_and_report
 
 DATA = "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
 LABELS = (" positive", " negative")  # label 1, label 0
@@ -364,8 +362,8 @@ def report(saved: dict) -> None:
             "| demo labels = query label | s |"
         )
         print("|---:|---|---:|---:|---:|---:|---:|")
-        labels = saved["labels"]
-        pool_labels = saved["pool_labels"]
+        labels = r["labels"]
+        pool_labels = r["pool_labels"]
         for k in a["sel_ks"]:
             rows = [("random", shots.get(str(k)))] + [
                 (m, sel.get(f"{m}@{k}")) for m in a["selectors"]
@@ -404,7 +402,7 @@ def report(saved: dict) -> None:
             "| calibrated says positive | GlobalE on probe |"
         )
         print("|---:|---|---|---:|---:|---:|---:|---:|")
-        pool_labels = saved["pool_labels"]
+        pool_labels = r["pool_labels"]
         lab = lambda d: "".join("+" if pool_labels[j] else "−" for j in d)  # noqa: E731
         for o in fx["draws"]:
             c = o["calibrated"]
@@ -449,6 +447,13 @@ def report(saved: dict) -> None:
             )
 
 
+def run_with_labels(args) -> dict:
+    """`run`, plus the test and pool labels the tables pair against."""
+    out = run(args)
+    test, pool = split(read_polarity(args.data), args.test_size, args.pool, args.seed)
+    return {**out, "labels": [y for _, y in test], "pool_labels": [y for _, y in pool]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -479,28 +484,7 @@ def main() -> None:
     )
     ap.add_argument("--report", type=Path, help="print the tables of a --json file, run nothing")
     args = ap.parse_args()
-    if args.report:
-        report(json.loads(args.report.read_text()))
-        return
-    t = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    saved: dict = {
-        "machine": machine("bm25s", "sentence-transformers"),
-        "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-    print(saved["machine"], flush=True)
-    saved["results"] = run(args)
-    test, pool = split(read_polarity(args.data), args.test_size, args.pool, args.seed)
-    saved["labels"] = [y for _, y in test]
-    saved["pool_labels"] = [y for _, y in pool]
-    saved["wall_s"] = time.perf_counter() - t
-    if args.json:
-        args.json.write_text(json.dumps(saved))
-    print()
-    report(saved)
+    run_and_report(args, run_with_labels, report, "bm25s", "sentence-transformers")
 
 
 if __name__ == "__main__":

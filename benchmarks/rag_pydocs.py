@@ -49,15 +49,13 @@ import html
 import json
 import os
 import re
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import machine
+from _machine import run_and_report
 
 DOCS = "/usr/share/doc/python3.11/html/library"
 KINDS = {
@@ -555,25 +553,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the raw results here")
     ap.add_argument("--report", type=Path, help="print the tables of a --json file, run nothing")
     args = ap.parse_args()
-    if args.report:
-        report(json.loads(args.report.read_text()))
-        return
-    import torch
-
-    torch.set_num_threads(args.threads)
-    t = time.perf_counter()
-    saved: dict = {
-        "machine": machine("bm25s", "sentence-transformers", "transformers"),
-        "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-    print(saved["machine"], flush=True)
-    saved["results"] = run(args)
-    saved["wall_s"] = time.perf_counter() - t
-    if args.json:
-        args.json.write_text(json.dumps(saved))
-    print()
-    report(saved)
+    run_and_report(args, run, report, "bm25s", "sentence-transformers", "transformers")
 
 
 if __name__ == "__main__":

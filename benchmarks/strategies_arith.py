@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from _machine import machine
+from _machine import run_and_report
 
 STRATEGIES = {
     "direct": {},
@@ -193,22 +191,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path, help="print the tables of a --json file, run nothing")
     args = ap.parse_args()
-    if args.report:
-        report(json.loads(args.report.read_text()))
-        return
-    t = time.perf_counter()
-    saved = {
-        "machine": machine("reasoning-gym"),
-        "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-    print(saved["machine"], flush=True)
-    saved["results"] = run(args)
-    saved["wall_s"] = time.perf_counter() - t
-    if args.json:
-        args.json.write_text(json.dumps(saved))
-    print()
-    report(saved)
+    run_and_report(args, run, report, "reasoning-gym")
 
 
 if __name__ == "__main__":

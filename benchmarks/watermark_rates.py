@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import machine
+from _machine import run_and_report
 
 POLARITY = "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
 SETTINGS = [(0.25, 1.0), (0.25, 2.0), (0.5, 1.0), (0.5, 2.0)]
@@ -168,25 +165,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path)
     args = ap.parse_args()
-    if args.report:
-        report(json.loads(args.report.read_text()))
-        return
-    import torch
-
-    torch.set_num_threads(args.threads)  # before the machine line, which reports it
-    t = time.perf_counter()
-    saved = {
-        "machine": machine(),
-        "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-    print(saved["machine"], flush=True)
-    saved["results"] = run(args)
-    saved["wall_s"] = time.perf_counter() - t
-    if args.json:
-        args.json.write_text(json.dumps(saved))
-    print()
-    report(saved)
+    run_and_report(args, run, report)
 
 
 if __name__ == "__main__":
