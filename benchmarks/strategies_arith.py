@@ -13,9 +13,10 @@ Items come from `reasoning-gym` (seeded, offline):
 Each item is answered by every strategy; the answer is read as an integer from the reply
 (`answer_form: integer`) and compared with the generator's answer. Self-consistency: 5
 chains at temperature 0.7, the majority. PAL: the model writes `solution()`, lmlab's
-sandbox runs it (5 s). Every call is greedy except self-consistency's; 256 new tokens at
-most per call; through the chat template. Reported: accuracy ± binomial SE per strategy,
-the paired difference against direct answers, and seconds per item.
+sandbox runs it (5 s). Every call is greedy except self-consistency's; `--max-tokens`
+(256) new tokens at most per call; through the chat template. Reported: accuracy ±
+binomial SE per strategy, the paired difference against direct answers, and seconds per
+item.
 
 Run: `python benchmarks/strategies_arith.py --json strat.json` (about 40 minutes on 2
 cores); `--items 3` for a smoke run; `--report strat.json` prints the tables again.
@@ -92,7 +93,7 @@ def steps(expr: str) -> str:
     return " ".join(lines) + f" The answer is {value}."
 
 
-def write_task(root: Path, name: str, strategy: str, extra: dict) -> Path:
+def write_task(root: Path, name: str, strategy: str, extra: dict, max_tokens: int) -> Path:
     spec = {
         "task": f"{name}_{strategy}",
         "dataset_path": "json",
@@ -103,7 +104,7 @@ def write_task(root: Path, name: str, strategy: str, extra: dict) -> Path:
         "doc_to_target": "answer",
         "strategy": strategy,
         "answer_form": "integer",
-        "generation_kwargs": {"max_gen_toks": 256},
+        "generation_kwargs": {"max_gen_toks": max_tokens},
         **extra,
     }
     path = root / f"{strategy}.yaml"
@@ -133,7 +134,8 @@ def run(args) -> dict:
             (root / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in test))
             (root / "shots.jsonl").write_text("".join(json.dumps(s) + "\n" for s in shots))
             for strategy in args.strategies:
-                task = load_task(write_task(root, name, strategy, STRATEGIES[strategy]))
+                spec = write_task(root, name, strategy, STRATEGIES[strategy], args.max_tokens)
+                task = load_task(spec)
                 t = time.perf_counter()
                 res = run_task(model, tok, task, seed=args.seed)
                 secs = time.perf_counter() - t
@@ -186,6 +188,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per call")
     ap.add_argument("--tasks", nargs="+", default=["arithmetic", "gsm_symbolic"])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     ap.add_argument("--json", type=Path)
