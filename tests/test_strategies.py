@@ -212,3 +212,16 @@ def test_task_strategy_keys_are_checked(tmp_path, keys, message):
 
     with pytest.raises(UsageError, match=message):
         load_task(_task_file(tmp_path, **keys))
+
+
+def test_a_task_yaml_runs_pal_in_the_sandbox(tmp_path, monkeypatch, sandbox):
+    from lmlab.eval.tasks import load_task, run_task
+    from lmlab.prompt import backend as backend_mod
+
+    code = "```python\ndef solution():\n    return {}\n```"
+    script = Scripted([("What is 2+3?", code.format(5)), ("What is 7+8?", code.format(14))])
+    monkeypatch.setattr(backend_mod, "LocalBackend", lambda model, tok: script)
+    out = run_task(None, None, load_task(_task_file(tmp_path, strategy="pal")))
+    assert [r["filtered"] for r in out["records"]] == ["5", "14"]
+    assert out["records"][0]["generation"].startswith("```python")  # the reply, not the run
+    assert out["records"][0]["transcript"][-1]["status"] == "passed"

@@ -500,7 +500,8 @@ def _strategy_record(model, tok, task: Task, doc: dict, rng, seed: int) -> dict:
     pred = sol.answer or ""
     rec = {
         "prompt": question,
-        "generation": sol.transcript[-1]["output"] if sol.transcript else "",
+        # the model's last words (PAL's last entry is the program's run, not a reply)
+        "generation": next((t["output"] for t in reversed(sol.transcript) if "output" in t), ""),
         "filtered": pred,
         "target": gold,
         "transcript": sol.transcript,
