@@ -39,17 +39,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from _machine import machine, peak_rss_mib
 
 DATA = "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
 QUESTION = "Review: {}\nIs this review positive or negative? Answer with one word."
@@ -116,51 +114,6 @@ def messages(sentence: str) -> list[dict[str, str]]:
 
 def reply_of(label: int) -> str:
     return REPLIES[0] if label else REPLIES[1]
-
-
-# --- machine -------------------------------------------------------------------------------
-
-
-def pkg(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def machine() -> str:
-    cpu, flags = None, []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu is None:
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-                         if f in have]  # fmt: skip
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or platform.machine()
-    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({', '.join(flags) or 'no AVX2'}; {avx512}), "
-        f"torch {pkg('torch')}, transformers {pkg('transformers')}, peft {pkg('peft')}, "
-        f"Python {platform.python_version()}"
-    )
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak resident set (VmHWM). Not `ru_maxrss`: Linux carries that
-    over an exec from the forking parent (measured here: a child of a parent that had
-    touched 1.5 GB read 1.5 GB, its VmHWM 14 MB), so a child's figure would be at least
-    the parent's peak, and this parent loads the model."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # --- evaluation (in a child) -----------------------------------------------------------------
@@ -653,7 +606,7 @@ def main() -> None:
     if args.limit:
         test = test[: args.limit // 2] + test[-(args.limit - args.limit // 2) :]
     saved: dict = {
-        "machine": machine(),
+        "machine": machine("transformers", "peft"),
         "command": f"python {' '.join(shlex.quote(a) for a in sys.argv)}",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {"n_train": len(train)},
