@@ -95,12 +95,17 @@ def run_tasks(
 
 
 def _init_worker(parent: Connection) -> None:
-    """Pool initializer: workers leave Ctrl-C to the parent and die when it does.
+    """Pool initializer: workers leave Ctrl-C to the parent and die quietly when it does.
 
     Ctrl-C reaches the whole process group; the parent alone handles it and stops the
     pool, instead of every worker printing a KeyboardInterrupt traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker that finishes a task just as the parent dies writes its result into a
+    # pipe nobody reads. With SIGPIPE at its default it then dies quietly, as a Unix
+    # pipeline stage does, instead of printing a BrokenPipeError traceback.
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     watch = threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True)
     watch.start()
 
