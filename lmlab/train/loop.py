@@ -8,7 +8,8 @@ so a run resumed from a checkpoint replays exactly the batches an uninterrupted 
 would have seen and its per-step losses are identical (bitwise on CPU). Under `torchrun`
 every rank asks only for its own slice of rows of each global batch.
 
-Around the step: AdamW (fused where the device has a fused kernel) or Adafactor; linear
+Around the step: AdamW (fused where the device has a fused kernel), Adafactor or Muon for
+the hidden matrices with AdamW for the rest (`lmlab.train.muon`); linear
 warm-up then cosine decay to a floor; batch-size warm-up; gradient accumulation and
 clipping; bf16/fp16 autocast (fp16 with a loss scaler); activation checkpointing;
 torch.compile; loss-spike detection with rollback to the last checkpoint and skipping of
@@ -45,6 +46,7 @@ from lmlab.train import distributed as dist_
 from lmlab.train.batch import Batch, LossFn, LossOut, as_batch, token_cross_entropy
 from lmlab.train.distributed import Dist
 from lmlab.train.metrics import line_kind
+from lmlab.train.muon import MuonAdamW, hidden_matrices
 from lmlab.train.observe import MetricsSink, truncate_metrics
 from lmlab.train.schedule import lr_at
 from lmlab.utils import read_json, write_json
@@ -63,7 +65,7 @@ class TrainConfig:
     batch_size: PosInt = 16  # global rows per micro-batch, split across data-parallel ranks
     seq_len: PosInt = 256
     grad_accum: PosInt = 1
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    optimizer: Literal["adamw", "adafactor", "muon"] = "adamw"
     fused: bool | None = None  # fused AdamW kernel; None = where torch has one (CUDA, CPU)
     lr: PosFloat = 1e-3
     min_lr_ratio: Fraction = 0.1  # cosine decays to this fraction of the peak
@@ -72,6 +74,14 @@ class TrainConfig:
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
     grad_clip: NonNegFloat = 1.0  # 0 disables clipping
+    # optimizer muon: the blocks' matrices take Muon at peak lr `muon_lr` (scheduled like
+    # `lr`), everything else AdamW at `lr`. `muon_adjust` scales the lr per matrix shape:
+    # "original" (Jordan: sqrt(max(1, rows/cols)), lr ~0.02) or "match_rms_adamw"
+    # (Moonshot: 0.2·sqrt(max(rows, cols)), an AdamW-sized lr). Weight decay per step
+    # equals AdamW's on the same matrix (docs/training.md)
+    muon_lr: PosFloat = 0.02
+    muon_momentum: Fraction = 0.95
+    muon_adjust: Literal["original", "match_rms_adamw"] = "original"
     # batch-size warm-up (GPT-3): rows per micro-batch grow linearly from
     # `batch_warmup_start` to `batch_size` over the first `batch_warmup_tokens` tokens
     batch_warmup_tokens: NonNegInt = 0
@@ -108,6 +118,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise UsageError("no training budget: set max_steps, max_tokens or max_minutes")
+        if self.optimizer == "muon" and self.distributed == "fsdp":
+            raise UsageError(
+                "optimizer: muon does not support distributed: fsdp (Muon orthogonalises "
+                "whole matrices, FSDP shards them); use distributed: ddp or optimizer: adamw"
+            )
         if self.batch_warmup_start > self.batch_size:
             raise UsageError(
                 f"batch_warmup_start: {self.batch_warmup_start} exceeds batch_size="
@@ -155,9 +170,41 @@ def _fused_default(device: torch.device) -> bool:
 def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW or Adafactor; weight decay on matrices only (not norms/gains/biases), as in
-    GPT-3 and LLaMA. Parameters are grouped by name, so FSDP shards group the same way."""
+    """AdamW, Adafactor or Muon+AdamW; weight decay on matrices only (not norms/gains/
+    biases), as in GPT-3 and LLaMA. Parameters are grouped by name, so FSDP shards group
+    the same way. A group's `lr_scale` is its peak lr over `cfg.lr` (the loop's schedule
+    multiplies by it)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    device = device or next(model.parameters()).device
+    fused = _fused_default(device) if cfg.fused is None else cfg.fused
+    if cfg.optimizer == "muon":
+        hidden = hidden_matrices(model)
+        if not any(id(p) in hidden for _, p in named):
+            raise UsageError("optimizer: muon needs transformer blocks with trainable matrices")
+        scale = cfg.muon_lr / cfg.lr
+        muon = {
+            "params": [p for _, p in named if id(p) in hidden],
+            "lr": cfg.muon_lr,
+            "lr_scale": scale,
+            # Muon decays by lr·wd per step: divide by the scale so a matrix decays as
+            # fast as under AdamW at `cfg.lr`
+            "weight_decay": cfg.weight_decay / scale,
+        }
+        rest = [(n, p) for n, p in named if id(p) not in hidden]
+        adamw = [
+            {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        for g in adamw:
+            g.update(lr=cfg.lr, lr_scale=1.0)
+        return MuonAdamW(
+            [muon],
+            [g for g in adamw if g["params"]],
+            momentum=cfg.muon_momentum,
+            adjust_lr_fn=cfg.muon_adjust,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=fused,
+        )
     groups = [
         {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
@@ -166,8 +213,6 @@ def make_optimizer(
     if cfg.optimizer == "adafactor":
         # factored second moments: O(rows + cols) memory per matrix instead of O(rows·cols)
         return torch.optim.Adafactor(groups, lr=cfg.lr)
-    device = device or next(model.parameters()).device
-    fused = _fused_default(device) if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -561,7 +606,7 @@ def train(
                     pos.warmup_progress or 0.0,
                 )
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 micro, counts = [], []
                 step_rows = batch_rows(cfg, pos.tokens, d.world)
                 per_rank = step_rows // d.world
