@@ -10,13 +10,19 @@ data-parallel ranks all just move a row counter.
 
 With `doc_mask`, attention stops at document boundaries inside a packed sequence and
 positions restart at each document (`Batch.doc_ids`).
+
+`packing: bos_best_fit` (nanochat's loader) instead starts every window at a document
+start: `BestFitPacked` places whole documents into windows best-fit and crops only what
+no window has room for, so the model always sees the beginnings it is asked to continue.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,6 +57,9 @@ class PretrainConfig(TrainConfig):
 
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     doc_mask: bool = False  # attention stays inside each packed document
+    # stream: consecutive windows of the token stream; bos_best_fit: every window starts
+    # at a document (BestFitPacked). Validation windows are the same for both
+    packing: Literal["stream", "bos_best_fit"] = "stream"
 
 
 class PackedStream:
@@ -102,6 +111,127 @@ class PackedStream:
             return arr, None
         pos = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)[None, :]
         return arr, np.searchsorted(self.doc_starts, pos, side="right") - 1
+
+
+class BestFitPacked:
+    """Windows that each start at a document, packed best-fit (nanochat's dataloader).
+
+    Every document becomes a piece `[BOS] + body` (BOS is the EOS id, the separator the
+    stream puts between documents; the body drops the document's own trailing EOS, which
+    the next piece's BOS stands for). A body longer than a window is split into pieces of
+    a full window each plus a remainder, each led by BOS. Each epoch the pieces are
+    shuffled (seeded) and read through a look-ahead buffer of `buffer` pieces; a window is
+    filled with the largest buffered piece that fits its free space, again and again, and
+    when none fits, the shortest is cropped to the space and its tail thrown away. A last
+    window that runs out of pieces is dropped. `waste` is the fraction of piece tokens
+    thrown away in epoch 0. Row r is a pure function of (seed, r), as for `PackedStream`.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        doc_starts: np.ndarray,
+        seq_len: int,
+        seed: int,
+        bos_id: int,
+        buffer: int = 1000,
+    ) -> None:
+        self.tokens, self.seq_len, self.seed, self.bos, self.buffer = (
+            tokens,
+            seq_len,
+            seed,
+            bos_id,
+            buffer,
+        )
+        width = seq_len + 1
+        lo = np.asarray(doc_starts[:-1], dtype=np.int64)
+        hi = np.asarray(doc_starts[1:], dtype=np.int64)
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        hi = hi - (np.asarray(tokens[hi - 1]) == bos_id)  # the next piece's BOS ends it
+        starts, lens = [], []
+        for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+            for c in range(a, b, width - 1):
+                starts.append(c)
+                lens.append(min(width - 1, b - c))
+        if not starts:
+            raise UsageError("pretrain: packing bos_best_fit found no documents to pack")
+        self.piece_start = np.asarray(starts, dtype=np.int64)
+        self.piece_len = np.asarray(lens, dtype=np.int64) + 1  # with its BOS
+        self._epochs: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []
+        self.waste = self._epoch(0)[3]
+
+    def _epoch(self, e: int):
+        """Epoch `e`'s layout: row pointers into (piece, tokens taken) segments, and its
+        waste fraction."""
+        while len(self._epochs) <= e:
+            self._epochs.append(self._pack(len(self._epochs)))
+        return self._epochs[e]
+
+    def _pack(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        width = self.seq_len + 1
+        order = np.random.default_rng([self.seed, e, 7]).permutation(len(self.piece_len))
+        lens = self.piece_len.tolist()
+        pending = iter(order.tolist())
+        buf: list[tuple[int, int]] = []  # (length, piece), sorted
+        for i in pending:
+            bisect.insort(buf, (lens[i], i))
+            if len(buf) >= self.buffer:
+                break
+        ptr, seg_piece, seg_take = [0], [], []
+        row_piece: list[int] = []
+        row_take: list[int] = []
+        wasted, free = 0, width
+        while buf:
+            k = bisect.bisect_right(buf, (free, len(lens))) - 1
+            if k >= 0:
+                n, i = buf.pop(k)
+                take = n
+            else:  # nothing fits: crop the shortest piece to the free space
+                n, i = buf.pop(0)
+                take = free
+                wasted += n - take
+            row_piece.append(i)
+            row_take.append(take)
+            free -= take
+            nxt = next(pending, None)
+            if nxt is not None:
+                bisect.insort(buf, (lens[nxt], nxt))
+            if free == 0:
+                seg_piece += row_piece
+                seg_take += row_take
+                ptr.append(len(seg_piece))
+                row_piece, row_take, free = [], [], width
+        wasted += sum(row_take)  # the last, unfilled window is dropped
+        if len(ptr) < 2:
+            raise UsageError(
+                f"pretrain: the documents cannot fill one window of {width} tokens; "
+                "lower pretrain.seq_len or add data"
+            )
+        return (
+            np.asarray(ptr),
+            np.asarray(seg_piece),
+            np.asarray(seg_take),
+            wasted / int(self.piece_len.sum()),
+        )
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row r's tokens and the ordinal of the piece each token belongs to."""
+        e = 0
+        while r >= len(self._epoch(e)[0]) - 1:
+            r -= len(self._epoch(e)[0]) - 1
+            e += 1
+        ptr, piece, take = self._epoch(e)[:3]
+        toks, ids = [], []
+        for j in range(ptr[r], ptr[r + 1]):
+            s = self.piece_start[piece[j]]
+            toks += [np.asarray([self.bos]), self.tokens[s : s + take[j] - 1]]
+            ids.append(np.full(take[j], j - ptr[r]))
+        return np.concatenate(toks).astype(np.int64), np.concatenate(ids)
+
+    def rows(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        out = [self.row(r) for r in range(start, start + n)]
+        return np.stack([t for t, _ in out]), np.stack([d for _, d in out])
 
 
 def doc_starts_of(shard_dir: Path, manifest: dict, split: str) -> np.ndarray:
@@ -163,7 +293,9 @@ class Objective:
         return cat_batches(parts)
 
 
-def make_loader(stream: PackedStream, objective: Objective, doc_mask: bool, seed: int):
+def make_loader(
+    stream: PackedStream | BestFitPacked, objective: Objective, doc_mask: bool, seed: int
+):
     """get_batch(index, start_row, rows) for `train`: the objective of micro-batch `index`
     is drawn from (seed, index), the same on every rank; row r's own choices from (seed, r)."""
 
@@ -258,13 +390,30 @@ def pretrain(
         obj, family, sentinel_ids, int(manifest["eos_id"]), model_cfg.decoder_start_id
     )
     phases = manifest["splits"]["train"].get("phases") if manifest.get("curriculum") else None
-    starts = doc_starts_of(shard_dir, manifest, "train") if cfg.doc_mask else None
-    stream = PackedStream(train_tokens, starts, cfg.seq_len, seed, phases)
+    best_fit = cfg.packing == "bos_best_fit"
+    stream: PackedStream | BestFitPacked
+    if best_fit:
+        if phases:
+            raise UsageError("pretrain.packing: bos_best_fit does not follow a curriculum yet")
+        stream = BestFitPacked(
+            train_tokens,
+            doc_starts_of(shard_dir, manifest, "train"),
+            cfg.seq_len,
+            seed,
+            int(manifest["eos_id"]),
+        )
+        log(f"pretrain: bos_best_fit packing throws away {100 * stream.waste:.2f}% of tokens")
+    else:
+        starts = doc_starts_of(shard_dir, manifest, "train") if cfg.doc_mask else None
+        stream = PackedStream(train_tokens, starts, cfg.seq_len, seed, phases)
     val_starts = doc_starts_of(shard_dir, manifest, "val") if cfg.doc_mask else None
     vals = val_batches(val_tokens, val_starts, cfg, batcher, seed)
     torch.manual_seed(seed)
     model = build_model(model_cfg)
     get_batch = make_loader(stream, batcher, cfg.doc_mask, seed)
-    return train(
+    summary = train(
         model, get_batch, vals, cfg, out, tokenizer_dir, key, name="pretrain", objective=objective
     )
+    if best_fit:
+        summary["packing_waste"] = round(stream.waste, 5)
+    return summary
