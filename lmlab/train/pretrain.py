@@ -146,18 +146,17 @@ class BestFitPacked:
         width = seq_len + 1
         lo = np.asarray(doc_starts[:-1], dtype=np.int64)
         hi = np.asarray(doc_starts[1:], dtype=np.int64)
-        keep = hi > lo
-        lo, hi = lo[keep], hi[keep]
+        lo, hi = lo[hi > lo], hi[hi > lo]
         hi = hi - (np.asarray(tokens[hi - 1]) == bos_id)  # the next piece's BOS ends it
-        starts, lens = [], []
-        for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
-            for c in range(a, b, width - 1):
-                starts.append(c)
-                lens.append(min(width - 1, b - c))
-        if not starts:
+        lo, hi = lo[hi > lo], hi[hi > lo]
+        if not len(lo):
             raise UsageError("pretrain: packing bos_best_fit found no documents to pack")
-        self.piece_start = np.asarray(starts, dtype=np.int64)
-        self.piece_len = np.asarray(lens, dtype=np.int64) + 1  # with its BOS
+        # document d becomes ceil(body / (width - 1)) pieces of up to width - 1 tokens
+        chunks = -(-(hi - lo) // (width - 1))
+        doc = np.repeat(np.arange(len(lo)), chunks)
+        k = np.arange(len(doc)) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+        self.piece_start = lo[doc] + k * (width - 1)
+        self.piece_len = np.minimum(width - 1, hi[doc] - self.piece_start) + 1  # with BOS
         self._epochs: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []
         self.waste = self._epoch(0)[3]
 
