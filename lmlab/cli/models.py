@@ -201,7 +201,7 @@ def export(
 @app.command()
 def quantize(
     ckpt: Annotated[str, typer.Argument(help="A checkpoint or run directory.")],
-    method: Annotated[str, typer.Option(help="int8, int4 or llm_int8.")],
+    method: Annotated[str, typer.Option(help="int8, int4, llm_int8 or w8a8.")],
     out: Annotated[Path, typer.Option("--out", help="The quantized checkpoint to write.")],
     group_size: Annotated[int, typer.Option(help="int4: weights per scale (32/64/128).")] = 64,
     threshold: Annotated[float, typer.Option(help="llm_int8: outlier magnitude.")] = 6.0,
@@ -218,6 +218,13 @@ def quantize(
     speed: Annotated[
         bool, typer.Option(help="Measure forward and decode speed before and after.")
     ] = True,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="w8a8: a text file, token shards or a run (train split)."),
+    ] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="w8a8: calibration tokens.")] = 16_384,
+    alpha: Annotated[float, typer.Option(help="w8a8: SmoothQuant migration strength.")] = 0.5,
+    outliers: Annotated[int, typer.Option(help="w8a8: float input channels per layer.")] = 32,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -239,6 +246,10 @@ def quantize(
         overwrite=overwrite,
         eval_seq_len=eval_seq_len,
         measure_speed=speed,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
+        alpha=alpha,
+        outliers=outliers,
     )
     print(format_report(report))
 

@@ -30,6 +30,8 @@ from lmlab.model.quant import (
     quantizable,
     quantize_model,
     save_quantized,
+    w8a8_activation_qmax,
+    w8a8_kernel_works,
     weight_error,
 )
 from lmlab.utils import claim_output_dir
@@ -242,6 +244,10 @@ def quantize_checkpoint(
     measure_speed: bool = True,
     overwrite: bool = False,
     eval_seq_len: int | None = None,
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 16_384,
+    alpha: float = 0.5,
+    outliers: int = 32,
 ) -> dict:
     """Quantize the checkpoint (or run's model) `src` into the checkpoint directory `out`,
     written atomically with `quantization.json`; returns that report.
@@ -251,8 +257,13 @@ def quantize_checkpoint(
     perplexity on the first `eval_tokens` held-out tokens (see `find_eval_tokens`) in
     windows of `eval_seq_len`. A GGUF file (or store name) is converted first, so its own
     tokenizer files travel with the quantized checkpoint. An existing `out` is replaced
-    only when it is an earlier `quantize` output and `overwrite`."""
-    check_options(method, group_size, threshold)
+    only when it is an earlier `quantize` output and `overwrite`.
+
+    `w8a8` calibrates on `calibration_tokens` tokens of `calibration` (a text file, token
+    shards or a run; default: the run's training split), never the held-out split."""
+    check_options(method, group_size, threshold, alpha, outliers)
+    if not (isinstance(calibration_tokens, int) and calibration_tokens > 0):
+        raise UsageError(f"calibration_tokens {calibration_tokens!r}: must be positive")
     if not (isinstance(eval_tokens, int) and eval_tokens > 0):
         raise UsageError(f"eval_tokens {eval_tokens!r}: must be a positive number of tokens")
     if eval_seq_len is not None and not (isinstance(eval_seq_len, int) and eval_seq_len > 0):
@@ -277,6 +288,12 @@ def quantize_checkpoint(
             decode_tokens,
             measure_speed,
             eval_seq_len,
+            {
+                "data": calibration,
+                "tokens": calibration_tokens,
+                "alpha": alpha,
+                "outliers": outliers,
+            },
         )
 
 
@@ -294,6 +311,7 @@ def _quantize(
     decode_tokens: int,
     measure_speed: bool,
     eval_seq_len: int | None,
+    calib: dict,
 ) -> dict:
     from lmlab.console import is_quiet, log, set_quiet
     from lmlab.model.encdec import EncoderDecoder
@@ -310,7 +328,19 @@ def _quantize(
     probe = _probe_inputs(fp.cfg, setup, decode_tokens, measure_speed)
     names = quantizable(fp, include_lm_head)
     fp_bytes = sum(_weight_bytes(fp.get_submodule(n)) for n in names)
-    model = quantize_model(copy.deepcopy(fp), method, group_size, threshold, include_lm_head)
+    calibration, calib_info = None, None
+    if method == "w8a8":
+        calibration, calib_info = _calibration(ckpt, fp.cfg, calib, eval_data)
+    model = quantize_model(
+        copy.deepcopy(fp),
+        method,
+        group_size,
+        threshold,
+        include_lm_head,
+        calibration=calibration,
+        alpha=calib["alpha"],
+        outliers=calib["outliers"],
+    )
     quiet_before = is_quiet()
     set_quiet(quiet_before or not progress)
     try:
@@ -331,6 +361,8 @@ def _quantize(
         }
         if outliers is not None:
             report["outlier_column_share"] = outliers
+        if calib_info is not None:
+            report["calibration"] = calib_info
         report["weight_relative_error"] = weight_error(fp, model, names)
         del fp
 
@@ -358,6 +390,39 @@ def _quantize(
     finally:
         set_quiet(quiet_before)
     return report
+
+
+def _calibration(ckpt: Path, cfg, calib: dict, eval_data) -> tuple[list[torch.Tensor], dict]:
+    """Windows of calibration tokens for `w8a8`, and what they were: the given text file
+    (the checkpoint's tokenizer reads it) or token shards' training split, by default the
+    run's own. The held-out split is never used, so the perplexity check stays honest."""
+    import numpy as np
+
+    from lmlab.data.shards import open_split
+
+    source = calib["data"]
+    if source is not None and Path(source).is_file():
+        setup = _text_setup(ckpt, Path(source), calib["tokens"], 1)
+        ids, where = np.asarray(setup["tokens"]), str(source)
+    else:
+        shards, why = find_eval_tokens(ckpt, source)
+        if shards is None or shards.is_file():
+            raise UsageError(
+                "w8a8 calibrates its smoothing and outlier channels on sample text: pass "
+                "--calibration (a text file, token shards or a run), not the evaluation "
+                f"text ({why})"
+            )
+        ids, where = open_split(shards, "train"), f"{shards} (train split)"
+    ids = torch.from_numpy(np.asarray(ids[: calib["tokens"]], dtype=np.int64))
+    if ids.numel() < 2:
+        raise UsageError(f"calibration data {where}: fewer than 2 tokens")
+    win = min(cfg.max_seq_len, 512)
+    batches = [ids[i : i + win][None] for i in range(0, len(ids), win)]
+    info = {"data": where, "tokens": int(ids.numel()), "alpha": calib["alpha"]}
+    info["outliers"] = calib["outliers"]
+    if eval_data is not None and source is not None and Path(source) == Path(eval_data):
+        info["warning"] = "calibrated on the evaluation text: the perplexity change is optimistic"
+    return batches, info
 
 
 def _weight_bytes(lin: nn.Linear) -> int:
@@ -394,7 +459,11 @@ def _report(ckpt, out, model, fp_memory, speed, lm, setup, why, probe) -> dict:
         "disk_bytes": {"before": _disk_bytes(ckpt), "after": None},
         "memory_bytes": {"before": fp_memory, "after": memory_bytes(model)},
     }
-    if spec["method"] != "int4":
+    if spec["method"] == "w8a8":
+        bits = 8 if w8a8_activation_qmax() == 255 else 7
+        where = "fbgemm" if w8a8_kernel_works() else "reference"
+        report["int8_backend"] = f"{where}, {bits}-bit activations"
+    elif spec["method"] != "int4":
         report["int8_backend"] = int8_backend_name("cpu")
     if speed is not None:
         for key in ("forward_tokens_per_s", "decode_tokens_per_s"):
@@ -440,6 +509,9 @@ def format_report(report: dict) -> str:
         method += f" (group {report['group_size']})"
     elif method == "llm_int8":
         method += f" (threshold {report['threshold']:g})"
+    elif method == "w8a8" and "calibration" in report:
+        c = report["calibration"]
+        method += f" (alpha {c['alpha']:g}, {c['outliers']} float channels per layer)"
     rows: list[tuple[str, str, str, str]] = []
 
     def ratio(b, a) -> str:
@@ -494,4 +566,9 @@ def format_report(report: dict) -> str:
         )
     if "int8_backend" in report:
         lines.append(f"int8 backend: {report['int8_backend']}")
+    if "calibration" in report:
+        c = report["calibration"]
+        lines.append(f"calibrated on {c['tokens']:,} tokens of {c['data']}")
+        if "warning" in c:
+            lines.append(f"warning: {c['warning']}")
     return "\n".join(lines)

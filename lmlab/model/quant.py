@@ -1,6 +1,6 @@
 """The quantized-layer format (Zhao et al. §5.4): INT8, packed INT4 and LLM.int8() linears.
 
-Three methods, none needing calibration data:
+Four methods; the first three need no calibration data:
 
 - `int8`: weight-only, per-output-channel symmetric absmax (one fp32 scale per row).
 - `int4`: weight-only, group-wise along the input dim, asymmetric (an fp16 scale and an fp16
@@ -8,6 +8,12 @@ Three methods, none needing calibration data:
 - `llm_int8`: Dettmers et al. (2022): at forward time the input features that reach the
   outlier threshold are multiplied in floating point, the rest in int8 × int8 with int32
   accumulation, activations quantized per row and weights per output channel.
+- `w8a8`: weights and activations in int8, so the product runs on PyTorch's FBGEMM int8
+  kernels, the only int8 path that beats float32 on AVX2 CPUs. Activations are quantized
+  per token at run time. What keeps the model intact is calibrated: SmoothQuant's
+  per-channel smoothing (Xiao et al. 2023) moves activation range into the weights, and
+  the few input channels that still reach the largest values stay in float (LLM.int8()'s
+  decomposition, with the columns chosen once from calibration data instead of per batch).
 
 Every `nn.Linear` of the transformer blocks is replaced (attention, MLP, MoE experts);
 embeddings, norms, MoE routers and, by default, `lm_head` stay in full precision. A quantized
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from lmlab.model.checkpoint import read_config, read_weights, save_checkpoint
 from lmlab.model.config import ModelConfig
 from lmlab.model.encdec import build_model
 
-METHODS = ("int8", "int4", "llm_int8")
+METHODS = ("int8", "int4", "llm_int8", "w8a8")
 GROUP_SIZES = (32, 64, 128)
 QUANT_FORMAT = "lmlab-quant/1"
 INT8_BACKENDS = ("auto", "kernel", "dequant")
@@ -195,6 +202,91 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: bool | None = None) ->
     return out
 
 
+# FBGEMM's AVX2 int8 kernel multiplies unsigned 8-bit activations by signed 8-bit weights
+# and adds neighbouring products in saturating int16; with activations kept to 7 bits
+# (0..127, "reduce_range") no pair can overflow, so the product is exact integer arithmetic.
+# CPUs with AVX512-VNNI accumulate straight into int32 and take all 8 bits exactly.
+ACT_QMAX_SAFE, ACT_QMAX_FULL = 127, 255
+
+
+@functools.cache
+def w8a8_activation_qmax() -> int:
+    """255 where FBGEMM multiplies 8-bit activations exactly on this CPU, else 127.
+
+    Probed with the worst case for int16 saturation (every code 255 against weights of
+    127), not read from CPU flags: the kernel FBGEMM dispatches to is what counts."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return ACT_QMAX_SAFE
+    x = torch.ones(2, 256)
+    x[0, 0] = 0.0
+    q = torch.full((4, 256), 127, dtype=torch.int8)
+    s = torch.full((4,), 0.01)
+    try:
+        y = torch.ops.quantized.linear_dynamic(x, _pack_w8a8(q, s), False)
+    except (RuntimeError, AttributeError):
+        return ACT_QMAX_SAFE
+    exact = torch.allclose(y, w8a8_reference(x, q, s, ACT_QMAX_FULL), rtol=1e-6, atol=1e-4)
+    return ACT_QMAX_FULL if exact else ACT_QMAX_SAFE
+
+
+@functools.cache
+def w8a8_kernel_works() -> bool:
+    """PyTorch's FBGEMM dynamic int8 linear exists here and agrees with `w8a8_reference`."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    s = torch.rand(8, generator=g) + 0.01
+    try:
+        y = w8a8_kernel(x, _pack_w8a8(q, s), ACT_QMAX_SAFE)
+    except (RuntimeError, AttributeError):
+        return False
+    ref = w8a8_reference(x, q, s, ACT_QMAX_SAFE)
+    return bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-4))
+
+
+def _pack_w8a8(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
+    """FBGEMM's packed form of int8 weights with per-output-channel scales (built at load
+    time, never saved: the checkpoint keeps plain int8 + scales)."""
+    zeros = torch.zeros(qweight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated; the kernel is not
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(qweight.cpu(), scale.double().cpu(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def w8a8_kernel(x: torch.Tensor, packed: Any, qmax: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 → x @ Wᵀ through FBGEMM: the whole of x quantized to asymmetric
+    codes 0..qmax (default `w8a8_activation_qmax()`) with one scale, int32 accumulation,
+    float32 out."""
+    qmax = qmax or w8a8_activation_qmax()
+    return torch.ops.quantized.linear_dynamic(x, packed, qmax == ACT_QMAX_SAFE)
+
+
+def _act_qparams(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero point FBGEMM's dynamic linear picks for x: the range [min, max]
+    widened to include 0, spread over 0..qmax."""
+    lo = torch.clamp(x.min(), max=0.0).double()
+    hi = torch.clamp(x.max(), min=0.0).double()
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale.float(), zero.float()
+
+
+def w8a8_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, qmax: int | None = None
+) -> torch.Tensor:
+    """What `w8a8_kernel` computes, in plain float arithmetic: the reference the kernel is
+    checked against and the path off CPU (or without FBGEMM)."""
+    qmax = qmax or w8a8_activation_qmax()
+    sx, zx = _act_qparams(x, qmax)
+    xq = torch.clamp(torch.round(x / sx) + zx, 0, qmax)
+    acc = (xq - zx).double() @ qweight.double().t()  # exact: integers below 2^53
+    return (acc * (sx.double() * scale.double()[None, :])).float()
+
+
 # --- modules -----------------------------------------------------------------------------
 
 
@@ -315,6 +407,127 @@ class LLMInt8Linear(QuantLinear):
         return super().extra_repr() + f", threshold={self.threshold}"
 
 
+class W8A8Linear(QuantLinear):
+    """int8 × int8 products with float32 results: y = (x / s) · (q·scale)ᵀ + x_o · W_oᵀ.
+
+    `smooth` (s, one per input channel) divides the activations and was multiplied into
+    the weights before they were rounded, so the product is unchanged while the
+    activations' outlier channels shrink. `outlier_cols` are the input channels that
+    calibration found largest even after smoothing: their weights (`outlier_weight`, in
+    smoothed units) stay in float and their activations skip the int8 product. The rest
+    runs per token: each row of x is mapped onto [-1, 1] before the kernel quantizes it,
+    and back after."""
+
+    method = "w8a8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, outliers: int) -> None:
+        super().__init__(in_features, out_features, bias)
+        k = min(outliers, in_features)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("smooth", torch.ones(in_features))
+        self.register_buffer("outlier_cols", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("outlier_weight", torch.zeros(out_features, k))
+        self._packed: tuple[tuple, tuple[Any, torch.Tensor]] | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """The effective float weight in the input's own units (smoothing undone)."""
+        w = dequantize_int8(self.qweight, self.scale)
+        w[:, self.outlier_cols] = self.outlier_weight
+        return w / self.smooth[None, :]
+
+    def _kernel_weights(self) -> tuple[Any, torch.Tensor]:
+        """The packed weights and the rows' sums, rebuilt whenever the buffers changed."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scale._version)
+        if self._packed is None or self._packed[0] != key:
+            row_sums = self.qweight.float().sum(dim=1) * self.scale
+            self._packed = (key, (_pack_w8a8(self.qweight, self.scale), row_sums))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features).float() / self.smooth
+        extra = None
+        if self.outlier_cols.numel():
+            extra = x2.index_select(1, self.outlier_cols) @ self.outlier_weight.t()
+            x2 = x2.index_fill(1, self.outlier_cols, 0.0)
+        # Each token's own range [lo, hi] is mapped onto [-1, 1] before the kernel quantizes
+        # the whole batch with one scale, so every token gets every code and a token is
+        # quantized the same alone (decoding) as among many (prefill, scoring). The shift is
+        # undone exactly: W·(mid·1) = mid · (row sums of the int8 weight times its scale).
+        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
+        mid, half = (hi + lo) * 0.5, (hi - lo) * 0.5
+        half = torch.where(half > 0, half, torch.ones_like(half))
+        x2 = (x2 - mid) / half
+        if x2.device.type == "cpu" and w8a8_kernel_works():
+            packed, row_sums = self._kernel_weights()
+            y = w8a8_kernel(x2, packed)
+        else:
+            row_sums = self.qweight.float().sum(dim=1) * self.scale
+            y = w8a8_reference(x2, self.qweight, self.scale)
+        y = torch.addcmul(y * half, mid, row_sums[None, :])
+        if extra is not None:
+            y = y + extra
+        return self._finish(y, shape, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", outliers={self.outlier_cols.numel()}"
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_j|^(1−α) per input channel j; a channel that
+    calibration never saw active (or whose weights are all zero) keeps s = 1."""
+    xa = act_absmax.float()
+    wa = weight.detach().float().abs().amax(dim=0)
+    s = xa.clamp_min(1e-5) ** alpha / wa.clamp_min(1e-5) ** (1 - alpha)
+    return torch.where((xa > 0) & (wa > 0), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def activation_absmax(model: nn.Module, names: list[str], batches: Any) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest |activation| reaching each named linear over the
+    calibration `batches` (token-id tensors [B, T] run through the model)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(mod: nn.Module, inp: tuple, out: Any) -> None:
+            a = inp[0].detach().reshape(-1, inp[0].shape[-1]).abs().amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for ids in batches:
+            if getattr(model.cfg, "family", "") == "encoder_decoder":
+                model(ids, ids)
+            else:
+                model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise UsageError(f"calibration never reached {missing[0]} (no calibration tokens?)")
+    return stats
+
+
+def _quantize_w8a8(lin: nn.Linear, act_absmax: torch.Tensor, alpha: float, outliers: int):
+    k, n, bias = lin.in_features, lin.out_features, lin.bias is not None
+    mod = W8A8Linear(k, n, bias, outliers)
+    s = smoothing_factors(act_absmax, lin.weight, alpha)
+    w = lin.weight.detach().float() * s[None, :]
+    cols = torch.topk(act_absmax.float() / s, mod.outlier_cols.numel()).indices.sort().values
+    mod.outlier_cols = cols
+    mod.outlier_weight = w[:, cols].clone()
+    w[:, cols] = 0.0  # their range no longer sets the row's int8 scale
+    mod.qweight, mod.scale = quantize_int8(w)
+    mod.smooth = s
+    if bias:
+        mod.bias.data = lin.bias.detach().float().clone()
+    return mod.to(lin.weight.device)
+
+
 def llm_int8_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -351,8 +564,12 @@ def _quantize_linear(lin: nn.Linear, method: str, group_size: int, threshold: fl
     return mod.to(w.device)
 
 
-def _empty_linear(lin: nn.Linear, method: str, group_size: int, threshold: float) -> QuantLinear:
+def _empty_linear(
+    lin: nn.Linear, method: str, group_size: int, threshold: float, outliers: int = 0
+) -> QuantLinear:
     k, n, bias = lin.in_features, lin.out_features, lin.bias is not None
+    if method == "w8a8":
+        return W8A8Linear(k, n, bias, outliers)
     if method == "int4":
         return Int4Linear(k, n, bias, group_size)
     return Int8Linear(k, n, bias) if method == "int8" else LLMInt8Linear(k, n, bias, threshold)
@@ -361,7 +578,14 @@ def _empty_linear(lin: nn.Linear, method: str, group_size: int, threshold: float
 # --- which modules -----------------------------------------------------------------------
 
 
-def check_options(method: str, group_size: int, threshold: float) -> None:
+def check_options(
+    method: str, group_size: int, threshold: float, alpha: float = 0.5, outliers: int = 0
+) -> None:
+    if method == "w8a8":
+        if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
+            raise UsageError(f"alpha {alpha!r}: SmoothQuant's migration strength lies in [0, 1]")
+        if not (isinstance(outliers, int) and outliers >= 0):
+            raise UsageError(f"outliers {outliers!r}: a number of float input channels, ≥ 0")
     if method not in METHODS:
         raise UsageError(f"method {method!r}: allowed {', '.join(METHODS)}")
     if method == "int4" and group_size not in GROUP_SIZES:
@@ -422,10 +646,17 @@ def quantize_model(
     group_size: int = 64,
     threshold: float = 6.0,
     include_lm_head: bool = False,
+    calibration: Any = None,
+    alpha: float = 0.5,
+    outliers: int = 32,
 ) -> nn.Module:
     """Replace the model's linears (see `quantizable`) in place by quantized modules; the
-    model remembers what was done in `model.quantization` (what the checkpoint records)."""
-    check_options(method, group_size, threshold)
+    model remembers what was done in `model.quantization` (what the checkpoint records).
+
+    `w8a8` needs `calibration`: token-id batches [B, T] to run through the model first
+    (`activation_absmax`), or that function's result. `alpha` is SmoothQuant's migration
+    strength, `outliers` the input channels per layer kept in float."""
+    check_options(method, group_size, threshold, alpha, outliers)
     if getattr(model, "quantization", None):
         raise UsageError(
             f"the model is already quantized ({model.quantization['method']}); "
@@ -436,10 +667,22 @@ def quantize_model(
         raise UsageError("the model has no nn.Linear layers to quantize")
     if method == "int4":
         _check_groups(model, names, group_size)
+    if method == "w8a8":
+        if calibration is None:
+            raise UsageError("w8a8 needs calibration data (its smoothing and outlier channels)")
+        stats = calibration
+        if not isinstance(calibration, dict):
+            stats = activation_absmax(model, names, calibration)
     for name in names:
         lin = model.get_submodule(name)
-        model.set_submodule(name, _quantize_linear(lin, method, group_size, threshold))
+        if method == "w8a8":
+            q = _quantize_w8a8(lin, stats[name], alpha, outliers)
+        else:
+            q = _quantize_linear(lin, method, group_size, threshold)
+        model.set_submodule(name, q)
     model.quantization = _spec(method, group_size, threshold, names, include_lm_head)
+    if method == "w8a8":
+        model.quantization.update(alpha=float(alpha), outliers=outliers)
     return model
 
 
@@ -460,6 +703,9 @@ def prepare_quantized(model: nn.Module, spec: Any, where: str | Path) -> None:
         raise bad(f"group_size {group_size!r} is not one of {GROUP_SIZES}")
     if method == "llm_int8" and not (isinstance(threshold, int | float) and threshold > 0):
         raise bad(f"threshold {threshold!r} is not a positive number")
+    outliers = spec.get("outliers", 0)
+    if method == "w8a8" and not (isinstance(outliers, int) and outliers >= 0):
+        raise bad(f"outliers {outliers!r} is not a number of channels")
     names = spec.get("modules")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise bad("modules must be a non-empty list of module names")
@@ -472,7 +718,9 @@ def prepare_quantized(model: nn.Module, spec: Any, where: str | Path) -> None:
             raise bad(f"module {name!r} is a {type(lin).__name__}, not a linear layer")
         if method == "int4" and lin.in_features % group_size:
             raise bad(f"{name}: input dim {lin.in_features} is not a multiple of {group_size}")
-        model.set_submodule(name, _empty_linear(lin, method, group_size or 0, threshold or 0.0))
+        model.set_submodule(
+            name, _empty_linear(lin, method, group_size or 0, threshold or 0.0, outliers or 0)
+        )
     model.quantization = dict(spec)
 
 

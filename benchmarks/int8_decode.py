@@ -1,0 +1,223 @@
+"""INT8 that decodes faster than float32, without breaking the model: perplexity change and
+decode tokens/s side by side, on SmolLM2-135M-Instruct (or any lmlab-loadable model).
+
+Engines, each greedy, no stop ids, the same real prompts, alternating round by round so a
+busy machine slows them alike (best of `--repeats` rounds):
+- `transformers fp32`: the model exported with `export_to_hf`, `LlamaForCausalLM` (SDPA).
+- `lmlab fp32`: `generate_batch` on the float model.
+- `lmlab int8`: weight-only per-channel int8 (`lmlab quantize --method int8`).
+- `lmlab w8a8 …`: `--method w8a8` (FBGEMM int8 × int8, per-token activations, SmoothQuant
+  smoothing α, N input channels per layer in float), with and without the output head.
+
+Perplexity: the held-out text is Python's library documentation (python3.11-doc), every
+10th page from the 6th, html-to-text; calibration uses every 10th page from the first, so
+the two never overlap. Windows of 512 tokens, the same for every engine.
+Greedy agreement: the tokens of each lmlab engine against transformers fp32's, position
+by position (the share equal before the first difference, over all rows).
+
+Run: `python benchmarks/int8_decode.py --json int8.json` (about 15 minutes on 2 cores);
+smoke: `--eval-tokens 1024 --new-tokens 8 --repeats 1 --batches 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _machine import machine, peak_rss_mib
+from infer_throughput import build_hf, hf_generate, lmlab_generate
+
+DOCS = "/usr/share/doc/python3.11/html/library"
+
+
+def doc_text(pages: list[Path]) -> str:
+    from lmlab.data.keywords import HtmlConfig, html_to_text
+
+    return "\n\n".join(html_to_text(p.read_text(errors="replace"), HtmlConfig())[0] for p in pages)
+
+
+@torch.no_grad()
+def perplexity(model, ids: list[int], window: int, hf: bool = False) -> float:
+    nll, n = 0.0, 0
+    for i in range(0, len(ids) - 1, window):
+        x = torch.tensor(ids[i : i + window + 1])[None]
+        if x.shape[1] < 2:
+            break
+        out = model(x[:, :-1])
+        lg = out.logits if hf else out
+        nll += F.cross_entropy(lg[0].float(), x[0, 1:], reduction="sum").item()
+        n += x.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def agreement(tokens: list[list[int]], ref: list[list[int]]) -> float:
+    """Share of positions equal to the reference before each row's first difference."""
+    same = total = 0
+    for a, b in zip(tokens, ref, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(b))
+        same, total = same + k, total + len(b)
+    return same / total
+
+
+def run(args) -> dict:
+    from lmlab import load_model, load_tokenizer
+    from lmlab.model.hf import export_to_hf
+    from lmlab.model.loading import as_checkpoint, resolve_checkpoint
+    from lmlab.model.quant import quantize_model, w8a8_kernel_works
+
+    torch.set_num_threads(args.threads)
+    pages = sorted(Path(args.docs).glob("*.html"))
+    if len(pages) < 20:
+        sys.exit(f"{args.docs}: needs the python3.11-doc pages (apt install python3.11-doc)")
+    tok = load_tokenizer(args.model)
+    calib = tok.encode(doc_text(pages[0::10]), add_special_tokens=False).ids[: args.calib_tokens]
+    held = tok.encode(doc_text(pages[5::10]), add_special_tokens=False).ids[: args.eval_tokens]
+    fp = load_model(args.model).eval()
+    window = min(512, fp.cfg.max_seq_len)
+    calib_batches = [
+        torch.tensor(calib[i : i + window])[None] for i in range(0, len(calib), window)
+    ]
+
+    engines: dict[str, object] = {"lmlab fp32": fp}
+    engines["lmlab int8"] = quantize_model(copy.deepcopy(fp), "int8")
+    from lmlab.model.quant import activation_absmax, quantizable
+
+    names = quantizable(fp, include_lm_head=True)
+    t0 = time.perf_counter()
+    stats = activation_absmax(fp, names, calib_batches)
+    calib_s = time.perf_counter() - t0
+    for head in (False, True):
+        for k in args.outliers:
+            m = copy.deepcopy(fp)
+            quantize_model(
+                m, "w8a8", include_lm_head=head, calibration=stats, alpha=args.alpha, outliers=k
+            )
+            engines[f"lmlab w8a8 o{k}{' +head' if head else ''}"] = m
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        as_checkpoint(resolve_checkpoint(args.model), scratch=Path(tmp)) as ckpt,
+    ):
+        hf_dir = export_to_hf(ckpt, Path(tmp) / "hf")
+        hf = build_hf(hf_dir, torch.device("cpu"), torch.float32)
+
+    results: dict[str, dict] = {}
+    print(f"perplexity on {len(held):,} held-out tokens (windows of {window})", file=sys.stderr)
+    results["transformers fp32"] = {"perplexity": perplexity(hf, held, window, hf=True)}
+    for name, m in engines.items():
+        results[name] = {"perplexity": perplexity(m, held, window)}
+        print(f"  {name}: {results[name]['perplexity']:.4f}", file=sys.stderr)
+    base = results["lmlab fp32"]["perplexity"]
+    for r in results.values():
+        r["perplexity_change"] = r["perplexity"] / base - 1
+
+    prompts_all = [
+        held[i * 997 % (len(held) - args.prompt_len) :][: args.prompt_len]
+        for i in range(max(args.batches))
+    ]
+    for batch in args.batches:
+        prompts = prompts_all[:batch]
+        best: dict[str, object] = {}
+        ref_tokens = None
+        for rnd in range(args.repeats + 1):  # round 0 warms up
+            for name in ["transformers fp32", *engines]:
+                if name == "transformers fp32":
+                    r = hf_generate(hf, prompts, args.new_tokens)
+                    ref_tokens = r.tokens
+                else:
+                    r = lmlab_generate(engines[name], prompts, args.new_tokens)
+                if rnd and (name not in best or r.decode_tps > best[name].decode_tps):
+                    best[name] = r
+                print(
+                    f"\rbatch {batch} round {rnd} {name}: {r.decode_tps:.1f} tok/s   ",
+                    end="",
+                    file=sys.stderr,
+                )
+        print(file=sys.stderr)
+        hf_tps = best["transformers fp32"].decode_tps
+        for name, r in best.items():
+            row = results[name].setdefault("decode", {})
+            row[str(batch)] = {
+                "tokens_per_s": r.decode_tps,
+                "vs_transformers": r.decode_tps / hf_tps,
+                "step_ms_p50": r.step_ms_p50,
+                "greedy_agreement": agreement(r.tokens, ref_tokens) if r.tokens else None,
+            }
+    return {
+        "machine": machine("transformers"),
+        "model": args.model,
+        "threads": args.threads,
+        "fbgemm": w8a8_kernel_works(),
+        "alpha": args.alpha,
+        "calibration_tokens": len(calib),
+        "calibration_s": calib_s,
+        "eval_tokens": len(held),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "peak_rss_mib": peak_rss_mib(),
+        "results": results,
+    }
+
+
+def table(rep: dict) -> str:
+    batches = sorted({b for r in rep["results"].values() for b in r.get("decode", {})}, key=int)
+    head = "| engine | perplexity | change | " + " | ".join(
+        f"batch {b} tok/s | ×transformers | greedy same" for b in batches
+    )
+    lines = [head + " |", "|---" * (3 + 3 * len(batches)) + "|"]
+    for name, r in rep["results"].items():
+        cells = [name, f"{r['perplexity']:.3f}", f"{100 * r['perplexity_change']:+.2f}%"]
+        for b in batches:
+            d = r.get("decode", {}).get(b)
+            if d is None:
+                cells += ["-", "-", "-"]
+                continue
+            agree = "-" if d["greedy_agreement"] is None else f"{100 * d['greedy_agreement']:.0f}%"
+            cells += [f"{d['tokens_per_s']:.1f}", f"{d['vs_transformers']:.2f}×", agree]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"{rep['machine']}; {rep['model']}, prompt {rep['prompt_len']}, {rep['new_tokens']} new "
+        f"tokens, best of {rep['repeats']}; perplexity on {rep['eval_tokens']:,} held-out tokens; "
+        f"w8a8 α={rep['alpha']}, calibrated on {rep['calibration_tokens']:,} tokens "
+        f"({rep['calibration_s']:.0f} s); FBGEMM kernel: {rep['fbgemm']}; peak RSS {rep['peak_rss_mib']:,.0f} MiB"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--docs", default=DOCS)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-tokens", type=int, default=12_288)
+    ap.add_argument("--calib-tokens", type=int, default=16_384)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--outliers", type=int, nargs="+", default=[0, 32])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--report", type=Path, help="print a saved result and exit")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(table(json.loads(args.report.read_text())))
+        return
+    rep = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(rep, indent=1))
+    print(table(rep))
+
+
+if __name__ == "__main__":
+    main()
