@@ -76,10 +76,11 @@ class TrainConfig:
     grad_clip: NonNegFloat = 1.0  # 0 disables clipping
     # optimizer muon: the blocks' matrices take Muon at peak lr `muon_lr` (scheduled like
     # `lr`), everything else AdamW at `lr`. `muon_adjust` scales the lr per matrix shape:
-    # "original" (Jordan: sqrt(max(1, rows/cols)), lr ~0.02) or "match_rms_adamw"
+    # "original" (Jordan: sqrt(max(1, rows/cols)), lr ~0.01–0.02) or "match_rms_adamw"
     # (Moonshot: 0.2·sqrt(max(rows, cols)), an AdamW-sized lr). Weight decay per step
-    # equals AdamW's on the same matrix (docs/training.md)
-    muon_lr: PosFloat = 0.02
+    # equals AdamW's on the same matrix. 0.01 "original" measured best on the tiny recipe
+    # (benchmarks/muon_tiny.py; docs/training.md)
+    muon_lr: PosFloat = 0.01
     muon_momentum: Fraction = 0.95
     muon_adjust: Literal["original", "match_rms_adamw"] = "original"
     # batch-size warm-up (GPT-3): rows per micro-batch grow linearly from
