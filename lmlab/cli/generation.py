@@ -17,6 +17,8 @@ from lmlab.console import log
 from lmlab.errors import UsageError
 from lmlab.infer.options import GenerationConfig, WatermarkConfig
 
+THREADS_HELP = "torch threads: a number, or auto (the fastest measured here, now)."
+
 
 def generation_options(*names: str):
     """Give a command one option per named `GenerationConfig` field (every CLI field when
@@ -111,6 +113,7 @@ def generate(
     watermark_scheme: Annotated[
         str | None, typer.Option(help="Watermark: lefthash or selfhash.")
     ] = None,
+    threads: Annotated[str | None, typer.Option(help=THREADS_HELP)] = None,
 ) -> None:
     """Continue prompts with any decoding strategy; one plain prompt streams its text."""
     from lmlab import load_model
@@ -130,6 +133,9 @@ def generate(
             raise UsageError("--watermark: speculative decoding (--draft) cannot apply it")
         gen = dataclasses.replace(gen, watermark=wm)
     m, tok, cfg, _ = load_for_generation(model, gen, stop_at_end_of_turn=chat)
+    from lmlab.infer.bench import apply_threads
+
+    apply_threads(threads, m, log)
     ids = [
         encode_chat(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p).ids
         for p in prompt
@@ -224,6 +230,7 @@ def chat(
         str | None, typer.Option(help="The server's key (default: env LMLAB_API_KEY).")
     ] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt (with --url).")] = None,
+    threads: Annotated[str, typer.Option(help=THREADS_HELP)] = "auto",
     gen: GenerationConfig,
 ) -> None:
     """Talk to a model in its own chat template (/reset, /history, /exit; Ctrl-C stops a reply)."""
@@ -241,6 +248,9 @@ def chat(
     if system is not None:
         raise UsageError("chat: --system is for --url; a local model's template has its own")
     m, tok, cfg, ckpt = load_for_generation(model, gen, stop_at_end_of_turn=True)
+    from lmlab.infer.bench import apply_threads
+
+    apply_threads(threads, m, log)
     log(
         f"chatting with {ckpt} (context {m.cfg.max_seq_len} tokens); /reset, /history, /exit; "
         "Ctrl-C stops a reply, Ctrl-C at the prompt quits"
@@ -261,27 +271,39 @@ def bench_infer_cmd(
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per row.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per row.")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed runs per batch size (best kept).")] = 3,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    threads: Annotated[str | None, typer.Option(help=THREADS_HELP)] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    profile: Annotated[
+        bool, typer.Option(help="Also show where a decode step's time goes (torch profiler).")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
 ) -> None:
     """Prefill and decode tokens/s, per-token latency at batch 1 and N, and peak memory."""
     import torch
 
     from lmlab import load_model
-    from lmlab.infer.bench import bench_infer, format_bench
+    from lmlab.infer.bench import (
+        apply_threads,
+        bench_infer,
+        format_bench,
+        format_profile,
+        profile_decode,
+    )
     from lmlab.utils import claim_output_file, json_with, write_json
 
     if json_out is not None:  # its own earlier report is replaced; any other file is kept
         claim_output_file(json_out, "bench report", json_with("threads", "results"), True, "--json")
-    if threads is not None:
-        if threads < 1:
-            raise UsageError("--threads must be >= 1")
-        torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device here")
     model = load_model(ckpt, device=device)
+    apply_threads(threads, model, log)
     report = bench_infer(model, batch or [1, 8], prompt_len, new_tokens, repeats)
     print(format_bench(report))
+    if profile:
+        steps = max(2, min(new_tokens, 32))
+        plen = max(1, min(prompt_len, model.cfg.max_seq_len - steps - 4))
+        report["profiles"] = [profile_decode(model, b, plen, steps) for b in batch or [1, 8]]
+        for p in report["profiles"]:
+            print("\n" + format_profile(p))
     if json_out is not None:
         write_json(json_out, report)

@@ -49,6 +49,9 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take before it is aborted (504).")
     ] = 600.0,
+    threads: Annotated[
+        str, typer.Option(help="torch threads: a number, or auto (the fastest measured now).")
+    ] = "auto",
 ) -> None:
     """Serve a model over the OpenAI API (chat, completions, embeddings) with a web chat
     page at /, on the continuous-batching engine."""
@@ -73,4 +76,5 @@ def serve(
         max_body_mb=max_body_mb,
         request_timeout=request_timeout,
         progress=log,
+        threads=threads,
     )

@@ -129,3 +129,199 @@ def format_bench(report: dict) -> str:
             f"| {r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | {r['kv_cache_mb']:.1f} |"
         )
     return "\n".join(lines)
+
+
+# --- where a decode step's time goes -----------------------------------------------------
+
+# Operator names (torch profiler keys) by what they do in a decode step; the first group
+# whose pattern is in the name wins. Anything else is "other ops".
+OP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "matmul",
+        (
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::matmul",
+            "aten::linear",
+            "quantized::linear",
+            "_weight_int8pack_mm",
+            "aten::_int_mm",
+        ),
+    ),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::_softmax", "aten::softmax")),
+    ("KV cache", ("aten::copy_", "aten::index_put", "aten::slice_scatter", "aten::index_copy")),
+    ("argmax / sampling", ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial")),
+    (
+        "norms, activations, rotary",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::rsqrt",
+            "aten::pow",
+            "aten::mean",
+            "aten::silu",
+            "aten::gelu",
+            "aten::neg",
+            "aten::cat",
+            "aten::div",
+            "aten::sub",
+            "aten::aminmax",
+            "aten::addcmul",
+            "aten::rms_norm",
+            "aten::layer_norm",
+            "aten::sigmoid",
+        ),
+    ),
+)
+
+
+def _group(name: str) -> str:
+    for group, patterns in OP_GROUPS:
+        if any(p in name for p in patterns):
+            return group
+    return "other ops"
+
+
+@torch.no_grad()
+def profile_decode(model, batch: int = 1, prompt_len: int = 64, steps: int = 16) -> dict:
+    """Where a greedy decode step's time goes: torch profiler self-times of the operators
+    over `steps` steps after a warm-up, in groups (matmul, attention, KV cache, ...), and
+    the rest of the wall time as Python and dispatch (the framework's own overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.cfg
+    if prompt_len + steps + 4 > cfg.max_seq_len or batch < 1 or steps < 1:
+        raise UsageError(
+            f"profile: need batch >= 1, steps >= 1 and prompt-len + steps + 4 <= "
+            f"max_seq_len ({cfg.max_seq_len})"
+        )
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    runner = Runner(model, steps + 4)
+    logits = runner.prefill(prompts)
+    for _ in range(3):  # warm-up: allocator, packed weights, caches
+        logits = runner.step(logits.argmax(-1))
+    acts = [ProfilerActivity.CPU]
+    if runner.device.type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    _sync(runner.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = runner.step(logits.argmax(-1))
+        _sync(runner.device)
+        wall = time.perf_counter() - t0
+    ops: dict[str, dict] = {}
+    for e in prof.key_averages():
+        if e.self_cpu_time_total <= 0:
+            continue
+        ops[e.key] = {"self_ms": e.self_cpu_time_total / 1000 / steps, "calls": e.count / steps}
+    groups: dict[str, float] = {}
+    for name, o in ops.items():
+        groups[_group(name)] = groups.get(_group(name), 0.0) + o["self_ms"]
+    step_ms = 1000 * wall / steps
+    profiled = sum(groups.values())
+    # The profiler's own bookkeeping inflates self-times a little; never report negative.
+    groups["Python and dispatch"] = max(0.0, step_ms - profiled)
+    top = sorted(ops.items(), key=lambda kv: -kv[1]["self_ms"])[:12]
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "step_ms": step_ms,
+        "op_calls_per_step": sum(o["calls"] for o in ops.values()),
+        "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"op": k, **v} for k, v in top],
+    }
+
+
+def format_profile(p: dict) -> str:
+    lines = [
+        f"decode step, batch {p['batch']}, {p['threads']} threads: {p['step_ms']:.2f} ms "
+        f"(over {p['steps']} steps), {p['op_calls_per_step']:.0f} operator calls per step",
+        "",
+        "| where | ms/step | share |",
+        "|---|---:|---:|",
+    ]
+    total = p["step_ms"] or 1.0
+    for g, ms in p["groups"].items():
+        lines.append(f"| {g} | {ms:.2f} | {100 * ms / total:.0f}% |")
+    lines += ["", "| operator | self ms/step | calls/step |", "|---|---:|---:|"]
+    for o in p["top_ops"]:
+        lines.append(f"| {o['op']} | {o['self_ms']:.3f} | {o['calls']:.0f} |")
+    return "\n".join(lines)
+
+
+# --- how many threads ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def choose_threads(
+    model, candidates: list[int] | None = None, batch: int = 1, steps: int = 8
+) -> tuple[int, dict[int, float]]:
+    """The intra-op thread count whose greedy decode steps run fastest here, now, and the
+    median step time (ms) of each candidate.
+
+    Measured rather than assumed: on a machine whose cores are busy with other work, more
+    threads than free cores make each step wait for the slowest (2 threads on a loaded
+    2-core machine were seen to run far slower than 1). Candidates default to 1, 2, 4, …
+    up to the cores this process may use. The previous thread count is restored."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if candidates is None:
+        candidates, n = [], 1
+        while n <= (cores or 1):
+            candidates.append(n)
+            n *= 2
+        if (cores or 1) not in candidates:
+            candidates.append(cores or 1)
+    if not candidates or any(c < 1 for c in candidates):
+        raise UsageError(f"threads: candidates must be >= 1, got {candidates}")
+    before = torch.get_num_threads()
+    cfg = model.cfg
+    prompt = min(16, max(1, cfg.max_seq_len - 2 * steps - 4))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=g).tolist()
+    timings: dict[int, float] = {}
+    try:
+        for rnd in range(2):  # two interleaved rounds: a burst of load hits both counts
+            for n in candidates:
+                torch.set_num_threads(n)
+                runner = Runner(model, steps + 4)
+                logits = runner.step(runner.prefill(prompts).argmax(-1))  # warm-up step
+                times = []
+                for _ in range(steps):
+                    s = time.perf_counter()
+                    logits = runner.step(logits.argmax(-1))
+                    _sync(runner.device)
+                    times.append(1000 * (time.perf_counter() - s))
+                med = statistics.median(times)
+                timings[n] = med if rnd == 0 else min(timings[n], med)
+    finally:
+        torch.set_num_threads(before)
+    return min(timings, key=lambda n: timings[n]), timings
+
+
+def apply_threads(spec: str | int | None, model, log=None) -> int:
+    """Set torch's intra-op threads from a `--threads` value: None keeps torch's default,
+    a number sets it, `auto` measures (`choose_threads`) and says what it found."""
+    if spec is None:
+        return torch.get_num_threads()
+    if str(spec).strip().lower() == "auto":
+        n, timings = choose_threads(model)
+        torch.set_num_threads(n)
+        if log is not None:
+            shown = ", ".join(f"{k}: {v:.1f} ms" for k, v in timings.items())
+            log(f"threads: {n} (decode step by thread count, measured now: {shown})")
+        return n
+    try:
+        n = int(spec)
+    except ValueError:
+        raise UsageError(f"--threads {spec!r}: a number of threads, or auto") from None
+    if n < 1:
+        raise UsageError(f"--threads {spec!r}: must be >= 1")
+    torch.set_num_threads(n)
+    return n

@@ -57,9 +57,11 @@ def serve(
     max_body_mb: float = 4.0,
     request_timeout: float = 600.0,
     progress=print,
+    threads: str | int | None = "auto",
 ) -> None:
     import uvicorn
 
+    from lmlab.infer.bench import apply_threads
     from lmlab.serve.app import Settings, create_app
 
     api_key = api_key or os.environ.get("LMLAB_API_KEY") or None
@@ -68,6 +70,7 @@ def serve(
     if max_body_mb <= 0 or request_timeout <= 0:
         raise UsageError("serve: --max-body-mb and --request-timeout must be > 0")
     engines = build(model, name, adapters or [], limits or EngineLimits(), progress)
+    apply_threads(threads, next(iter(engines.values())).model, progress)
     settings = Settings(api_key, int(max_body_mb * 2**20), request_timeout)
     app = create_app(engines, settings)
     if host not in LOCAL_HOSTS and api_key is None:
