@@ -128,15 +128,21 @@ def test_smoothing_keeps_the_product_and_the_effective_weight():
 
 
 def test_one_row_and_many_rows_agree():
-    """Decoding one token and scoring many quantize each token the same way."""
+    """Decoding one token and scoring many quantize each token to its own range."""
     lin, x = _outlier_linear(2)
     from lmlab.model.quant import _quantize_w8a8
 
     with torch.no_grad():
         mod = _quantize_w8a8(lin, x.abs().amax(0), alpha=0.5, outliers=2)
+        exact = lin(x)
         batched = mod(x)
         one_by_one = torch.cat([mod(x[i : i + 1]) for i in range(len(x))])
-    assert torch.allclose(batched, one_by_one, rtol=1e-3, atol=1e-3)
+    # the same step size per token: the grids differ only by where zero falls
+    e_batch = (batched - exact).norm(dim=1) / exact.norm(dim=1)
+    e_one = (one_by_one - exact).norm(dim=1) / exact.norm(dim=1)
+    assert e_batch.max() < 0.02 and e_one.max() < 0.02
+    assert 0.5 < (e_batch.mean() / e_one.mean()).item() < 2
+    assert ((batched - one_by_one).norm() / exact.norm()).item() < 0.02
 
 
 def _batches(n: int = 3) -> list[torch.Tensor]:
@@ -239,3 +245,16 @@ def test_calibration_sources(smoke_run, tmp_path):
     )
     assert bad.returncode == 2 and "--calibration" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_loading_new_tensors_replaces_the_kernel_weights():
+    """The packed FBGEMM weights are derived state: a load must not leave stale ones."""
+    from lmlab.model.quant import _quantize_w8a8
+
+    (a, x), (b, _) = _outlier_linear(3), _outlier_linear(4)
+    with torch.no_grad():
+        qa = _quantize_w8a8(a, x.abs().amax(0), alpha=0.5, outliers=2)
+        qb = _quantize_w8a8(b, x.abs().amax(0), alpha=0.5, outliers=2)
+        before = qa(x)
+        qa.load_state_dict(qb.state_dict())
+        assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), before)

@@ -415,8 +415,7 @@ class W8A8Linear(QuantLinear):
     activations' outlier channels shrink. `outlier_cols` are the input channels that
     calibration found largest even after smoothing: their weights (`outlier_weight`, in
     smoothed units) stay in float and their activations skip the int8 product. The rest
-    runs per token: each row of x is mapped onto [-1, 1] before the kernel quantizes it,
-    and back after."""
+    runs per token (each token's own activation range) through FBGEMM's kernel."""
 
     method = "w8a8"
 
@@ -428,7 +427,7 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("smooth", torch.ones(in_features))
         self.register_buffer("outlier_cols", torch.zeros(k, dtype=torch.long))
         self.register_buffer("outlier_weight", torch.zeros(out_features, k))
-        self._packed: tuple[tuple, tuple[Any, torch.Tensor]] | None = None
+        self._packed: tuple | None = None
 
     def dequantized(self) -> torch.Tensor:
         """The effective float weight in the input's own units (smoothing undone)."""
@@ -436,39 +435,59 @@ class W8A8Linear(QuantLinear):
         w[:, self.outlier_cols] = self.outlier_weight
         return w / self.smooth[None, :]
 
-    def _kernel_weights(self) -> tuple[Any, torch.Tensor]:
-        """The packed weights and the rows' sums, rebuilt whenever the buffers changed."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scale._version)
-        if self._packed is None or self._packed[0] != key:
+    def _prepared(self) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the forward multiplies by, derived from the buffers on first use and again
+        after a load or `.to()` (the hooks below): FBGEMM's packed weights (None off CPU),
+        the rows' sums of the int8 weight × scale, 1/s with the outlier channels zeroed,
+        and the outlier weights divided by their s (so they take x as it comes) as [k, N]:
+        a [1, k] × [k, N] product runs about twice as fast as one against [N, k]ᵀ."""
+        if self._packed is None:
+            kernel = self.qweight.device.type == "cpu" and w8a8_kernel_works()
+            packed = _pack_w8a8(self.qweight, self.scale) if kernel else None
             row_sums = self.qweight.float().sum(dim=1) * self.scale
-            self._packed = (key, (_pack_w8a8(self.qweight, self.scale), row_sums))
-        return self._packed[1]
+            inv = 1.0 / self.smooth
+            inv[self.outlier_cols] = 0.0
+            w_out = self.outlier_weight / self.smooth[self.outlier_cols][None, :]
+            self._packed = (packed, row_sums, inv, w_out.t().contiguous())
+        return self._packed
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derive again on next use
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, self.in_features).float() / self.smooth
-        extra = None
-        if self.outlier_cols.numel():
-            extra = x2.index_select(1, self.outlier_cols) @ self.outlier_weight.t()
-            x2 = x2.index_fill(1, self.outlier_cols, 0.0)
-        # Each token's own range [lo, hi] is mapped onto [-1, 1] before the kernel quantizes
-        # the whole batch with one scale, so every token gets every code and a token is
-        # quantized the same alone (decoding) as among many (prefill, scoring). The shift is
-        # undone exactly: W·(mid·1) = mid · (row sums of the int8 weight times its scale).
-        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
-        mid, half = (hi + lo) * 0.5, (hi - lo) * 0.5
-        half = torch.where(half > 0, half, torch.ones_like(half))
-        x2 = (x2 - mid) / half
-        if x2.device.type == "cpu" and w8a8_kernel_works():
-            packed, row_sums = self._kernel_weights()
-            y = w8a8_kernel(x2, packed)
-        else:
-            row_sums = self.qweight.float().sum(dim=1) * self.scale
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        packed, row_sums, inv, w_out = self._prepared()
+        xo = x2.index_select(1, self.outlier_cols) if w_out.shape[0] else None
+        x2 = x2 * inv  # smoothed, outlier channels zeroed
+        rows = x2.shape[0]
+        if rows > 1:
+            # The kernel quantizes the whole batch with one scale. Each token's own range
+            # [lo, hi] is first mapped onto [-1, 1], so every token gets every code; the
+            # shift is undone exactly after: W·(mid·1) = mid · (row sums of W). A single
+            # row (a decode step at batch 1) is its own range already: the same step size.
+            lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
+            half = ((hi - lo) * 0.5).clamp_min(1e-30)
+            mid = lo + half
+            x2 = (x2 - mid) / half
+        y = w8a8_kernel(x2, packed) if packed is not None else None
+        if y is None:
             y = w8a8_reference(x2, self.qweight, self.scale)
-        y = torch.addcmul(y * half, mid, row_sums[None, :])
-        if extra is not None:
-            y = y + extra
-        return self._finish(y, shape, dtype)
+        if rows > 1:
+            y = torch.addcmul(y * half, mid, row_sums[None, :])
+        if xo is not None:  # the outlier channels, in float
+            y = torch.addmm(y, xo, w_out)
+        if self.bias is not None:
+            y += self.bias
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.outlier_cols.numel()}"
