@@ -36,18 +36,22 @@ def _epoch_rows(p: BestFitPacked, epoch: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 def test_waste_is_counted_right_on_a_hand_made_example():
-    """Windows of 8 tokens; pieces (BOS + body) of 7, 7 and 3 tokens. Row 1 takes a 7,
-    then nothing fits its last slot: the 3 is cropped to 1 (2 thrown away). Row 2 takes
-    the other 7 and runs out of pieces: dropped (7). Waste 9 of 17."""
+    """Windows of 8 tokens; pieces (BOS + body) of 7, 7 and 3 tokens. Whichever piece
+    opens row 1, nothing else fits it whole: a 7 leaves 1 slot and the 3 is cropped to 1
+    (2 thrown away), a 3 leaves 5 and a 7 is cropped to 5 (2 thrown away). Row 2 takes
+    the last 7 and runs out of pieces: dropped (7). Waste 9 of 17, for every seed."""
     tokens, starts = _corpus([6, 6, 2])
-    p = BestFitPacked(tokens, starts, seq_len=7, seed=0, bos_id=BOS)
-    assert sorted(p.piece_len.tolist()) == [3, 7, 7]
-    assert p.waste == pytest.approx(9 / 17)
-    rows, docs = p.rows(0, 1)
-    assert rows.shape == (1, 8) and rows[0, 0] == BOS and rows[0, 7] == BOS
-    assert docs.tolist() == [[0] * 7 + [1]]
-    # pieces that tile the windows exactly waste nothing: 8, 6+2, 5+3, 5+3 (the 8 and a
-    # 3 are one long document, split into a full window and a remainder)
+    for seed in range(4):
+        p = BestFitPacked(tokens, starts, seq_len=7, seed=seed, bos_id=BOS)
+        assert sorted(p.piece_len.tolist()) == [3, 7, 7]
+        assert p.waste == pytest.approx(9 / 17)
+        assert len(p._epoch(0)[0]) - 1 == 1  # one window
+        rows, docs = p.rows(0, 1)
+        assert rows.shape == (1, 8) and rows[0, 0] == BOS
+        assert (rows[0] == BOS).sum() == 2 and sorted(set(docs[0].tolist())) == [0, 1]
+    # pieces that tile the windows exactly waste nothing, whichever opens a window: 8,
+    # 6+2, 5+3, 5+3 (the 8 and a 3 are one long document, split into a full window and a
+    # remainder)
     tokens, starts = _corpus([4, 2, 5, 1, 7 + 2, 4])
     p = BestFitPacked(tokens, starts, seq_len=7, seed=3, bos_id=BOS)
     assert sorted(p.piece_len.tolist()) == [2, 3, 3, 5, 5, 6, 8]
@@ -114,3 +118,17 @@ def test_pretrain_with_bos_best_fit_and_doc_mask_trains(shards, tmp_path):  # no
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+def test_short_documents_are_not_kept_waiting_behind_full_windows():
+    """Mostly window-long documents and a few short ones: largest-first alone would
+    stream the long ones past and hold every short one to the end of the epoch. Windows
+    open with the oldest buffered piece, so the short ones spread over the epoch."""
+    tokens, starts = _corpus([31] * 300 + [5] * 60)
+    p = BestFitPacked(tokens, starts, seq_len=31, seed=2, bos_id=BOS, buffer=100)
+    ptr, piece, _, _ = p._epoch(0)
+    row_of = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))  # each placed piece's row
+    short_rows = row_of[p.piece_len[piece] < 32]
+    assert len(short_rows) >= 50  # nearly all placed (the epoch's last window may drop)
+    share_early = np.mean(short_rows < (len(ptr) - 1) / 2)
+    assert 0.3 < share_early < 0.9, share_early  # largest-first alone: ~0

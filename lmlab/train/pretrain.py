@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -120,9 +121,12 @@ class BestFitPacked:
     stream puts between documents; the body drops the document's own trailing EOS, which
     the next piece's BOS stands for). A body longer than a window is split into pieces of
     a full window each plus a remainder, each led by BOS. Each epoch the pieces are
-    shuffled (seeded) and read through a look-ahead buffer of `buffer` pieces; a window is
-    filled with the largest buffered piece that fits its free space, again and again, and
-    when none fits, the shortest is cropped to the space and its tail thrown away. A last
+    shuffled (seeded) and read through a look-ahead buffer of `buffer` pieces; a window
+    opens with the oldest buffered piece (largest-first alone would keep short pieces
+    waiting to the end of the epoch while full-window pieces stream past: a biased
+    sample of the data), then is filled with the largest buffered piece that fits its
+    free space, again and again; when none fits, the shortest is cropped to the space
+    and its tail thrown away. A last
     window that runs out of pieces is dropped. `waste` is the fraction of piece tokens
     thrown away in epoch 0. Row r is a pure function of (seed, r), as for `PackedStream`.
     """
@@ -173,8 +177,11 @@ class BestFitPacked:
         lens = self.piece_len.tolist()
         pending = iter(order.tolist())
         buf: list[tuple[int, int]] = []  # (length, piece), sorted
+        arrived: deque[int] = deque()  # the buffer's pieces in the shuffled order
+        placed = np.zeros(len(lens), dtype=bool)
         for i in pending:
             bisect.insort(buf, (lens[i], i))
+            arrived.append(i)
             if len(buf) >= self.buffer:
                 break
         ptr, seg_piece, seg_take = [0], [], []
@@ -182,20 +189,30 @@ class BestFitPacked:
         row_take: list[int] = []
         wasted, free = 0, width
         while buf:
-            k = bisect.bisect_right(buf, (free, len(lens))) - 1
-            if k >= 0:
-                n, i = buf.pop(k)
-                take = n
-            else:  # nothing fits: crop the shortest piece to the free space
-                n, i = buf.pop(0)
-                take = free
-                wasted += n - take
+            if free == width:  # a window opens with the oldest piece: none waits long
+                while placed[arrived[0]]:
+                    arrived.popleft()
+                i = arrived.popleft()
+                n = lens[i]
+                del buf[bisect.bisect_left(buf, (n, i))]
+                take = min(n, free)  # a piece is at most a window
+            else:
+                k = bisect.bisect_right(buf, (free, len(lens))) - 1
+                if k >= 0:
+                    n, i = buf.pop(k)
+                    take = n
+                else:  # nothing fits: crop the shortest piece to the free space
+                    n, i = buf.pop(0)
+                    take = free
+                    wasted += n - take
+            placed[i] = True
             row_piece.append(i)
             row_take.append(take)
             free -= take
             nxt = next(pending, None)
             if nxt is not None:
                 bisect.insort(buf, (lens[nxt], nxt))
+                arrived.append(nxt)
             if free == 0:
                 seg_piece += row_piece
                 seg_take += row_take
