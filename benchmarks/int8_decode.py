@@ -8,6 +8,9 @@ busy machine slows them alike (best of `--repeats` rounds):
 - `lmlab int8`: weight-only per-channel int8 (`lmlab quantize --method int8`).
 - `lmlab w8a8 …`: `--method w8a8` (FBGEMM int8 × int8, per-token activations, SmoothQuant
   smoothing α, N input channels per layer in float), with and without the output head.
+- `llama.cpp f32 / q8_0` (`--llama-cpp`, needs `llama-cpp-python`): the same checkpoint
+  exported with `export_gguf`, batched through llama.cpp's low-level API, f32 KV cache;
+  and the package's own Q4_1 file. Speed only (no llama.cpp perplexity here).
 
 Perplexity: the held-out text is Python's library documentation (python3.11-doc), every
 10th page from the 6th, html-to-text; calibration uses every 10th page from the first, so
@@ -33,9 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _machine import machine, peak_rss_mib
-from infer_throughput import build_hf, hf_generate, lmlab_generate
+from infer_throughput import LlamaCppBatch, build_hf, hf_generate, lmlab_generate
 
 DOCS = "/usr/share/doc/python3.11/html/library"
+QTYPES = ("f32", "q8_0")
 
 
 def doc_text(pages: list[Path]) -> str:
@@ -102,12 +106,22 @@ def run(args) -> dict:
             )
             engines[f"lmlab w8a8 o{k}{' +head' if head else ''}"] = m
 
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        as_checkpoint(resolve_checkpoint(args.model), scratch=Path(tmp)) as ckpt,
-    ):
-        hf_dir = export_to_hf(ckpt, Path(tmp) / "hf")
-        hf = build_hf(hf_dir, torch.device("cpu"), torch.float32)
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = Path(tmpdir.name)
+    src = resolve_checkpoint(args.model)
+    llama = {}
+    with as_checkpoint(src, scratch=tmp) as ckpt:
+        hf = build_hf(export_to_hf(ckpt, tmp / "hf"), torch.device("cpu"), torch.float32)
+        if args.llama_cpp:
+            from lmlab.infer.gguf import export_gguf, load_llama_cpp
+
+            files = {f"llama.cpp {q}": export_gguf(ckpt, tmp / f"{q}.gguf", q) for q in QTYPES}
+            if str(src).endswith(".gguf"):
+                files["llama.cpp (the package's file)"] = src
+            per_seq = args.prompt_len + args.new_tokens
+            for name, f in files.items():
+                llm = load_llama_cpp(f, n_threads=args.threads, type_k=0, type_v=0, verbose=False)
+                llama[name] = LlamaCppBatch(llm, max(args.batches), per_seq)
 
     results: dict[str, dict] = {}
     print(f"perplexity on {len(held):,} held-out tokens (windows of {window})", file=sys.stderr)
@@ -128,10 +142,12 @@ def run(args) -> dict:
         best: dict[str, object] = {}
         ref_tokens = None
         for rnd in range(args.repeats + 1):  # round 0 warms up
-            for name in ["transformers fp32", *engines]:
+            for name in ["transformers fp32", *engines, *llama]:
                 if name == "transformers fp32":
                     r = hf_generate(hf, prompts, args.new_tokens)
                     ref_tokens = r.tokens
+                elif name in llama:
+                    r = llama[name].generate(prompts, args.new_tokens)
                 else:
                     r = lmlab_generate(engines[name], prompts, args.new_tokens)
                 if rnd and (name not in best or r.decode_tps > best[name].decode_tps):
@@ -144,15 +160,18 @@ def run(args) -> dict:
         print(file=sys.stderr)
         hf_tps = best["transformers fp32"].decode_tps
         for name, r in best.items():
-            row = results[name].setdefault("decode", {})
+            row = results.setdefault(name, {}).setdefault("decode", {})
             row[str(batch)] = {
                 "tokens_per_s": r.decode_tps,
                 "vs_transformers": r.decode_tps / hf_tps,
                 "step_ms_p50": r.step_ms_p50,
                 "greedy_agreement": agreement(r.tokens, ref_tokens) if r.tokens else None,
             }
+    for b in llama.values():
+        b.close()
+    tmpdir.cleanup()
     return {
-        "machine": machine("transformers"),
+        "machine": machine("transformers", "llama_cpp_python"),
         "model": args.model,
         "threads": args.threads,
         "fbgemm": w8a8_kernel_works(),
@@ -175,7 +194,10 @@ def table(rep: dict) -> str:
     )
     lines = [head + " |", "|---" * (3 + 3 * len(batches)) + "|"]
     for name, r in rep["results"].items():
-        cells = [name, f"{r['perplexity']:.3f}", f"{100 * r['perplexity_change']:+.2f}%"]
+        if "perplexity" in r:
+            cells = [name, f"{r['perplexity']:.3f}", f"{100 * r['perplexity_change']:+.2f}%"]
+        else:
+            cells = [name, "-", "-"]
         for b in batches:
             d = r.get("decode", {}).get(b)
             if d is None:
@@ -189,7 +211,8 @@ def table(rep: dict) -> str:
         f"{rep['machine']}; {rep['model']}, prompt {rep['prompt_len']}, {rep['new_tokens']} new "
         f"tokens, best of {rep['repeats']}; perplexity on {rep['eval_tokens']:,} held-out tokens; "
         f"w8a8 α={rep['alpha']}, calibrated on {rep['calibration_tokens']:,} tokens "
-        f"({rep['calibration_s']:.0f} s); FBGEMM kernel: {rep['fbgemm']}; peak RSS {rep['peak_rss_mib']:,.0f} MiB"
+        f"({rep['calibration_s']:.0f} s); FBGEMM kernel: {rep['fbgemm']}; "
+        f"peak RSS {rep['peak_rss_mib']:,.0f} MiB"
     )
     return "\n".join(lines)
 
@@ -207,6 +230,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-tokens", type=int, default=16_384)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--outliers", type=int, nargs="+", default=[0, 32])
+    ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp f32/q8_0 engines")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path, help="print a saved result and exit")
     args = ap.parse_args(argv)
