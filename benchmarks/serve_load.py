@@ -350,7 +350,8 @@ def server_cmd(
     peer: str, model: str, hf_dir: Path | None, port: int, args: argparse.Namespace
 ) -> list[str]:
     if peer == "lmlab":
-        cmd = ["lmlab", "serve", model, "--port", str(port)]
+        served = str(args.lmlab_serves or model)
+        cmd = ["lmlab", "serve", served, "--name", model, "--port", str(port)]
         return cmd + ["--max-concurrency", str(max(args.concurrency))] + args.lmlab_args
     cmd = ["transformers", "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
@@ -495,6 +496,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--transformers-args", type=shlex.split, default=[], help="more `transformers serve` flags"
+    )
+    ap.add_argument(
+        "--lmlab-serves",
+        type=Path,
+        help="lmlab serves this checkpoint of MODEL instead (its w8a8 quantization, say); "
+        "the other servers keep MODEL",
     )
     ap.add_argument("--out", type=Path, help="write every result here as JSON")
     args = ap.parse_args()
