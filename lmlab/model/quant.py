@@ -142,6 +142,15 @@ def set_int8_backend(name: str) -> None:
     _settings["int8_backend"] = name
 
 
+def _probe_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded float activations [3, 64], int8 weights [8, 64] and row scales, to check a
+    kernel against a reference once before trusting it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    return x, q, torch.rand(8, generator=g) + 0.01
+
+
 @functools.cache
 def int8_kernel_works() -> bool:
     """`aten._weight_int8pack_mm` exists in this torch and agrees with a float64 reference."""
@@ -149,10 +158,7 @@ def int8_kernel_works() -> bool:
         op = torch.ops.aten._weight_int8pack_mm
     except (AttributeError, RuntimeError):
         return False
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 64, generator=g)
-    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
-    s = torch.rand(8, generator=g) + 0.01
+    x, q, s = _probe_operands()
     try:
         y = op(x, q, s)
     except RuntimeError:
@@ -234,10 +240,7 @@ def w8a8_kernel_works() -> bool:
     """PyTorch's FBGEMM dynamic int8 linear exists here and agrees with `w8a8_reference`."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 64, generator=g)
-    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
-    s = torch.rand(8, generator=g) + 0.01
+    x, q, s = _probe_operands()
     try:
         y = w8a8_kernel(x, _pack_w8a8(q, s), ACT_QMAX_SAFE)
     except (RuntimeError, AttributeError):
