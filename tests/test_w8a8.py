@@ -258,3 +258,46 @@ def test_loading_new_tensors_replaces_the_kernel_weights():
         before = qa(x)
         qa.load_state_dict(qb.state_dict())
         assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), before)
+
+
+def test_siblings_run_as_one_product():
+    """q/k/v and gate/up share smoothing and outlier channels, so one int8 product serves
+    each group; the result equals each member computed alone, input by input."""
+    from lmlab.model.quant import W8A8Group
+
+    model = tiny()
+    quantize_model(model, "w8a8", calibration=_batches(), outliers=4)
+    groups = model.quantization["groups"]
+    assert ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
+            "layers.0.self_attn.v_proj"] in groups  # fmt: skip
+    assert ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"] in groups
+    attn = model.layers[0].self_attn
+    assert isinstance(attn.q_proj._group, W8A8Group) and attn.q_proj._group is attn.v_proj._group
+    assert torch.equal(attn.q_proj.smooth, attn.k_proj.smooth)
+    ids_a, ids_b = torch.randint(0, 200, (2, 12)), torch.randint(0, 200, (2, 12))
+    fused_a, fused_b = logits(model, ids_a), logits(model, ids_b)
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            m._group, m._packed = None, None  # each member alone, its own weights again
+    assert torch.allclose(logits(model, ids_a), fused_a, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logits(model, ids_b), fused_b, rtol=1e-5, atol=1e-5)
+    # a member called with another input computes for it (cross-attention's keys/values)
+    model = quantize_model(tiny(), "w8a8", calibration=_batches(), outliers=4)
+    q, k = model.layers[0].self_attn.q_proj, model.layers[0].self_attn.k_proj
+    x, other = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        q(x)
+        got = k(other)
+        k._group, k._packed = None, None
+        assert torch.allclose(got, k(other), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_groups_in_a_checkpoint(tmp_path):
+    model = quantize_model(tiny(), "w8a8", calibration=_batches(), outliers=4)
+    save_quantized(model, tmp_path / "q")
+    cfg_file = tmp_path / "q" / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    raw["quantization"]["groups"] = [["layers.0.self_attn.q_proj", "nope"]]
+    cfg_file.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="groups must be lists"):
+        load_model(tmp_path / "q")

@@ -431,6 +431,8 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("outlier_cols", torch.zeros(k, dtype=torch.long))
         self.register_buffer("outlier_weight", torch.zeros(out_features, k))
         self._packed: tuple | None = None
+        self._group: W8A8Group | None = None  # siblings reading the same input, fused
+        self._group_slot = 0
 
     def dequantized(self) -> torch.Tensor:
         """The effective float weight in the input's own units (smoothing undone)."""
@@ -454,46 +456,156 @@ class W8A8Linear(QuantLinear):
             self._packed = (packed, row_sums, inv, w_out.t().contiguous())
         return self._packed
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derive again on next use
+    def _forget(self) -> None:
         self._packed = None
+        if self._group is not None:
+            self._group.forget()
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derive again on next use
+        self._forget()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._packed = None
+        self._forget()
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        packed, row_sums, inv, w_out = self._prepared()
-        xo = x2.index_select(1, self.outlier_cols) if w_out.shape[0] else None
-        x2 = x2 * inv  # smoothed, outlier channels zeroed
-        rows = x2.shape[0]
-        if rows > 1:
-            # The kernel quantizes the whole batch with one scale. Each token's own range
-            # [lo, hi] is first mapped onto [-1, 1], so every token gets every code; the
-            # shift is undone exactly after: W·(mid·1) = mid · (row sums of W). A single
-            # row (a decode step at batch 1) is its own range already: the same step size.
-            lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
-            half = ((hi - lo) * 0.5).clamp_min(1e-30)
-            mid = lo + half
-            x2 = (x2 - mid) / half
-        y = w8a8_kernel(x2, packed) if packed is not None else None
-        if y is None:
-            y = w8a8_reference(x2, self.qweight, self.scale)
-        if rows > 1:
-            y = torch.addcmul(y * half, mid, row_sums[None, :])
-        if xo is not None:  # the outlier channels, in float
-            y = torch.addmm(y, xo, w_out)
+        if self._group is not None:
+            y = self._group.output(x, self._group_slot)
+        else:
+            x2 = x.reshape(-1, self.in_features)
+            y = _w8a8_product(x2, self._prepared(), self.outlier_cols, self.qweight, self.scale)
         if self.bias is not None:
-            y += self.bias
+            y = y + self.bias
         y = y.reshape(*shape[:-1], self.out_features)
         return y if y.dtype == dtype else y.to(dtype)
 
+    def __getstate__(self) -> dict:  # copies re-derive the kernel weights (not picklable)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_packed": None}
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.outlier_cols.numel()}"
+
+
+def _w8a8_product(
+    x2: torch.Tensor, prepared: tuple, cols: torch.Tensor, qweight: torch.Tensor, scale: Any
+) -> torch.Tensor:
+    """x2 [M, K] → [M, N] without the bias: the int8 product of the smoothed activations
+    (per token) plus the float product of the outlier channels."""
+    packed, row_sums, inv, w_out = prepared
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    xo = x2.index_select(1, cols) if w_out.shape[0] else None
+    x2 = x2 * inv  # smoothed, outlier channels zeroed
+    rows = x2.shape[0]
+    if rows > 1:
+        # The kernel quantizes the whole batch with one scale. Each token's own range
+        # [lo, hi] is first mapped onto [0, 1], so every token gets every code; the shift
+        # is undone exactly after: W·(lo·1) = lo · (row sums of W). (Onto [0, 1], not
+        # [-1, 1]: there the zero point sits on a rounding tie, 127.5.) A single row (a
+        # decode step at batch 1) is its own range already: the same step size.
+        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
+        span = (hi - lo).clamp_min(1e-30)
+        x2 = (x2 - lo) / span
+    y = w8a8_kernel(x2, packed) if packed is not None else w8a8_reference(x2, qweight, scale)
+    if rows > 1:
+        y = torch.addcmul(y * span, lo, row_sums[None, :])
+    if xo is not None:  # the outlier channels, in float
+        y = torch.addmm(y, xo, w_out)
+    return y
+
+
+# Linears of one block that read the same input: one int8 product serves them all.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def sibling_groups(names: list[str]) -> list[list[str]]:
+    """Groups of quantized linears that read one input (q/k/v, gate/up of a block), every
+    member present in `names`."""
+    present, groups = set(names), []
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for kind in SIBLINGS:
+            if leaf == kind[0]:
+                members = [f"{parent}.{m}" if parent else m for m in kind]
+                if all(m in present for m in members):
+                    groups.append(members)
+    return groups
+
+
+class W8A8Group:
+    """W8A8 siblings (same smoothing, same outlier channels) run as one int8 product: the
+    first member called with an input computes every member's output and keeps it for the
+    others, keyed by the input tensor itself (held, so its memory cannot be reused by
+    another tensor meanwhile) and its version. A member called with another input (cross-
+    attention's keys and values read the encoder's output) computes the product for that
+    input. Three calls of FBGEMM's kernel become one, at the same arithmetic."""
+
+    def __init__(self, members: list[W8A8Linear]) -> None:
+        self.members = members
+        starts = [0]
+        for m in members:
+            starts.append(starts[-1] + m.out_features)
+        self.slices = [slice(a, b) for a, b in zip(starts, starts[1:], strict=False)]
+        self._prepared: tuple | None = None
+        self._cache: tuple | None = None  # (input, its version, outputs, members served)
+
+    def forget(self) -> None:
+        self._prepared = self._cache = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_prepared": None, "_cache": None}
+
+    def prepared(self) -> tuple:
+        if self._prepared is None:
+            ms = self.members
+            first = ms[0]
+            for m in ms[1:]:
+                if not (
+                    torch.equal(m.smooth, first.smooth)
+                    and torch.equal(m.outlier_cols, first.outlier_cols)
+                ):
+                    raise CheckpointError(
+                        "w8a8 siblings were quantized with different smoothing or outlier "
+                        "channels; their checkpoint cannot run them as one product"
+                    )
+            qweight = torch.cat([m.qweight for m in ms])
+            scale = torch.cat([m.scale for m in ms])
+            parts = [m._prepared() for m in ms]
+            w_out = torch.cat([p[3] for p in parts], dim=1)
+            packed = None
+            if parts[0][0] is not None:
+                packed = _pack_w8a8(qweight, scale)
+            row_sums = torch.cat([p[1] for p in parts])
+            self._prepared = ((packed, row_sums, parts[0][2], w_out), qweight, scale)
+            for m in ms:  # the members' own packed weights are not needed any more
+                m._packed = (None, *m._packed[1:])
+        return self._prepared
+
+    def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """Member `slot`'s output [M, N_slot] (no bias) for input x."""
+        c = self._cache
+        if c is None or c[0] is not x or c[1] != x._version or slot in c[3]:
+            prep, qweight, scale = self.prepared()
+            x2 = x.reshape(-1, self.members[0].in_features)
+            y = _w8a8_product(x2, prep, self.members[0].outlier_cols, qweight, scale)
+            c = self._cache = (x, x._version, y, set())
+        c[3].add(slot)
+        if len(c[3]) == len(self.members):
+            self._cache = None  # every member served: let the input go
+        return c[2][:, self.slices[slot]]
+
+
+def link_groups(model: nn.Module, groups: list[list[str]]) -> None:
+    """Run each group of W8A8 siblings as one product (see `W8A8Group`)."""
+    for names in groups:
+        members = [model.get_submodule(n) for n in names]
+        if all(isinstance(m, W8A8Linear) for m in members):
+            group = W8A8Group(members)
+            for slot, m in enumerate(members):
+                m._group, m._group_slot = group, slot
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -534,10 +646,20 @@ def activation_absmax(model: nn.Module, names: list[str], batches: Any) -> dict[
     return stats
 
 
-def _quantize_w8a8(lin: nn.Linear, act_absmax: torch.Tensor, alpha: float, outliers: int):
+def _quantize_w8a8(
+    lin: nn.Linear,
+    act_absmax: torch.Tensor,
+    alpha: float,
+    outliers: int,
+    siblings: list[nn.Linear] | None = None,
+):
+    """One W8A8 layer; with `siblings` (the linears reading the same input, itself
+    included) the smoothing and the outlier channels are the group's, as SmoothQuant
+    smooths q/k/v together, so the group can run as one product."""
     k, n, bias = lin.in_features, lin.out_features, lin.bias is not None
     mod = W8A8Linear(k, n, bias, outliers)
-    s = smoothing_factors(act_absmax, lin.weight, alpha)
+    weights = torch.cat([m.weight.detach() for m in siblings or [lin]])
+    s = smoothing_factors(act_absmax, weights, alpha)
     w = lin.weight.detach().float() * s[None, :]
     cols = torch.topk(act_absmax.float() / s, mod.outlier_cols.numel()).indices.sort().values
     mod.outlier_cols = cols
@@ -695,16 +817,23 @@ def quantize_model(
         stats = calibration
         if not isinstance(calibration, dict):
             stats = activation_absmax(model, names, calibration)
+    groups = sibling_groups(names) if method == "w8a8" else []
+    group_of = {n: g for g in groups for n in g}
+    originals = {n: model.get_submodule(n) for n in names}
     for name in names:
-        lin = model.get_submodule(name)
+        lin = originals[name]
         if method == "w8a8":
-            q = _quantize_w8a8(lin, stats[name], alpha, outliers)
+            members = group_of.get(name, [name])
+            act = torch.stack([stats[m] for m in members]).amax(dim=0)
+            sibs = [originals[m] for m in members]
+            q = _quantize_w8a8(lin, act, alpha, outliers, sibs)
         else:
             q = _quantize_linear(lin, method, group_size, threshold)
         model.set_submodule(name, q)
     model.quantization = _spec(method, group_size, threshold, names, include_lm_head)
     if method == "w8a8":
-        model.quantization.update(alpha=float(alpha), outliers=outliers)
+        model.quantization.update(alpha=float(alpha), outliers=outliers, groups=groups)
+        link_groups(model, groups)
     return model
 
 
@@ -743,6 +872,14 @@ def prepare_quantized(model: nn.Module, spec: Any, where: str | Path) -> None:
         model.set_submodule(
             name, _empty_linear(lin, method, group_size or 0, threshold or 0.0, outliers or 0)
         )
+    groups = spec.get("groups") or []
+    if method == "w8a8":
+        ok = isinstance(groups, list) and all(
+            isinstance(g, list) and len(g) > 1 and all(n in names for n in g) for g in groups
+        )
+        if not ok:
+            raise bad("groups must be lists of two or more of the quantized modules")
+        link_groups(model, groups)
     model.quantization = dict(spec)
 
 
