@@ -329,8 +329,9 @@ from lmlab.model.adapters import parse_peft
 from lmlab.train.loop import TrainConfig
 
 ckpt, data, out, peft = sys.argv[1:5]
+# fp32: under bf16 autocast (precision auto on a bf16 CPU) two ranks' sums round differently
 cfg = TrainConfig(batch_size=4, seq_len=128, lr=1e-3, warmup_steps=0, max_steps=3,
-                  log_every=1, eval_every=100, checkpoint_every=100)
+                  log_every=1, eval_every=100, checkpoint_every=100, precision="fp32")
 align_dpo(ckpt, [data], out, DPOConfig(heldout=0.0), cfg, seed=0,
           peft=parse_peft(peft) if peft != "none" else None)
 """

@@ -375,7 +375,8 @@ def test_capacity_429_and_metrics(server, client, monkeypatch):
 
 def test_timeout_is_504_and_frees_the_request(ckpt):
     engine = load_engine(NAME, str(ckpt), EngineLimits(max_concurrency=2), Metrics())
-    with running(create_app({NAME: engine}, Settings(request_timeout=0.2))) as url:
+    # 180 tokens take far longer than 0.05 s here; 0.2 s was within reach of a fast CPU
+    with running(create_app({NAME: engine}, Settings(request_timeout=0.05))) as url:
         body = {
             "model": NAME,
             "prompt": "The quick",

@@ -37,6 +37,7 @@ from lmlab.errors import UsageError
 from lmlab.model.adapter_ops import with_adapter
 from lmlab.model.adapters import PeftConfig, adapter_disabled, reference_copy
 from lmlab.model.loading import as_checkpoint, load_model
+from lmlab.model.precision import autocast
 from lmlab.model.scoring import IGNORE
 from lmlab.tokenizer import load_tokenizer, pad_id
 from lmlab.tokenizer.chat import encode_exchange
@@ -177,13 +178,17 @@ def reference_logps(
     pad: int,
     seq_len: int,
     batch: int = 8,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """The model's summed log-probs of every row's completion, before any update (as its
-    base computes them: a fresh adapter's virtual tokens set aside)."""
+    base computes them: a fresh adapter's virtual tokens set aside), at the training's
+    `precision`: under bf16 autocast the policy's first log-probs differ from fp32 ones, and
+    the DPO loss would not start at log 2 with the policy equal to its reference."""
     was = model.training
     model.eval()
     out = []
-    with adapter_disabled(model):
+    device = next(model.parameters()).device
+    with adapter_disabled(model), autocast(precision, device):
         for i in range(0, len(rows), batch):
             x, y = collate(rows[i : i + batch], pad, seq_len)
             out.append(sequence_logps(model(x), y)[0])
@@ -343,7 +348,8 @@ def align_dpo(
                 refs[name] = torch.zeros(2 * len(part))
             else:
                 log(f"dpo: reference log-probs of {len(part)} {name} pairs (computed once)")
-                refs[name] = reference_logps(model, [r for e in part for r in e], pad, cfg.seq_len)
+                rows = [r for e in part for r in e]
+                refs[name] = reference_logps(model, rows, pad, cfg.seq_len, 8, cfg.precision)
 
         def batch_of(indices: list[int], is_held: bool) -> Batch:
             part, ref = (held, refs["held"]) if is_held else (train_pairs, refs["train"])

@@ -141,7 +141,7 @@ def align_kto(
         pad = pad_id(tok)
         refs = {
             name: reference_logps(
-                model, [r for m, mm, _ in part for r in (m, mm)], pad, cfg.seq_len
+                model, [r for m, mm, _ in part for r in (m, mm)], pad, cfg.seq_len, 8, cfg.precision
             )
             if part
             else torch.zeros(0)
