@@ -482,8 +482,7 @@ class W8A8Linear(QuantLinear):
         return y if y.dtype == dtype else y.to(dtype)
 
     def __getstate__(self) -> dict:  # copies re-derive the kernel weights (not picklable)
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_packed": None}
+        return {**self.__dict__, "_packed": None}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.outlier_cols.numel()}"
