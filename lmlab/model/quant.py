@@ -507,10 +507,10 @@ def _w8a8_product(
         # decode step at batch 1) is its own range already: the same step size.
         lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
         span = (hi - lo).clamp_min(1e-30)
-        x2 = (x2 - lo) / span
+        x2 = x2.sub_(lo).div_(span)  # in place: x2 is this function's own copy
     y = w8a8_kernel(x2, packed) if packed is not None else w8a8_reference(x2, qweight, scale)
     if rows > 1:
-        y = torch.addcmul(y * span, lo, row_sums[None, :])
+        y = y.mul_(span).addcmul_(lo, row_sums[None, :])
     if xo is not None:  # the outlier channels, in float
         y = torch.addmm(y, xo, w_out)
     return y
