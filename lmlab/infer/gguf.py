@@ -474,8 +474,7 @@ def load_llama_cpp(
         n_threads=n_threads,
         n_threads_batch=n_threads,
         logits_all=logits_all,
-        verbose=False,
-        **kwargs,
+        **{"verbose": False, **kwargs},
     )
 
 
