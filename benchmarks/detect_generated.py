@@ -10,11 +10,14 @@ Human text (`--source`):
   web text has likely seen these pages, which makes them look more "machine" to it.
 - `polarity`: Pang & Lee's movie-review sentences (the python3-pattern copy), consecutive
   rows joined (the rows are short, so a passage spans several reviews).
+- `val`: the validation split of an lmlab run's token shards (`--shards`, e.g.
+  runs/tiny/tokenizer/tokens): text from the model's own domain that it never trained
+  on, cut into windows of whole documents' tokens and decoded, whitespace kept (code).
 
-Machine text: the passage's first `--prompt-words` words, then the model's sampled
-continuation (plain text, no chat template; temperature `--temperature`, top-p `--top-p`,
-one seed per text; the end-of-text token is banned with a logit bias of -100, so every
-continuation is long enough). Both texts keep the prompt words, as in DetectGPT. Each
+Machine text: the passage up to its `--prompt-words`-th word (whitespace kept), then the
+model's sampled continuation (plain text, no chat template; temperature `--temperature`,
+top-p `--top-p`, one seed per text; the end-of-text token is banned with a logit bias of
+-100, so every continuation is long enough). Both texts keep the prompt words, as in DetectGPT. Each
 score reads a text's first N tokens; the mean tokens actually scored per class are
 reported, since a class that is shorter at N would be a confound.
 
@@ -83,6 +86,28 @@ def polarity_passages(path: str, min_words: int) -> list[str]:
     return out
 
 
+def val_passages(shards: str, tok, n_tokens: int) -> list[str]:
+    """Non-overlapping windows of `n_tokens` inside each validation document (split at
+    the end-of-text id), decoded."""
+    from lmlab.data.shards import open_split
+
+    eos = json.loads((Path(shards) / "manifest.json").read_text())["eos_id"]
+    ids = np.asarray(open_split(shards, "val"))
+    ends = np.flatnonzero(ids == eos).tolist() + [len(ids)]
+    out, start = [], 0
+    for end in ends:
+        for a in range(start, end - n_tokens + 1, n_tokens):
+            out.append(tok.decode(ids[a : a + n_tokens].tolist(), skip_special_tokens=True))
+        start = end + 1
+    return out
+
+
+def prefix_words(text: str, k: int) -> str:
+    """The text up to the end of its k-th whitespace-separated word, as written."""
+    ends = [m.end() for m in re.finditer(r"\S+", text)]
+    return text[: ends[min(k, len(ends)) - 1]] if ends else text
+
+
 def continuations(model, tok, prompts: list[str], max_new: int, args) -> list[str]:
     from lmlab.infer.generate import generate_batch
     from lmlab.infer.options import GenerationConfig
@@ -117,13 +142,17 @@ def run(args) -> dict:
     min_words = int(longest * 0.9) + args.prompt_words  # ~1.3 tokens a word: enough tokens
     if args.source == "pydocs":
         passages = pydocs_passages(args.docs, min_words)
+    elif args.source == "val":
+        if not args.shards:
+            raise SystemExit("--source val needs --shards (a run's tokenizer/tokens)")
+        passages = val_passages(args.shards, tok, int(longest * 1.15) + 16)
     else:
         passages = polarity_passages(args.polarity, min_words)
     random.Random(args.seed).shuffle(passages)
     human = passages[: args.n]
     if len(human) < args.n:
         raise SystemExit(f"only {len(human)} passages of {min_words}+ words")
-    prompts = [" ".join(h.split()[: args.prompt_words]) for h in human]
+    prompts = [prefix_words(h, args.prompt_words) for h in human]
     t0 = time.perf_counter()
     machine_texts = continuations(model, tok, prompts, longest + 8, args)
     gen_s = time.perf_counter() - t0
@@ -182,7 +211,8 @@ def report(saved: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--source", choices=("pydocs", "polarity"), default="pydocs")
+    ap.add_argument("--source", choices=("pydocs", "polarity", "val"), default="pydocs")
+    ap.add_argument("--shards", help="--source val: a run's token shards directory")
     ap.add_argument("--docs", default=DOCS)
     ap.add_argument("--polarity", default=POLARITY)
     ap.add_argument("--n", type=int, default=100, help="texts per class")
