@@ -505,7 +505,8 @@ def _w8a8_product(
         # is undone exactly after: W·(lo·1) = lo · (row sums of W). (Onto [0, 1], not
         # [-1, 1]: there the zero point sits on a rounding tie, 127.5.) A single row (a
         # decode step at batch 1) is its own range already: the same step size.
-        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
+        # amin and amax apart: aminmax over rows measured 2-50x slower on CPU
+        lo, hi = x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
         span = (hi - lo).clamp_min(1e-30)
         x2 = x2.sub_(lo).div_(span)  # in place: x2 is this function's own copy
     y = w8a8_kernel(x2, packed) if packed is not None else w8a8_reference(x2, qweight, scale)
