@@ -33,9 +33,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one call in place of six: a decode step runs two norms per layer
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # float32 statistics: in bf16 the mean of squares loses too many bits.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,9 +86,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, H, T, D]; cos/sin: [B|1, 1, T, R] with R <= D. Rotates the (x1, x2) halves of
     the first R dims as HF's `rotate_half`; the rest pass through (partial rotary, NeoX)."""
     r = cos.shape[-1]
-    if r == x.shape[-1]:  # full rotary (Llama): five calls, this runs twice per layer
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin).to(x.dtype)
     xr, rest = x[..., :r], x[..., r:]
     x1, x2 = xr.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
