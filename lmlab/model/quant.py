@@ -447,14 +447,19 @@ class W8A8Linear(QuantLinear):
         and the outlier weights divided by their s (so they take x as it comes) as [k, N]:
         a [1, k] × [k, N] product runs about twice as fast as one against [N, k]ᵀ."""
         if self._packed is None:
-            kernel = self.qweight.device.type == "cpu" and w8a8_kernel_works()
-            packed = _pack_w8a8(self.qweight, self.scale) if kernel else None
+            # a group member's product runs through the group's packed weights instead
+            packed = None
+            if self._group is None and self._kernel():
+                packed = _pack_w8a8(self.qweight, self.scale)
             row_sums = self.qweight.float().sum(dim=1) * self.scale
             inv = 1.0 / self.smooth
             inv[self.outlier_cols] = 0.0
             w_out = self.outlier_weight / self.smooth[self.outlier_cols][None, :]
             self._packed = (packed, row_sums, inv, w_out.t().contiguous())
         return self._packed
+
+    def _kernel(self) -> bool:
+        return self.qweight.device.type == "cpu" and w8a8_kernel_works()
 
     def _forget(self) -> None:
         self._packed = None
@@ -575,13 +580,9 @@ class W8A8Group:
             scale = torch.cat([m.scale for m in ms])
             parts = [m._prepared() for m in ms]
             w_out = torch.cat([p[3] for p in parts], dim=1)
-            packed = None
-            if parts[0][0] is not None:
-                packed = _pack_w8a8(qweight, scale)
+            packed = _pack_w8a8(qweight, scale) if first._kernel() else None
             row_sums = torch.cat([p[1] for p in parts])
             self._prepared = ((packed, row_sums, parts[0][2], w_out), qweight, scale)
-            for m in ms:  # the members' own packed weights are not needed any more
-                m._packed = (None, *m._packed[1:])
         return self._prepared
 
     def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
