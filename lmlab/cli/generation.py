@@ -212,7 +212,7 @@ def _print_completions(comps, prompt: list[str], tok, chat: bool, json_out: bool
 
 
 @app.command()
-@generation_options("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+@generation_options("temperature", "top_p", "top_k", "max_new_tokens", "seed", "compile")
 def chat(
     model: Annotated[
         str | None,
@@ -276,6 +276,9 @@ def bench_infer_cmd(
     profile: Annotated[
         bool, typer.Option(help="Also show where a decode step's time goes (torch profiler).")
     ] = False,
+    compile: Annotated[
+        bool, typer.Option(help="Decode through the torch.compile'd step (static KV cache).")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
 ) -> None:
     """Prefill and decode tokens/s, per-token latency at batch 1 and N, and peak memory."""
@@ -297,7 +300,7 @@ def bench_infer_cmd(
         raise UsageError(f"--device {device}: no CUDA device here")
     model = load_model(ckpt, device=device)
     apply_threads(threads, model, log)
-    report = bench_infer(model, batch or [1, 8], prompt_len, new_tokens, repeats)
+    report = bench_infer(model, batch or [1, 8], prompt_len, new_tokens, repeats, compile)
     print(format_bench(report))
     if profile:
         steps = max(2, min(new_tokens, 32))

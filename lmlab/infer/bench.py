@@ -41,8 +41,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
-    """One timed run: prefill `batch` random prompts, then `new_tokens` greedy steps."""
+def measure(
+    model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0, compile: bool = False
+) -> dict:
+    """One timed run: prefill `batch` random prompts, then `new_tokens` greedy steps
+    (through the compiled decode step with `compile`)."""
     cfg = model.cfg
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise UsageError(
@@ -51,7 +54,7 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) 
         )
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    runner = Runner(model, new_tokens)
+    runner = Runner(model, new_tokens, compile=compile)
     device = runner.device
     _sync(device)
     t0 = time.perf_counter()
@@ -65,7 +68,7 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) 
         _sync(device)
         steps.append(time.perf_counter() - s)
     decode_s = sum(steps)
-    kv = runner.cache.k.numel() * runner.cache.k.element_size() * 2
+    kv = runner.cache.nbytes()
     return {
         "batch": batch,
         "prefill_tokens_per_s": batch * prompt_len / (t1 - t0),
@@ -83,8 +86,10 @@ def bench_infer(
     prompt_len: int = 128,
     new_tokens: int = 64,
     repeats: int = 3,
+    compile: bool = False,
 ) -> dict:
-    """The best of `repeats` runs per batch size (after one warm-up run), plus memory."""
+    """The best of `repeats` runs per batch size (after one warm-up run, which compiles
+    the decode step with `compile`: its time is reported as `warmup_s`), plus memory."""
     if any(b < 1 for b in batches) or prompt_len < 1 or new_tokens < 2 or repeats < 1:
         raise UsageError("bench: need batch >= 1, prompt-len >= 1, new-tokens >= 2, repeats >= 1")
     device = next(model.parameters()).device
@@ -92,10 +97,16 @@ def bench_infer(
         torch.cuda.reset_peak_memory_stats(device)
     rows = []
     for b in batches:
-        measure(model, b, min(prompt_len, 8), 4)  # warm-up: allocator, kernels, caches
-        runs = [measure(model, b, prompt_len, new_tokens, seed=i) for i in range(repeats)]
+        t0 = time.perf_counter()  # warm-up: allocator, kernels, caches, compilation
+        measure(model, b, min(prompt_len, 8), 4, compile=compile)
+        warmup_s = time.perf_counter() - t0
+        runs = [
+            measure(model, b, prompt_len, new_tokens, seed=i, compile=compile)
+            for i in range(repeats)
+        ]
         best = max(runs, key=lambda r: r["decode_tokens_per_s"])
         best["prefill_tokens_per_s"] = max(r["prefill_tokens_per_s"] for r in runs)
+        best["warmup_s"] = warmup_s
         rows.append(best)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -105,6 +116,7 @@ def bench_infer(
         "weights_mb": tensor_bytes(model) / 2**20,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "compiled": compile,
         "results": rows,
         "peak_memory_mb": peak_memory_mb(device),
     }
@@ -117,6 +129,9 @@ def format_bench(report: dict) -> str:
         f"{report['new_tokens']} new tokens; weights {report['weights_mb']:.1f} MiB, "
         f"peak memory {report['peak_memory_mb']:.0f} MiB"
     )
+    if report.get("compiled"):
+        warm = ", ".join(f"{r['warmup_s']:.0f} s" for r in report["results"])
+        head += f"; compiled decode step (warm-up, compile included: {warm})"
     lines = [
         head,
         "",

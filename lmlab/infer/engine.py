@@ -16,7 +16,7 @@ import torch
 
 from lmlab.errors import UsageError
 from lmlab.infer.options import GenerationConfig
-from lmlab.model.transformer import KVCache
+from lmlab.model.transformer import KVCache, SlotWriter, decode_step, decode_step_unsupported
 
 
 @dataclass
@@ -50,6 +50,21 @@ def fit_prompts(model, prompts: list[list[int]], budget: int) -> tuple[list[list
     return out, budget
 
 
+_compiled_decode_step = None
+
+
+def compiled_decode_step(model):
+    """`decode_step` under `torch.compile` (one graph per model and shape; a second batch
+    size or cache length recompiles once with those dimensions dynamic)."""
+    global _compiled_decode_step
+    why = decode_step_unsupported(model)
+    if why is not None:
+        raise UsageError(f"compiled decoding: {why}; run without --compile")
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True)
+    return _compiled_decode_step
+
+
 class Runner:
     """A model with its KV cache, padding mask and (encoder-decoder) memory, for a batch.
 
@@ -57,8 +72,11 @@ class Runner:
     one token per row; `select(rows)` keeps, reorders or repeats rows (finished rows
     leaving, beams, n samples); `rollback(pos)` drops cached tokens (speculative)."""
 
-    def __init__(self, model, slots_after_prompt: int) -> None:
+    def __init__(self, model, slots_after_prompt: int, compile: bool = False) -> None:
         self.model = model
+        # decode steps through one compiled graph over a static cache (`decode_step`)
+        self.compiled = compiled_decode_step(model) if compile else None
+        self._slots: SlotWriter | None = None
         self.cfg = model.cfg
         self.family = model.cfg.family
         self.extra = slots_after_prompt
@@ -90,6 +108,7 @@ class Runner:
         n = virtual.n if virtual is not None else 0
         slots = n + width + self.extra
         self.cache = self._empty_cache(b, slots)
+        slots = self.cache.capacity  # rounded up for a compiled step
         if virtual is not None:  # the virtual tokens take the first slots, once
             virtual.fill(self.model, self.cache)
         if padded:
@@ -99,7 +118,11 @@ class Runner:
         return self._forward(ids, keep=1)[:, -1].float()
 
     def _empty_cache(self, b: int, slots: int) -> KVCache:
-        return KVCache.empty(self.cfg, b, slots, device=self.device, dtype=self.dtype)
+        if self.compiled is not None:  # capacities in steps of 256: fewer graphs to compile
+            slots = -(-slots // 256) * 256
+        return KVCache.empty(
+            self.cfg, b, slots, self.device, self.dtype, per_layer=self.compiled is not None
+        )
 
     def _forward(self, x: torch.Tensor, keep: int = 0) -> torch.Tensor:
         """Logits [B, t, V] (the last `keep` positions if > 0) for x [B, t] after the cache."""
@@ -117,7 +140,25 @@ class Runner:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._forward(tokens.to(self.device)[:, None])[:, -1].float()
+        if self.compiled is None:
+            return self._forward(tokens.to(self.device)[:, None])[:, -1].float()
+        cache = self.cache
+        if cache.pos >= cache.capacity:
+            raise ValueError(f"decode step past the KV cache ({cache.capacity} slots)")
+        if self._slots is None or self._slots.k is not cache.k:  # new, or rows selected
+            at = torch.zeros(1, dtype=torch.long, device=self.device)
+            self._slots = SlotWriter(cache.k, cache.v, at)
+        self._slots.at.fill_(cache.pos)
+        try:
+            logits = self.compiled(
+                self.model, tokens.to(self.device)[:, None], self._slots, self.mask
+            )
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, for one
+            raise UsageError(
+                f"compiled decoding: torch.compile failed ({e}); run without --compile"
+            ) from e
+        cache.advance(1)
+        return logits.float()
 
     def select(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)

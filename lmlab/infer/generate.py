@@ -81,7 +81,7 @@ def _events(
     (n per prompt, in prompt order)."""
     cfg.validate()
     prompts, budget = fit_prompts(model, prompts, cfg.max_new_tokens)
-    runner = Runner(model, budget)
+    runner = Runner(model, budget, compile=cfg.compile)
     logits = runner.prefill(prompts)
     amateur = None
     if contrast is not None:

@@ -92,6 +92,9 @@ class GenerationConfig:
     )
     logprobs: int | None = _opt(None, "Report log-probs of the chosen and top-k tokens.")
     seed: int | None = _opt(None, "Seed for sampling.")
+    compile: bool = _opt(
+        False, "torch.compile the decode step (static KV cache): a minute once, then faster."
+    )
     watermark: WatermarkConfig | None = _opt(
         None, "KGW watermark (lmlab generate --watermark builds it).", cli=False
     )

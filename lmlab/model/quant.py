@@ -27,8 +27,10 @@ docs/quantization.md has the format and the measurements.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +261,39 @@ def _pack_w8a8(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
+# FBGEMM's packed weights are a TorchScript object that torch.compile cannot trace; a
+# compiled graph reaches them through this operator, by handle (an int, registered while
+# the owning module or group lives).
+_PACKED: dict[int, Any] = {}
+_HANDLES = itertools.count(1)
+_LIB = torch.library.Library("lmlab", "DEF")
+_LIB.define("w8a8_linear(Tensor x, int handle, int n) -> Tensor")
+
+
+def _w8a8_linear(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
+    return w8a8_kernel(x, _PACKED[handle])
+
+
+def _w8a8_linear_fake(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+_LIB.impl("w8a8_linear", _w8a8_linear, "CPU")
+torch.library.register_fake("lmlab::w8a8_linear", _w8a8_linear_fake, lib=_LIB)
+
+
+def _register_packed(owner: object, packed: Any) -> int:
+    """A handle for `packed`, dropped when `owner` is collected (or `_release`d)."""
+    handle = next(_HANDLES)
+    _PACKED[handle] = packed
+    weakref.finalize(owner, _PACKED.pop, handle, None)
+    return handle
+
+
+def _release(handle: int) -> None:
+    _PACKED.pop(handle, None)
+
+
 def w8a8_kernel(x: torch.Tensor, packed: Any, qmax: int | None = None) -> torch.Tensor:
     """x [M, K] float32 → x @ Wᵀ through FBGEMM: the whole of x quantized to asymmetric
     codes 0..qmax (default `w8a8_activation_qmax()`) with one scale, int32 accumulation,
@@ -431,6 +466,7 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("outlier_cols", torch.zeros(k, dtype=torch.long))
         self.register_buffer("outlier_weight", torch.zeros(out_features, k))
         self._packed: tuple | None = None
+        self._handle = 0  # the packed weights' handle for compiled graphs (0: none)
         self._group: W8A8Group | None = None  # siblings reading the same input, fused
         self._group_slot = 0
 
@@ -456,6 +492,8 @@ class W8A8Linear(QuantLinear):
             inv[self.outlier_cols] = 0.0
             w_out = self.outlier_weight / self.smooth[self.outlier_cols][None, :]
             self._packed = (packed, row_sums, inv, w_out.t().contiguous())
+            if packed is not None:
+                self._handle = _register_packed(self, packed)
         return self._packed
 
     def _kernel(self) -> bool:
@@ -463,6 +501,8 @@ class W8A8Linear(QuantLinear):
 
     def _forget(self) -> None:
         self._packed = None
+        _release(self._handle)
+        self._handle = 0
         if self._group is not None:
             self._group.forget()
 
@@ -480,21 +520,27 @@ class W8A8Linear(QuantLinear):
             y = self._group.output(x, self._group_slot)
         else:
             x2 = x.reshape(-1, self.in_features)
-            y = _w8a8_product(x2, self._prepared(), self.outlier_cols, self.qweight, self.scale)
+            prep = self._prepared()
+            y = _w8a8_product(x2, prep, self.outlier_cols, self.qweight, self.scale, self._handle)
         if self.bias is not None:
             y = y + self.bias
         y = y.reshape(*shape[:-1], self.out_features)
         return y if y.dtype == dtype else y.to(dtype)
 
     def __getstate__(self) -> dict:  # copies re-derive the kernel weights (not picklable)
-        return {**self.__dict__, "_packed": None}
+        return {**self.__dict__, "_packed": None, "_handle": 0}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.outlier_cols.numel()}"
 
 
 def _w8a8_product(
-    x2: torch.Tensor, prepared: tuple, cols: torch.Tensor, qweight: torch.Tensor, scale: Any
+    x2: torch.Tensor,
+    prepared: tuple,
+    cols: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: Any,
+    handle: int = 0,
 ) -> torch.Tensor:
     """x2 [M, K] → [M, N] without the bias: the int8 product of the smoothed activations
     (per token) plus the float product of the outlier channels."""
@@ -514,7 +560,12 @@ def _w8a8_product(
         lo, hi = x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
         span = (hi - lo).clamp_min(1e-30)
         x2 = x2.sub_(lo).div_(span)  # in place: x2 is this function's own copy
-    y = w8a8_kernel(x2, packed) if packed is not None else w8a8_reference(x2, qweight, scale)
+    if packed is None:
+        y = w8a8_reference(x2, qweight, scale)
+    elif handle and torch.compiler.is_compiling():
+        y = torch.ops.lmlab.w8a8_linear(x2, handle, row_sums.shape[0])
+    else:
+        y = w8a8_kernel(x2, packed)
     if rows > 1:
         y = y.mul_(span).addcmul_(lo, row_sums[None, :])
     if xo is not None:  # the outlier channels, in float
@@ -555,13 +606,16 @@ class W8A8Group:
             starts.append(starts[-1] + m.out_features)
         self.slices = [slice(a, b) for a, b in zip(starts, starts[1:], strict=False)]
         self._prepared: tuple | None = None
+        self._handle = 0
         self._cache: tuple | None = None  # (input, its version, outputs, members served)
 
     def forget(self) -> None:
         self._prepared = self._cache = None
+        _release(self._handle)
+        self._handle = 0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_prepared": None, "_cache": None}
+        return {**self.__dict__, "_prepared": None, "_cache": None, "_handle": 0}
 
     def prepared(self) -> tuple:
         if self._prepared is None:
@@ -583,15 +637,34 @@ class W8A8Group:
             packed = _pack_w8a8(qweight, scale) if first._kernel() else None
             row_sums = torch.cat([p[1] for p in parts])
             self._prepared = ((packed, row_sums, parts[0][2], w_out), qweight, scale)
+            if packed is not None:
+                self._handle = _register_packed(self, packed)
         return self._prepared
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        prep, qweight, scale = self.prepared()
+        cols = self.members[0].outlier_cols
+        return _w8a8_product(x2, prep, cols, qweight, scale, self._handle)
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's output (bias included) for input x, from one product. Attention
+        and MLP call this when their projections form the group: no caching by input, so
+        it traces under torch.compile."""
+        y = self._product(x.reshape(-1, self.members[0].in_features))
+        outs = []
+        for m, part in zip(self.members, self.slices, strict=True):
+            o = y[:, part]
+            if m.bias is not None:
+                o = o + m.bias
+            o = o.reshape(*x.shape[:-1], m.out_features)
+            outs.append(o if o.dtype == x.dtype else o.to(x.dtype))
+        return outs
 
     def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """Member `slot`'s output [M, N_slot] (no bias) for input x."""
         c = self._cache
         if c is None or c[0] is not x or c[1] != x._version or slot in c[3]:
-            prep, qweight, scale = self.prepared()
-            x2 = x.reshape(-1, self.members[0].in_features)
-            y = _w8a8_product(x2, prep, self.members[0].outlier_cols, qweight, scale)
+            y = self._product(x.reshape(-1, self.members[0].in_features))
             c = self._cache = (x, x._version, y, set())
         c[3].add(slot)
         if len(c[3]) == len(self.members):

@@ -162,46 +162,87 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim].
+    """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim],
+    or one [B, kv_heads, max_len, head_dim] tensor per layer (`per_layer`: what a compiled
+    decode step writes into in place; slots in one shared tensor would make it copy the
+    whole cache per write).
 
     The model talks to a cache only through `pos` (the slot of the first new token),
     `capacity`, `update` and `advance`, so another layout (the paged cache of
     `lmlab.infer.paged`) plugs in unchanged. Setting `pos` back rolls the cache back:
     speculative decoding drops rejected draft tokens that way."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | list[torch.Tensor]
+    v: torch.Tensor | list[torch.Tensor]
     pos: int = 0
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new keys/values [B, kv_heads, t, hd] at slots pos.. and return all
         keys/values up to them."""
         start, t = self.pos, k.shape[2]
-        self.k[layer, :, :, start : start + t] = k
-        self.v[layer, :, :, start : start + t] = v
-        return self.k[layer, :, :, : start + t], self.v[layer, :, :, : start + t]
+        keys, values = self.k[layer], self.v[layer]
+        keys[:, :, start : start + t] = k
+        values[:, :, start : start + t] = v
+        return keys[:, :, : start + t], values[:, :, : start + t]
 
     def advance(self, t: int) -> None:
         self.pos += t
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder or repeat) batch rows: beam search and n-samples use this."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        if isinstance(self.k, list):
+            self.k = [t.index_select(0, rows) for t in self.k]
+            self.v = [t.index_select(0, rows) for t in self.v]
+        else:
+            self.k = self.k.index_select(1, rows)
+            self.v = self.v.index_select(1, rows)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=None):
+    def empty(
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        device=None,
+        dtype=None,
+        per_layer: bool = False,
+    ):
         layers = cfg.n_decoder_layers if cfg.family == "encoder_decoder" else cfg.n_layers
-        shape = (layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or torch.float32
+        if per_layer:
+            return cls(
+                [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
+                [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
+            )
         return cls(
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros((layers, *shape), device=device, dtype=dtype),
+            torch.zeros((layers, *shape), device=device, dtype=dtype),
         )
+
+
+@dataclass
+class SlotWriter:
+    """A per-layer `KVCache`'s buffers as one compiled decode step sees them
+    (`decode_step`): the new token's keys/values go to slot `at` (a tensor), and attention
+    reads every slot under a mask. No shape depends on the position, so one graph serves
+    every step."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    at: torch.Tensor  # [1] long
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, self.at, k)
+        self.v[layer].index_copy_(2, self.at, v)
+        return self.k[layer], self.v[layer]
 
 
 class ConcatCache:
@@ -314,6 +355,18 @@ class RelativePositionBias(nn.Module):
 # --- layers ------------------------------------------------------------------------------
 
 
+def siblings(*projections: nn.Module):
+    """The group running these projections as one product (quantized siblings that read
+    one input: `lmlab.model.quant.W8A8Group`), or None. A projection replaced since (an
+    adapter wrapping it) breaks the group, and each runs on its own."""
+    group = projections[0].__dict__.get("_group")
+    if group is None or len(group.members) != len(projections):
+        return None
+    if all(m is p and m._group is group for m, p in zip(group.members, projections, strict=True)):
+        return group
+    return None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -336,9 +389,14 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         cfg = self.cfg
         src = x if memory is None else memory
-        q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(src).view(b, src.shape[1], cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(src).view(b, src.shape[1], cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        fused = siblings(self.q_proj, self.k_proj, self.v_proj) if memory is None else None
+        if fused is not None:
+            q, k, v = fused.outputs(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(src), self.v_proj(src)
+        q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, src.shape[1], cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, src.shape[1], cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if memory is None and ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None and memory is None:
@@ -383,7 +441,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            fused = siblings(self.gate_proj, self.up_proj)
+            if fused is not None:
+                gate, up = fused.outputs(x)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.up_proj(x)))
 
 
@@ -677,6 +740,57 @@ class Transformer(nn.Module):
         if with_scores:  # a policy with a value head (PPO): logits and a value per position
             return logits, self.score(x).squeeze(-1)
         return logits
+
+
+def decode_step_unsupported(model: nn.Module) -> str | None:
+    """Why `decode_step` cannot serve this model (None when it can)."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(model, Transformer) or cfg.family != "decoder":
+        return "it needs a decoder-only model"
+    if cfg.position not in ("rope", "none"):
+        return f"it needs RoPE or no positions, not {cfg.position}"
+    if any(cfg.is_local(i) for i in range(cfg.n_layers)):
+        return "sliding-window layers are not supported"
+    if cfg.n_experts:
+        return "mixture-of-experts routing has data-dependent shapes"
+    if model._modules.get("virtual_prompt") is not None:
+        return "a virtual prompt (prefix or prompt tuning) is not supported"
+    return None
+
+
+def decode_step(
+    model: Transformer,
+    tokens: torch.Tensor,
+    slots: SlotWriter,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [B, V] for one new token per row [B, 1] written at slot `slots.at`: the
+    forward of a decode step with the position a tensor and a mask over the whole cache,
+    so `torch.compile` makes one graph of it. `key_mask` [B, slots] marks real tokens
+    (left padding); positions then count them, as `positions_from` does. The caller
+    advances the cache. Models: see `decode_step_unsupported`."""
+    cfg = model.cfg
+    cap = slots.k[0].shape[2]
+    allowed = torch.arange(cap, device=tokens.device) <= slots.at  # [slots]
+    if key_mask is None:
+        pos = slots.at[None]  # [1, 1]
+        mask = allowed[None, None, None]
+    else:
+        pos = key_mask.cumsum(-1).index_select(1, slots.at) - 1
+        mask = (allowed & key_mask.bool())[:, None, None]
+    x = model.embed_tokens(tokens)
+    if cfg.embed_norm:
+        x = model.embed_norm(x)
+    cos = sin = None
+    if cfg.position == "rope":
+        cos_t, sin_t = model._tables.rope(cap, tokens.device)
+        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+    ctx = AttnContext(cos, sin, {False: mask}, is_causal=False)
+    for i, layer in enumerate(model.layers):
+        x = layer(x, ctx, i, slots)
+    if cfg.has_final_norm:
+        x = model.norm(x)
+    return model.lm_head(x[:, -1])[:, : cfg.vocab_size]
 
 
 def with_score_head(model: Transformer) -> Transformer:
