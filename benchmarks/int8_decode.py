@@ -8,9 +8,13 @@ busy machine slows them alike (best of `--repeats` rounds):
 - `lmlab int8`: weight-only per-channel int8 (`lmlab quantize --method int8`).
 - `lmlab w8a8 …`: `--method w8a8` (FBGEMM int8 × int8, per-token activations, SmoothQuant
   smoothing α, N input channels per layer in float), with and without the output head.
+- `… compiled` (`--compile`): lmlab fp32 and each w8a8 engine decoding through the
+  torch.compile'd decode step (`GenerationConfig.compile`); the warm-up round compiles, and
+  its time per batch size is reported as `first_call_s`.
 - `llama.cpp f32 / q8_0` (`--llama-cpp`, needs `llama-cpp-python`): the same checkpoint
   exported with `export_gguf`, batched through llama.cpp's low-level API, f32 KV cache;
-  and the package's own Q4_1 file. Speed only (no llama.cpp perplexity here).
+  and the package's own Q4_1 file. With `--compile`, each runs in a process of its own
+  (see `LlamaCppProcess`). Speed only (no llama.cpp perplexity here).
 
 Perplexity: the held-out text is Python's library documentation (python3.11-doc), every
 10th page from the 6th, html-to-text; calibration uses every 10th page from the first, so
@@ -36,7 +40,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _machine import machine, peak_rss_mib
-from infer_throughput import LlamaCppBatch, build_hf, hf_generate, lmlab_generate
+from infer_throughput import (
+    LlamaCppBatch,
+    LlamaCppProcess,
+    build_hf,
+    hf_generate,
+    lmlab_generate,
+)
 
 DOCS = "/usr/share/doc/python3.11/html/library"
 QTYPES = ("f32", "q8_0")
@@ -106,6 +116,12 @@ def run(args) -> dict:
             )
             engines[f"lmlab w8a8 o{k}{' +head' if head else ''}"] = m
 
+    compiled = set()
+    if args.compile:
+        for name in [n for n in engines if n != "lmlab int8"]:
+            engines[f"{name} compiled"] = engines[name]
+            compiled.add(f"{name} compiled")
+
     tmpdir = tempfile.TemporaryDirectory()
     tmp = Path(tmpdir.name)
     src = resolve_checkpoint(args.model)
@@ -120,6 +136,9 @@ def run(args) -> dict:
                 files["llama.cpp (the package's file)"] = src
             per_seq = args.prompt_len + args.new_tokens
             for name, f in files.items():
+                if args.compile:  # see LlamaCppProcess: not beside compiled kernels
+                    llama[name] = LlamaCppProcess(f, args.threads, max(args.batches), per_seq)
+                    continue
                 llm = load_llama_cpp(f, n_threads=args.threads, type_k=0, type_v=0, verbose=False)
                 llama[name] = LlamaCppBatch(llm, max(args.batches), per_seq)
 
@@ -127,6 +146,9 @@ def run(args) -> dict:
     print(f"perplexity on {len(held):,} held-out tokens (windows of {window})", file=sys.stderr)
     results["transformers fp32"] = {"perplexity": perplexity(hf, held, window, hf=True)}
     for name, m in engines.items():
+        if name in compiled:  # the same weights: the same perplexity
+            results[name] = dict(results[name.removesuffix(" compiled")])
+            continue
         results[name] = {"perplexity": perplexity(m, held, window)}
         print(f"  {name}: {results[name]['perplexity']:.4f}", file=sys.stderr)
     base = results["lmlab fp32"]["perplexity"]
@@ -149,7 +171,11 @@ def run(args) -> dict:
                 elif name in llama:
                     r = llama[name].generate(prompts, args.new_tokens)
                 else:
-                    r = lmlab_generate(engines[name], prompts, args.new_tokens)
+                    t0 = time.perf_counter()
+                    r = lmlab_generate(engines[name], prompts, args.new_tokens, name in compiled)
+                    if rnd == 0:
+                        first = results.setdefault(name, {}).setdefault("first_call_s", {})
+                        first[str(batch)] = time.perf_counter() - t0
                 if rnd and (name not in best or r.decode_tps > best[name].decode_tps):
                     best[name] = r
                 print(
@@ -231,6 +257,7 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--outliers", type=int, nargs="+", default=[0, 32])
     ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp f32/q8_0 engines")
+    ap.add_argument("--compile", action="store_true", help="add compiled-decode lmlab engines")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path, help="print a saved result and exit")
     args = ap.parse_args(argv)
