@@ -150,12 +150,9 @@ class Runner:
             self._slots = SlotWriter(cache.k, cache.v, at)
         self._slots.at.fill_(cache.pos)
         try:
-            # the model's tensors as graph constants guarded by the module's identity, not
-            # each checked as an input on every call (1.5 ms of a 17 ms SmolLM2 step)
-            with torch._dynamo.config.patch(inline_inbuilt_nn_modules=False):
-                logits = self.compiled(
-                    self.model, tokens.to(self.device)[:, None], self._slots, self.mask
-                )
+            logits = self.compiled(
+                self.model, tokens.to(self.device)[:, None], self._slots, self.mask
+            )
         except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, for one
             raise UsageError(
                 f"compiled decoding: torch.compile failed ({e}); run without --compile"
