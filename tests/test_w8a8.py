@@ -70,6 +70,21 @@ def test_fbgemm_kernel_equals_reference(rows, qmax):
     assert 0 < ((got - exact).norm() / exact.norm()).item() < 0.03
 
 
+@pytest.mark.skipif(not w8a8_kernel_works(), reason="this torch has no FBGEMM int8 kernel")
+def test_kernel_calls_the_bare_operator(monkeypatch):
+    """The `torch.ops` packet's Python scan for fake script objects (generator frames that
+    cost ~17 µs each inside a compiled graph) is not on the kernel's path."""
+    import torch._ops
+
+    def scan(*a, **k):
+        raise AssertionError("went through the packet's Python scan")
+
+    monkeypatch.setattr(torch._ops, "_must_dispatch_in_python", scan)
+    x, (q, s) = torch.randn(2, 64), quantize_int8(torch.randn(32, 64))
+    got = w8a8_kernel(x, _pack_w8a8(q, s), 127)
+    assert torch.allclose(got, w8a8_reference(x, q, s, 127), rtol=1e-5, atol=1e-4)
+
+
 def _outlier_linear(seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
     """A linear layer and inputs whose channel 3 is 60× larger than the rest, the kind of
     feature LLM activations carry (Dettmers et al. 2022)."""
