@@ -318,7 +318,9 @@ class LlamaCppProcess:
     """`LlamaCppBatch` in a process of its own. llama.cpp's CPU backend and the kernels
     torch.compile builds both run on the system's OpenMP runtime; in one process the
     compiled decode step was measured 20% slower than eager (31 against 38 tok/s, w8a8
-    SmolLM2, batch 1) and 45% faster without llama.cpp loaded."""
+    SmolLM2, batch 1) and 45% faster without llama.cpp loaded. That was before the w8a8
+    kernel bypassed the `torch.ops` packet's scan, the likelier cause (docs/benchmarks.md);
+    kept apart anyway, at no cost."""
 
     def __init__(self, file, threads: int, n_seq: int, per_seq: int) -> None:
         import multiprocessing as mp
