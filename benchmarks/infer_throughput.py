@@ -308,31 +308,33 @@ def _llama_worker(conn, file: str, threads: int, n_seq: int, per_seq: int) -> No
 
     llm = load_llama_cpp(file, n_threads=threads, type_k=0, type_v=0, verbose=False)
     batch = LlamaCppBatch(llm, n_seq, per_seq)
-    conn.send("ready")
-    while (job := conn.recv()) is not None:
-        conn.send(batch.generate(*job))
+    serve_jobs(conn, batch.generate)
     batch.close()
 
 
-class LlamaCppProcess:
-    """`LlamaCppBatch` in a process of its own. llama.cpp's CPU backend and the kernels
-    torch.compile builds both run on the system's OpenMP runtime; in one process the
-    compiled decode step was measured 20% slower than eager (31 against 38 tok/s, w8a8
-    SmolLM2, batch 1) and 45% faster without llama.cpp loaded. That was before the w8a8
-    kernel bypassed the `torch.ops` packet's scan, the likelier cause (docs/benchmarks.md);
-    kept apart anyway, at no cost."""
+def serve_jobs(conn, generate) -> None:
+    """A worker's side of `EngineProcess`: ready, then `generate(prompts, new)` per job."""
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        conn.send(generate(*job))
 
-    def __init__(self, file, threads: int, n_seq: int, per_seq: int) -> None:
+
+class EngineProcess:
+    """An engine in a process of its own (spawned, so nothing is inherited): `target(conn,
+    *args)` builds it and answers jobs through `serve_jobs`; `generate` sends one job and
+    waits. One model per process is how a user runs it; several engines in one process
+    were measured to slow one another (llama.cpp beside compiled kernels, and compiled
+    w8a8 decode in a process that holds many models: docs/benchmarks.md)."""
+
+    def __init__(self, target, *args, name: str = "engine") -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_llama_worker, args=(child, str(file), threads, n_seq, per_seq), daemon=True
-        )
+        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
         self.proc.start()
         if self.conn.recv() != "ready":
-            raise RuntimeError(f"llama.cpp worker for {file} did not start")
+            raise RuntimeError(f"{name}: worker process did not start")
 
     def generate(self, prompts: list[list[int]], new: int) -> Run:
         self.conn.send((prompts, new))
@@ -341,6 +343,16 @@ class LlamaCppProcess:
     def close(self) -> None:
         self.conn.send(None)
         self.proc.join(timeout=30)
+
+
+def llama_cpp_process(file, threads: int, n_seq: int, per_seq: int) -> EngineProcess:
+    """`LlamaCppBatch` in a process of its own. llama.cpp's CPU backend and the kernels
+    torch.compile builds both run on the system's OpenMP runtime; in one process the
+    compiled decode step was measured 20% slower than eager (31 against 38 tok/s, w8a8
+    SmolLM2, batch 1) and 45% faster without llama.cpp loaded. That was before the w8a8
+    kernel bypassed the `torch.ops` packet's scan, the likelier cause (docs/benchmarks.md);
+    kept apart anyway, at no cost."""
+    return EngineProcess(_llama_worker, str(file), threads, n_seq, per_seq, name=str(file))
 
 
 # --- the models -------------------------------------------------------------------------

@@ -14,7 +14,14 @@ busy machine slows them alike (best of `--repeats` rounds):
 - `llama.cpp f32 / q8_0` (`--llama-cpp`, needs `llama-cpp-python`): the same checkpoint
   exported with `export_gguf`, batched through llama.cpp's low-level API, f32 KV cache;
   and the package's own Q4_1 file. With `--compile`, each runs in a process of its own
-  (see `LlamaCppProcess`). Speed only (no llama.cpp perplexity here).
+  (see `llama_cpp_process`). Speed only (no llama.cpp perplexity here).
+
+`--isolate`: every engine decodes in a process of its own that holds only its model, as a
+user's `lmlab chat` or `generate` would (`EngineProcess`); the w8a8 engines are rebuilt
+there from the same calibration statistics, so their weights are the ones measured for
+perplexity. Rounds still alternate between engines. Without it, every lmlab and
+transformers engine shares the benchmark's process, where the compiled w8a8 step was
+seen to run as slowly as eager in most runs (docs/benchmarks.md).
 
 Perplexity: the held-out text is Python's library documentation (python3.11-doc), every
 10th page from the 6th, html-to-text; calibration uses every 10th page from the first, so
@@ -41,11 +48,13 @@ import torch
 import torch.nn.functional as F
 from _machine import machine, peak_rss_mib
 from infer_throughput import (
+    EngineProcess,
     LlamaCppBatch,
-    LlamaCppProcess,
     build_hf,
     hf_generate,
+    llama_cpp_process,
     lmlab_generate,
+    serve_jobs,
 )
 
 DOCS = "/usr/share/doc/python3.11/html/library"
@@ -81,11 +90,40 @@ def agreement(tokens: list[list[int]], ref: list[list[int]]) -> float:
     return same / total
 
 
+def build_engine(fp, recipe: tuple, stats: dict | None):
+    """The lmlab engine a recipe names, from the float model (changed in place):
+    ("fp32",), ("int8",) or ("w8a8", include_lm_head, outliers, alpha)."""
+    from lmlab.model.quant import quantize_model
+
+    if recipe[0] == "fp32":
+        return fp
+    if recipe[0] == "int8":
+        return quantize_model(fp, "int8")
+    _, head, k, alpha = recipe
+    return quantize_model(
+        fp, "w8a8", include_lm_head=head, calibration=stats, alpha=alpha, outliers=k
+    )
+
+
+def _lmlab_worker(conn, model: str, recipe: tuple, stats, threads: int, compile: bool) -> None:
+    from lmlab import load_model
+
+    torch.set_num_threads(threads)
+    m = build_engine(load_model(model).eval(), recipe, stats)
+    serve_jobs(conn, lambda prompts, new: lmlab_generate(m, prompts, new, compile))
+
+
+def _hf_worker(conn, hf_dir: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    hf = build_hf(Path(hf_dir), torch.device("cpu"), torch.float32)
+    serve_jobs(conn, lambda prompts, new: hf_generate(hf, prompts, new))
+
+
 def run(args) -> dict:
     from lmlab import load_model, load_tokenizer
     from lmlab.model.hf import export_to_hf
     from lmlab.model.loading import as_checkpoint, resolve_checkpoint
-    from lmlab.model.quant import quantize_model, w8a8_kernel_works
+    from lmlab.model.quant import w8a8_kernel_works
 
     torch.set_num_threads(args.threads)
     pages = sorted(Path(args.docs).glob("*.html"))
@@ -100,21 +138,20 @@ def run(args) -> dict:
         torch.tensor(calib[i : i + window])[None] for i in range(0, len(calib), window)
     ]
 
-    engines: dict[str, object] = {"lmlab fp32": fp}
-    engines["lmlab int8"] = quantize_model(copy.deepcopy(fp), "int8")
     from lmlab.model.quant import activation_absmax, quantizable
 
     names = quantizable(fp, include_lm_head=True)
     t0 = time.perf_counter()
     stats = activation_absmax(fp, names, calib_batches)
     calib_s = time.perf_counter() - t0
+    recipes = {"lmlab fp32": ("fp32",), "lmlab int8": ("int8",)}
     for head in (False, True):
         for k in args.outliers:
-            m = copy.deepcopy(fp)
-            quantize_model(
-                m, "w8a8", include_lm_head=head, calibration=stats, alpha=args.alpha, outliers=k
-            )
-            engines[f"lmlab w8a8 o{k}{' +head' if head else ''}"] = m
+            recipes[f"lmlab w8a8 o{k}{' +head' if head else ''}"] = ("w8a8", head, k, args.alpha)
+    engines: dict[str, object] = {
+        name: build_engine(fp if r == ("fp32",) else copy.deepcopy(fp), r, stats)
+        for name, r in recipes.items()
+    }
 
     compiled = set()
     if args.compile:
@@ -136,11 +173,29 @@ def run(args) -> dict:
                 files["llama.cpp (the package's file)"] = src
             per_seq = args.prompt_len + args.new_tokens
             for name, f in files.items():
-                if args.compile:  # see LlamaCppProcess: not beside compiled kernels
-                    llama[name] = LlamaCppProcess(f, args.threads, max(args.batches), per_seq)
+                if args.compile or args.isolate:  # see llama_cpp_process
+                    llama[name] = llama_cpp_process(f, args.threads, max(args.batches), per_seq)
                     continue
                 llm = load_llama_cpp(f, n_threads=args.threads, type_k=0, type_v=0, verbose=False)
                 llama[name] = LlamaCppBatch(llm, max(args.batches), per_seq)
+
+    procs: dict[str, EngineProcess] = {}
+    if args.isolate:  # one process per engine, each holding only its model
+        print("starting one process per engine", file=sys.stderr)
+        procs["transformers fp32"] = EngineProcess(
+            _hf_worker, str(tmp / "hf"), args.threads, name="transformers fp32"
+        )
+        for name in engines:
+            recipe = recipes[name.removesuffix(" compiled")]
+            procs[name] = EngineProcess(
+                _lmlab_worker,
+                args.model,
+                recipe,
+                stats if recipe[0] == "w8a8" else None,
+                args.threads,
+                name in compiled,
+                name=name,
+            )
 
     results: dict[str, dict] = {}
     print(f"perplexity on {len(held):,} held-out tokens (windows of {window})", file=sys.stderr)
@@ -165,17 +220,20 @@ def run(args) -> dict:
         ref_tokens = None
         for rnd in range(args.repeats + 1):  # round 0 warms up
             for name in ["transformers fp32", *engines, *llama]:
-                if name == "transformers fp32":
+                t0 = time.perf_counter()
+                if name in procs:
+                    r = procs[name].generate(prompts, args.new_tokens)
+                elif name == "transformers fp32":
                     r = hf_generate(hf, prompts, args.new_tokens)
-                    ref_tokens = r.tokens
                 elif name in llama:
                     r = llama[name].generate(prompts, args.new_tokens)
                 else:
-                    t0 = time.perf_counter()
                     r = lmlab_generate(engines[name], prompts, args.new_tokens, name in compiled)
-                    if rnd == 0:
-                        first = results.setdefault(name, {}).setdefault("first_call_s", {})
-                        first[str(batch)] = time.perf_counter() - t0
+                if name == "transformers fp32":
+                    ref_tokens = r.tokens
+                elif rnd == 0 and name in engines:
+                    first = results.setdefault(name, {}).setdefault("first_call_s", {})
+                    first[str(batch)] = time.perf_counter() - t0
                 if rnd and (name not in best or r.decode_tps > best[name].decode_tps):
                     best[name] = r
                 print(
@@ -193,13 +251,14 @@ def run(args) -> dict:
                 "step_ms_p50": r.step_ms_p50,
                 "greedy_agreement": agreement(r.tokens, ref_tokens) if r.tokens else None,
             }
-    for b in llama.values():
+    for b in [*llama.values(), *procs.values()]:
         b.close()
     tmpdir.cleanup()
     return {
         "machine": machine("transformers", "llama_cpp_python"),
         "model": args.model,
         "threads": args.threads,
+        "isolated": args.isolate,
         "fbgemm": w8a8_kernel_works(),
         "alpha": args.alpha,
         "calibration_tokens": len(calib),
@@ -258,6 +317,9 @@ def main(argv=None) -> None:
     ap.add_argument("--outliers", type=int, nargs="+", default=[0, 32])
     ap.add_argument("--llama-cpp", action="store_true", help="add llama.cpp f32/q8_0 engines")
     ap.add_argument("--compile", action="store_true", help="add compiled-decode lmlab engines")
+    ap.add_argument(
+        "--isolate", action="store_true", help="each engine decodes in a process of its own"
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path, help="print a saved result and exit")
     args = ap.parse_args(argv)
