@@ -89,6 +89,31 @@ def test_compiled_generation_gives_the_eager_tokens(quantized):
     assert len(compiled[0].tokens) < len(compiled[1].tokens)
 
 
+def test_compiled_w8a8_step_reads_only_what_it_multiplies_by(monkeypatch):
+    """Each tensor the compiled step reads is guarded, and the guards run on every call;
+    the int8 weights and scales live in FBGEMM's packed form, so the step must not read
+    them (nor the outlier channels of a model without any)."""
+    if not quant.w8a8_kernel_works():
+        pytest.skip("FBGEMM's int8 kernel does not run on this CPU")
+    torch._dynamo.reset()
+    guarded: list[str] = []
+
+    def export(guards) -> None:
+        guarded.extend(g.name for g in guards)
+
+    g = torch.Generator().manual_seed(7)
+    calib = [torch.randint(0, 200, (2, 16), generator=g) for _ in range(3)]
+    model = quant.quantize_model(tiny(seed=3), "w8a8", calibration=calib, outliers=0)
+    step = torch._dynamo.optimize("eager", nopython=True, guard_export_fn=export)(decode_step)
+    monkeypatch.setattr(engine, "_compiled_decode_step", step)
+    runner = Runner(model, 4, compile=True)
+    runner.step(runner.prefill(PROMPTS[:1]).argmax(-1))
+    assert any("layers" in n for n in guarded), "the step was not compiled"
+    read = {n for n in guarded if any(k in n for k in ("qweight", "outlier", "'scale'"))}
+    assert not read, sorted(read)[:3]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "kw, why",
     [

@@ -487,12 +487,13 @@ class W8A8Linear(QuantLinear):
         w[:, self.outlier_cols] = self.outlier_weight
         return w / self.smooth[None, :]
 
-    def _prepared(self) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prepared(self) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What the forward multiplies by, derived from the buffers on first use and again
         after a load or `.to()` (the hooks below): FBGEMM's packed weights (None off CPU),
         the rows' sums of the int8 weight × scale, 1/s with the outlier channels zeroed,
-        and the outlier weights divided by their s (so they take x as it comes) as [k, N]:
-        a [1, k] × [k, N] product runs about twice as fast as one against [N, k]ᵀ."""
+        and the outlier weights divided by their s (so they take x as it comes) as [k, N]
+        (None without outlier channels): a [1, k] × [k, N] product runs about twice as
+        fast as one against [N, k]ᵀ."""
         if self._packed is None:
             # a group member's product runs through the group's packed weights instead
             packed = None
@@ -502,7 +503,8 @@ class W8A8Linear(QuantLinear):
             inv = 1.0 / self.smooth
             inv[self.outlier_cols] = 0.0
             w_out = self.outlier_weight / self.smooth[self.outlier_cols][None, :]
-            self._packed = (packed, row_sums, inv, w_out.t().contiguous())
+            w_out = w_out.t().contiguous() if self.outlier_cols.numel() else None
+            self._packed = (packed, row_sums, inv, w_out)
             if packed is not None:
                 self._handle = _register_packed(self, packed)
         return self._packed
@@ -531,8 +533,7 @@ class W8A8Linear(QuantLinear):
             y = self._group.output(x, self._group_slot)
         else:
             x2 = x.reshape(-1, self.in_features)
-            prep = self._prepared()
-            y = _w8a8_product(x2, prep, self.outlier_cols, self.qweight, self.scale, self._handle)
+            y = _w8a8_product(x2, self._prepared(), self._handle, self)
         if self.bias is not None:
             y = y + self.bias
         y = y.reshape(*shape[:-1], self.out_features)
@@ -541,24 +542,23 @@ class W8A8Linear(QuantLinear):
     def __getstate__(self) -> dict:  # copies re-derive the kernel weights (not picklable)
         return {**self.__dict__, "_packed": None, "_handle": 0}
 
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qweight, self.scale
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.outlier_cols.numel()}"
 
 
-def _w8a8_product(
-    x2: torch.Tensor,
-    prepared: tuple,
-    cols: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: Any,
-    handle: int = 0,
-) -> torch.Tensor:
+def _w8a8_product(x2: torch.Tensor, prepared: tuple, handle: int, source: Any) -> torch.Tensor:
     """x2 [M, K] → [M, N] without the bias: the int8 product of the smoothed activations
-    (per token) plus the float product of the outlier channels."""
+    (per token) plus the float product of the outlier channels. `source` (the linear or
+    its group) gives the outlier channels and the plain int8 weights, read only where
+    used: each tensor a compiled graph reads is one more guard checked on every call (the
+    decode step's guards took ~10% of it when every product read all of them)."""
     packed, row_sums, inv, w_out = prepared
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    xo = x2.index_select(1, cols) if w_out.shape[0] else None
+    xo = x2.index_select(1, source.outlier_cols) if w_out is not None else None
     x2 = x2 * inv  # smoothed, outlier channels zeroed
     rows = x2.shape[0]
     if rows > 1:
@@ -572,9 +572,9 @@ def _w8a8_product(
         span = (hi - lo).clamp_min(1e-30)
         x2 = x2.sub_(lo).div_(span)  # in place: x2 is this function's own copy
     if packed is None:
-        y = w8a8_reference(x2, qweight, scale)
+        y = w8a8_reference(x2, *source.int8_weight())
     elif handle and torch.compiler.is_compiling():
-        y = torch.ops.lmlab.w8a8_linear(x2, handle, row_sums.shape[0])
+        y = torch.ops.lmlab.w8a8_linear(x2, handle, source.out_features)
     else:
         y = w8a8_kernel(x2, packed)
     if rows > 1:
@@ -616,6 +616,7 @@ class W8A8Group:
         for m in members:
             starts.append(starts[-1] + m.out_features)
         self.slices = [slice(a, b) for a, b in zip(starts, starts[1:], strict=False)]
+        self.out_features = starts[-1]
         self._prepared: tuple | None = None
         self._handle = 0
         self._cache: tuple | None = None  # (input, its version, outputs, members served)
@@ -644,7 +645,7 @@ class W8A8Group:
             qweight = torch.cat([m.qweight for m in ms])
             scale = torch.cat([m.scale for m in ms])
             parts = [m._prepared() for m in ms]
-            w_out = torch.cat([p[3] for p in parts], dim=1)
+            w_out = torch.cat([p[3] for p in parts], dim=1) if parts[0][3] is not None else None
             packed = _pack_w8a8(qweight, scale) if first._kernel() else None
             row_sums = torch.cat([p[1] for p in parts])
             self._prepared = ((packed, row_sums, parts[0][2], w_out), qweight, scale)
@@ -652,10 +653,16 @@ class W8A8Group:
                 self._handle = _register_packed(self, packed)
         return self._prepared
 
+    @property
+    def outlier_cols(self) -> torch.Tensor:
+        return self.members[0].outlier_cols
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        _, qweight, scale = self.prepared()
+        return qweight, scale
+
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
-        prep, qweight, scale = self.prepared()
-        cols = self.members[0].outlier_cols
-        return _w8a8_product(x2, prep, cols, qweight, scale, self._handle)
+        return _w8a8_product(x2, self.prepared()[0], self._handle, self)
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output (bias included) for input x, from one product. Attention
