@@ -393,12 +393,15 @@ class Generation:
                         type="timeout_error",
                         code="timeout",
                     )
-                try:
-                    item = await asyncio.wait_for(self.handle.queue.get(), min(remaining, 0.5))
-                except TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
+                try:  # what has arrived needs no timer (`wait_for` makes a task per call)
+                    item = self.handle.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        item = await asyncio.wait_for(self.handle.queue.get(), min(remaining, 0.5))
+                    except TimeoutError:
+                        if request is not None and await request.is_disconnected():
+                            return
+                        continue
                 if isinstance(item, BaseException):
                     raise APIError(500, "generation failed; see the server log", "server_error")
                 for ev in item:

@@ -6,7 +6,7 @@ every connection (a slow client, a health check) for its duration. The scheduler
 touched by its thread only: handlers validate a request in their own thread (the checks
 read nothing that changes), then hand it over through an inbox; the thread drains the
 inbox between steps, so requests join and leave the batch between decode steps. Tokens
-go back to each handler's asyncio queue with `call_soon_threadsafe`; a handler whose
+go back to each handler's asyncio queue, one `call_soon_threadsafe` per step; a handler whose
 client went away aborts, and its blocks are freed before the next step.
 """
 
@@ -215,11 +215,16 @@ class Engine:
                 self.sched.finished.pop(ev.request_id, None)
                 del self.handles[ev.request_id]
                 handle.left -= 1
+        # one wake-up of each event loop per step, not one per request: at 32 streams the
+        # loop would otherwise be woken 32 times a step, taking the GIL from this thread
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Event]]]] = {}
         for handle, evs in by_handle.values():
-            handle.loop.call_soon_threadsafe(handle.queue.put_nowait, evs)
+            by_loop.setdefault(handle.loop, []).append((handle.queue, evs))
             if handle.left == 0:
                 self._close(handle)
                 self.metrics.inc("lmlab_requests_total", self.name)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _drop(self, handle: Handle, aborted: bool, error: BaseException | None = None) -> None:
         self.sched.abort(handle.ids)
@@ -236,6 +241,11 @@ class Engine:
             if not handle.done:
                 handle.done = True
                 self.in_flight -= handle.n
+
+
+def _put_all(items: list[tuple[asyncio.Queue, list[Event]]]) -> None:
+    for queue, evs in items:
+        queue.put_nowait(evs)
 
 
 def load_engine(
