@@ -322,9 +322,9 @@ def serve_jobs(conn, generate) -> None:
 class EngineProcess:
     """An engine in a process of its own (spawned, so nothing is inherited): `target(conn,
     *args)` builds it and answers jobs through `serve_jobs`; `generate` sends one job and
-    waits. One model per process is how a user runs it; several engines in one process
-    were measured to slow one another (llama.cpp beside compiled kernels, and compiled
-    w8a8 decode in a process that holds many models: docs/benchmarks.md)."""
+    waits. One model per process is how a user runs it; in a process that holds many
+    models the compiled w8a8 step was seen to run little faster than eager, for a reason
+    not found (docs/benchmarks.md)."""
 
     def __init__(self, target, *args, name: str = "engine") -> None:
         import multiprocessing as mp
