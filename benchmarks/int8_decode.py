@@ -294,7 +294,9 @@ def table(rep: dict) -> str:
     lines.append("")
     lines.append(
         f"{rep['machine']}; {rep['model']}, prompt {rep['prompt_len']}, {rep['new_tokens']} new "
-        f"tokens, best of {rep['repeats']}; perplexity on {rep['eval_tokens']:,} held-out tokens; "
+        f"tokens, best of {rep['repeats']}"
+        f"{'; each engine in a process of its own' if rep.get('isolated') else ''}; "
+        f"perplexity on {rep['eval_tokens']:,} held-out tokens; "
         f"w8a8 α={rep['alpha']}, calibrated on {rep['calibration_tokens']:,} tokens "
         f"({rep['calibration_s']:.0f} s); FBGEMM kernel: {rep['fbgemm']}; "
         f"peak RSS {rep['peak_rss_mib']:,.0f} MiB"
