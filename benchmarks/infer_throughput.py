@@ -323,8 +323,8 @@ class EngineProcess:
     """An engine in a process of its own (spawned, so nothing is inherited): `target(conn,
     *args)` builds it and answers jobs through `serve_jobs`; `generate` sends one job and
     waits. One model per process is how a user runs it; in a process that holds many
-    models the compiled w8a8 step was seen to run little faster than eager, for a reason
-    not found (docs/benchmarks.md)."""
+    models the compiled w8a8 step mostly ran little faster than eager, its int8 products
+    mapping and unmapping a chunk of CPython's frame stack each (docs/benchmarks.md)."""
 
     def __init__(self, target, *args, name: str = "engine") -> None:
         import multiprocessing as mp

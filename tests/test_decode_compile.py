@@ -28,10 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 150]]  # left padding for row 0
 
 
-def _w8a8(model: nn.Module) -> nn.Module:
+def _w8a8(model: nn.Module, outliers: int = 4) -> nn.Module:
     g = torch.Generator().manual_seed(7)
     calib = [torch.randint(0, 200, (2, 16), generator=g) for _ in range(3)]
-    return quant.quantize_model(model, "w8a8", calibration=calib, outliers=4)
+    return quant.quantize_model(model, "w8a8", calibration=calib, outliers=outliers)
 
 
 def _steps(model, compile: bool, n: int = 6) -> list[torch.Tensor]:
@@ -101,9 +101,7 @@ def test_compiled_w8a8_step_reads_only_what_it_multiplies_by(monkeypatch):
     def export(guards) -> None:
         guarded.extend(g.name for g in guards)
 
-    g = torch.Generator().manual_seed(7)
-    calib = [torch.randint(0, 200, (2, 16), generator=g) for _ in range(3)]
-    model = quant.quantize_model(tiny(seed=3), "w8a8", calibration=calib, outliers=0)
+    model = _w8a8(tiny(seed=3), outliers=0)
     step = torch._dynamo.optimize("eager", nopython=True, guard_export_fn=export)(decode_step)
     monkeypatch.setattr(engine, "_compiled_decode_step", step)
     runner = Runner(model, 4, compile=True)

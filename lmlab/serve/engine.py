@@ -6,8 +6,8 @@ every connection (a slow client, a health check) for its duration. The scheduler
 touched by its thread only: handlers validate a request in their own thread (the checks
 read nothing that changes), then hand it over through an inbox; the thread drains the
 inbox between steps, so requests join and leave the batch between decode steps. Tokens
-go back to each handler's asyncio queue, one `call_soon_threadsafe` per step; a handler whose
-client went away aborts, and its blocks are freed before the next step.
+go back to the handlers' asyncio queues, one `call_soon_threadsafe` per step; a handler
+whose client went away aborts, and its blocks are freed before the next step.
 """
 
 from __future__ import annotations
@@ -215,8 +215,7 @@ class Engine:
                 self.sched.finished.pop(ev.request_id, None)
                 del self.handles[ev.request_id]
                 handle.left -= 1
-        # one wake-up of each event loop per step, not one per request: at 32 streams the
-        # loop would otherwise be woken 32 times a step, taking the GIL from this thread
+        # one wake-up of each event loop per step, not one per request (32 at 32 streams)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Event]]]] = {}
         for handle, evs in by_handle.values():
             by_loop.setdefault(handle.loop, []).append((handle.queue, evs))
