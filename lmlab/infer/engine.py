@@ -168,8 +168,7 @@ class Runner:
         self._slots.at.fill_(cache.pos)
         try:
             logits = call_with_stack_room(
-                self.compiled,
-                self.model, tokens.to(self.device)[:, None], self._slots, self.mask
+                self.compiled, self.model, tokens.to(self.device)[:, None], self._slots, self.mask
             )
         except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, for one
             raise UsageError(
