@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 
 import pytest
 import torch
@@ -172,43 +171,3 @@ def test_bench_infer_compiled_from_the_command_line(smoke_run, tmp_path):
     report = json.loads(out.read_text())
     assert report["compiled"] and report["results"][0]["warmup_s"] > 0
 
-
-def _wide_frame_caller(n_locals: int):
-    """A function with a frame as wide as a compiled graph's wrapper (one local per
-    buffer), calling a small Python function many times, as the wrapper calls operators."""
-    src = "def wide(op):\n" + "".join(f"    b{i} = None\n" for i in range(n_locals))
-    src += "    for _ in range(300):\n        op()\n"
-    space: dict = {}
-    exec(src, space)  # noqa: S102 - test-only code generation
-    return space["wide"]
-
-
-def _max_faults(call, wides: list) -> int:
-    """The most minor page faults one `call(wide)` takes, over caller stack depths and
-    wide-frame sizes that together put the wide frame at every 8-byte offset of
-    CPython's frame-stack chunk."""
-    import resource
-
-    def at(d: int, wide) -> int:
-        if d:
-            return at(d - 1, wide)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        call(wide)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    call(wides[0])  # warm
-    return max(at(d, w) for d in range(0, 160, 4) for w in wides)
-
-
-def test_stack_room_keeps_operator_calls_off_fresh_frame_chunks():
-    """From `call_with_stack_room`, a wide frame's 300 operator calls fault in no fresh
-    frame-stack chunk wherever the caller's stack ends; called plainly, CPython 3.11 maps,
-    faults in and unmaps a chunk per call at some offsets (the slowdown guarded here)."""
-    wides = [_wide_frame_caller(1400 + k) for k in range(64)]
-
-    def op() -> None:
-        return None
-
-    assert _max_faults(lambda w: engine.call_with_stack_room(w, op), wides) < 100
-    if sys.version_info[:2] == (3, 11):  # the chunk policy this guards against
-        assert _max_faults(lambda w: w(op), wides) >= 300

@@ -17,6 +17,7 @@ import torch
 from lmlab.errors import UsageError
 from lmlab.infer.options import GenerationConfig
 from lmlab.model.transformer import KVCache, SlotWriter, decode_step, decode_step_unsupported
+from lmlab.utils import call_with_stack_room
 
 
 @dataclass
@@ -51,22 +52,6 @@ def fit_prompts(model, prompts: list[list[int]], budget: int) -> tuple[list[list
 
 
 _compiled_decode_step = None
-
-
-def call_with_stack_room(fn, *args):
-    """`fn(*args)` from a Python frame that reserves 64 KiB of CPython's frame stack.
-
-    CPython keeps Python frames in chunks (16 KiB unless a frame needs more) and unmaps
-    a chunk as soon as the frame that opened it returns. A compiled graph's wrapper
-    frame is large; when it lands near a chunk's end, each Python-level operator it
-    calls (121 int8 products per SmolLM2 step) maps, faults in and unmaps a fresh chunk,
-    and the step runs ~35% slower, depending only on the caller's stack depth. This
-    frame never fits a 16 KiB chunk, so it opens a 128 KiB one and leaves the graph
-    ~60 KiB of room after it: one chunk per call instead of one per operator."""
-    return fn(*args)
-
-
-call_with_stack_room.__code__ = call_with_stack_room.__code__.replace(co_stacksize=8192)
 
 
 def compiled_decode_step(model):
@@ -144,11 +129,13 @@ class Runner:
     def _forward(self, x: torch.Tensor, keep: int = 0) -> torch.Tensor:
         """Logits [B, t, V] (the last `keep` positions if > 0) for x [B, t] after the cache."""
         if self.family == "encoder_decoder":
-            return self.model.decode(x, self.memory, self.memory_mask, cache=self.cache)
+            return call_with_stack_room(
+                self.model.decode, x, self.memory, self.memory_mask, cache=self.cache
+            )
         mask = None if self.mask is None else self.mask[:, : self.cache.pos + x.shape[1]]
         prefix = self.prefix if self.family == "prefix" else None
-        return self.model(
-            x, self.cache, attention_mask=mask, prefix_len=prefix, logits_to_keep=keep
+        return call_with_stack_room(
+            self.model, x, self.cache, attention_mask=mask, prefix_len=prefix, logits_to_keep=keep
         )
 
     @torch.no_grad()

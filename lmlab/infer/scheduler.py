@@ -37,6 +37,7 @@ from lmlab.infer.engine import StopStrings
 from lmlab.infer.options import GenerationConfig
 from lmlab.infer.paged import PagedKVCache, Sequence, block_hash, check_model
 from lmlab.infer.sampling import History, apply_penalties, make_generator, pick, top_logprobs
+from lmlab.utils import call_with_stack_room
 
 
 @dataclass
@@ -332,10 +333,11 @@ class Scheduler:
         ids = ids.to(self.device)
         if len(group) == 1:
             view = self.cache.prefill_view(seqs[0], ts[0])
-            logits = self.model(ids, cache=view, logits_to_keep=1)
+            logits = call_with_stack_room(self.model, ids, cache=view, logits_to_keep=1)
         else:
             view = self.cache.batch_view(seqs, ts)
-            logits = self.model(
+            logits = call_with_stack_room(
+                self.model,
                 ids,
                 cache=view,
                 attention_mask=view.attention_mask,
@@ -389,8 +391,12 @@ class Scheduler:
     def _decode(self, reqs: list[Request]) -> list[Event]:
         view = self.cache.decode_view([r.seq for r in reqs])
         ids = torch.tensor([[r.seq.tokens[-1]] for r in reqs], device=self.device)
-        logits = self.model(
-            ids, cache=view, attention_mask=view.attention_mask, position_ids=view.position_ids
+        logits = call_with_stack_room(
+            self.model,
+            ids,
+            cache=view,
+            attention_mask=view.attention_mask,
+            position_ids=view.position_ids,
         )
         self.stats.forwards += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(reqs))
