@@ -170,4 +170,3 @@ def test_bench_infer_compiled_from_the_command_line(smoke_run, tmp_path):
     assert "compiled decode step" in p.stdout
     report = json.loads(out.read_text())
     assert report["compiled"] and report["results"][0]["warmup_s"] > 0
-

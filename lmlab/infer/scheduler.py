@@ -224,10 +224,14 @@ class Scheduler:
 
     # --- one iteration -------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self) -> list[Event]:
         """Continue chunked prefills, admit and prefill what fits, then decode one token for
-        every running sequence."""
+        every running sequence (from a frame with room on CPython's frame stack: see
+        `call_with_stack_room`)."""
+        return call_with_stack_room(self._step)
+
+    @torch.no_grad()
+    def _step(self) -> list[Event]:
         self._spent = 0
         self._computing: set[bytes] = set()  # blocks this step's prefills will fill
         batch = [(r, self._take(r)) for r in self.running if self._prefilling(r) and self._room()]
@@ -333,11 +337,10 @@ class Scheduler:
         ids = ids.to(self.device)
         if len(group) == 1:
             view = self.cache.prefill_view(seqs[0], ts[0])
-            logits = call_with_stack_room(self.model, ids, cache=view, logits_to_keep=1)
+            logits = self.model(ids, cache=view, logits_to_keep=1)
         else:
             view = self.cache.batch_view(seqs, ts)
-            logits = call_with_stack_room(
-                self.model,
+            logits = self.model(
                 ids,
                 cache=view,
                 attention_mask=view.attention_mask,
@@ -391,12 +394,8 @@ class Scheduler:
     def _decode(self, reqs: list[Request]) -> list[Event]:
         view = self.cache.decode_view([r.seq for r in reqs])
         ids = torch.tensor([[r.seq.tokens[-1]] for r in reqs], device=self.device)
-        logits = call_with_stack_room(
-            self.model,
-            ids,
-            cache=view,
-            attention_mask=view.attention_mask,
-            position_ids=view.position_ids,
+        logits = self.model(
+            ids, cache=view, attention_mask=view.attention_mask, position_ids=view.position_ids
         )
         self.stats.forwards += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(reqs))
