@@ -340,3 +340,21 @@ def test_contrastive_decoding_matches_a_loop_without_cache():
             ctx.append(int(s.argmax()))
         assert c.tokens == ctx[len(prompt) :]
     assert [c.tokens for c in got] != [greedy(expert, p, 8) for p in prompts]
+
+
+def test_greedy_tokens_equal_argmax_with_ties_nan_and_inf():
+    """`greedy_tokens` (through `max`) picks what `argmax` picks: the first of tied
+    maxima, a NaN where a row has one, index 0 for an all −inf row; any dtype."""
+    from lmlab.infer.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        torch.randn(4, 49152, generator=g),
+        torch.randint(0, 3, (8, 1000), generator=g).float(),  # many ties
+        torch.full((2, 500), float("-inf")),
+    ]
+    nan = torch.randn(3, 700, generator=g)
+    nan[0, 123] = nan[0, 500] = float("nan")
+    rows += [nan, torch.randn(5, 300, generator=g).bfloat16()]
+    for x in rows:
+        assert torch.equal(greedy_tokens(x), x.argmax(-1))

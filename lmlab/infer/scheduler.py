@@ -36,7 +36,14 @@ from lmlab.errors import UsageError
 from lmlab.infer.engine import StopStrings
 from lmlab.infer.options import GenerationConfig
 from lmlab.infer.paged import PagedKVCache, Sequence, block_hash, check_model
-from lmlab.infer.sampling import History, apply_penalties, make_generator, pick, top_logprobs
+from lmlab.infer.sampling import (
+    History,
+    apply_penalties,
+    greedy_tokens,
+    make_generator,
+    pick,
+    top_logprobs,
+)
 from lmlab.utils import call_with_stack_room
 
 
@@ -403,7 +410,7 @@ class Scheduler:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[Event]:
         """Each row through its own request's penalties, warpers and generator."""
-        greedy = logits.argmax(-1).tolist()
+        greedy = greedy_tokens(logits).tolist()
         # sampling, penalties and logprobs run on the host with host generators, as
         # `generate` does, so a seed draws the same tokens in both engines on any device
         host = None
