@@ -425,10 +425,10 @@ def _alive(pids: list[int]) -> list[int]:
     return left
 
 
-def _signal_when(proc, kill, ready) -> tuple[list[int], str]:
+def _signal_when(proc, kill, ready) -> tuple[list[int], str, str]:
     """Once `ready()`, `kill(pid)` the main process. Returns the processes it had started
-    that are still running 5 s later, and its stderr. Those are then killed by pid, so the
-    test leaks nothing."""
+    that are still running 5 s later, and its stdout and stderr. Those are then killed by
+    pid, so the test leaks nothing."""
     import os
     import time
 
@@ -454,7 +454,8 @@ def _signal_when(proc, kill, ready) -> tuple[list[int], str]:
     left = _alive(list(tree))
     for pid in left:
         os.kill(pid, 9)
-    return left, proc.communicate(timeout=30)[1]
+    out, err = proc.communicate(timeout=30)
+    return left, out, err
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -474,7 +475,7 @@ def test_workers_die_with_a_killed_parent_without_tracebacks(sig):
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    left, err = _signal_when(
+    left, _, err = _signal_when(
         proc,
         lambda pid: os.kill(pid, getattr(signal, sig)),
         lambda: len(_descendants(proc.pid)) >= 5,  # resource tracker, fork server, 3 workers
@@ -509,7 +510,7 @@ def test_sigkill_of_data_prepare_leaves_no_worker_behind(tmp_path):
         text=True,
     )
     marker = out / "work" / "filter" / "00000.done.json"
-    left, err = _signal_when(proc, lambda pid: os.kill(pid, signal.SIGKILL), marker.exists)
+    left, _, err = _signal_when(proc, lambda pid: os.kill(pid, signal.SIGKILL), marker.exists)
     assert not (out / "stats.json").exists()  # killed mid-run
     assert left == []
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
@@ -531,18 +532,28 @@ def test_ctrl_c_is_handled_once_by_the_parent():
         "except KeyboardInterrupt:\n"
         "    print('interrupted')\n"
     )
+
+    def as_from_a_shell() -> None:
+        # a shell starts a command with Ctrl-C at its default and unblocked; a disposition
+        # the test process was left with (seen: ignored) would carry over the exec, and the
+        # child would sleep through the signal and pass without testing anything
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=as_from_a_shell,
     )
-    left, err = _signal_when(
+    left, out, err = _signal_when(
         proc,
         lambda pid: os.killpg(pid, signal.SIGINT),
         lambda: len(_descendants(proc.pid)) >= 5,
     )
     assert left == [] and proc.returncode == 0
+    assert out == "interrupted\n", out  # the parent did get the Ctrl-C
     # no KeyboardInterrupt traceback from any worker (a slow machine may show progress)
     assert not [ln for ln in err.splitlines() if "ETA" not in ln], err
