@@ -322,9 +322,9 @@ def serve_jobs(conn, generate) -> None:
 class EngineProcess:
     """An engine in a process of its own (spawned, so nothing is inherited): `target(conn,
     *args)` builds it and answers jobs through `serve_jobs`; `generate` sends one job and
-    waits. One model per process is how a user runs it; in a process that holds many
-    models the compiled w8a8 step mostly ran little faster than eager, its int8 products
-    mapping and unmapping a chunk of CPython's frame stack each (docs/benchmarks.md)."""
+    waits. One model per process is how a user runs it. (It was built while the compiled
+    w8a8 step, in a process holding many models, mapped and unmapped a chunk of CPython's
+    frame stack per int8 product; `call_with_stack_room` fixed that: docs/benchmarks.md.)"""
 
     def __init__(self, target, *args, name: str = "engine") -> None:
         import multiprocessing as mp

@@ -20,8 +20,8 @@ busy machine slows them alike (best of `--repeats` rounds):
 user's `lmlab chat` or `generate` would (`EngineProcess`); the w8a8 engines are rebuilt
 there from the same calibration statistics, so their weights are the ones measured for
 perplexity. Rounds still alternate between engines. Without it, every lmlab and
-transformers engine shares the benchmark's process, where the compiled w8a8 step was
-seen to run as slowly as eager in most runs (docs/benchmarks.md).
+transformers engine shares the benchmark's process (before `call_with_stack_room`, the
+compiled w8a8 step ran as slowly as eager there in most runs: docs/benchmarks.md).
 
 Perplexity: the held-out text is Python's library documentation (python3.11-doc), every
 10th page from the 6th, html-to-text; calibration uses every 10th page from the first, so

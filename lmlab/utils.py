@@ -334,7 +334,8 @@ def versions() -> dict[str, str]:
 
 def call_with_stack_room(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` from a Python frame that reserves 64 KiB of CPython's frame
-    stack: for model forwards run once per decode step.
+    stack: for the work a decode loop does each step (a forward, a compiled step, a
+    scheduler step).
 
     CPython keeps Python frames in chunks (16 KiB unless a frame needs more) and unmaps a
     chunk as soon as the frame that opened it returns. When a frame that calls many
